@@ -1,0 +1,39 @@
+# synthperf: two commands for a newcomer — `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint bench venv tools demo-model clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@# torch first, pinned: here it installs from the local CPU wheel.
+	@$(PY) -m pip install -q torch==2.13.0
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+tools:
+	@bash deploy/dev/ensure_tools.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+# Slow and load tests run in a small form here (SYNTHPERF_SLOW_SCALE=small).
+test: venv tools lint
+	SYNTHPERF_REQUIRE_TOOLS=1 SYNTHPERF_SLOW_SCALE=small PYTHON=$(PY) \
+	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: venv tools
+	PYTHON=$(PY) bash deploy/dev/with_redis.sh $(PY) -m bench
+
+run: venv
+	$(VENV)/bin/synthperf serve --demo
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,1 @@
+"""synthperf cli layer."""

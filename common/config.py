@@ -1,0 +1,250 @@
+"""One Settings object for every process of synthperf.
+
+Values come, in rising priority, from the embedded defaults below, an optional YAML file
+(``SYNTHPERF_CONFIG`` or ``--config``), and environment variables prefixed ``SYNTHPERF_``.
+The defaults are the embedded ones (SQLite job store, filesystem broker, local spool, demo
+weights) so that ``make run`` needs no server; production points them at PostgreSQL and Redis.
+
+Validation happens at start-up: a bad value raises :class:`SettingsError` whose message names
+the setting, so an admin reading the log knows what to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+def _split_csv(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+class Destination(BaseSettings):
+    """A DICOM node results are pushed to (a PACS)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        if not _AE_TITLE.match(v) or not v.strip():
+            raise ValueError(f"destination ae_title {v!r} is not a valid AE title (1-16 printable characters)")
+        return v
+
+
+class Settings(BaseSettings):
+    """All configuration. Field names map to env vars as SYNTHPERF_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNTHPERF_", extra="forbid", env_nested_delimiter="__")
+
+    # --- storage
+    data_dir: Path = Field(default=Path("./var"), description="Root of spool, job store, outputs.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite under data_dir.")
+
+    # --- broker
+    broker_url: str = Field(default="", description="Celery broker; empty = filesystem broker under data_dir.")
+    task_time_limit_s: int = Field(default=1800, ge=10)
+
+    # --- DICOM SCP
+    ae_title: str = "SYNTHPERF"
+    scp_host: str = "0.0.0.0"
+    scp_port: int = Field(default=11112, ge=0, le=65535)
+    allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    max_associations: int = Field(default=10, ge=1)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = Field(default=None, description="CA to verify peers; set to require client certs.")
+    disk_watermark_mb: int = Field(default=1024, ge=0, description="Refuse associations below this free space.")
+
+    # --- completion
+    stable_age_s: float = Field(default=10.0, gt=0)
+    completion_ceiling_s: float = Field(default=600.0, gt=0)
+    completion_poll_s: float = Field(default=0.2, gt=0)
+
+    # --- pipeline / model
+    model_name: str = "demo"
+    ddim_steps: int = Field(default=20, ge=1, le=1000)
+    samples: int = Field(default=3, ge=1, le=64)
+    seed: int = 0
+    device: str = Field(default="auto", description="auto, cpu or cuda")
+    rules_file: Path | None = None
+    adc_core_threshold: float = Field(default=620.0, gt=0, description="ADC in 1e-6 mm2/s")
+    core_min_component_ml: float = Field(default=0.1, ge=0)
+    tmax_hypoperfusion_s: float = 6.0
+    tmax_severe_s: float = 10.0
+    defuse3_core_max_ml: float = 70.0
+    defuse3_ratio_min: float = 1.8
+    defuse3_mismatch_min_ml: float = 15.0
+    extend_core_max_ml: float = 70.0
+    extend_ratio_min: float = 1.2
+    extend_mismatch_min_ml: float = 10.0
+
+    # --- push
+    destinations: list[Destination] = Field(default_factory=list)
+    push_retry_period_s: float = Field(default=24 * 3600, gt=0)
+    push_backoff_initial_s: float = Field(default=5.0, gt=0)
+    push_backoff_max_s: float = Field(default=600.0, gt=0)
+    push_calling_aet: str = "SYNTHPERF"
+
+    # --- API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    secret_key: str = Field(default="", description="Session signing key; empty = generated into data_dir.")
+    auth_mode: str = Field(default="local", description="local or proxy")
+    proxy_user_header: str = "X-Remote-User"
+    proxy_role_header: str = "X-Remote-Role"
+    cookie_secure: bool = False
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("allowed_aets", mode="before")
+    @classmethod
+    def _csv_aets(cls, v: Any) -> list[str]:
+        return _split_csv(v)
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _csv_networks(cls, v: Any) -> list[str]:
+        return _split_csv(v)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR network (e.g. 10.0.0.0/8)") from exc
+        return v
+
+    @field_validator("ae_title", "push_calling_aet")
+    @classmethod
+    def _check_own_ae(cls, v: str) -> str:
+        if not _AE_TITLE.match(v) or not v.strip():
+            raise ValueError(f"{v!r} is not a valid AE title (1-16 printable characters, no backslash)")
+        return v
+
+    @field_validator("allowed_aets")
+    @classmethod
+    def _check_aets(cls, v: list[str]) -> list[str]:
+        for ae in v:
+            if not _AE_TITLE.match(ae):
+                raise ValueError(f"{ae!r} is not a valid AE title")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in {"auto", "cpu", "cuda"} and not v.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("auth_mode")
+    @classmethod
+    def _check_auth_mode(cls, v: str) -> str:
+        if v not in {"local", "proxy"}:
+            raise ValueError("must be 'local' or 'proxy'")
+        return v
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file {path} does not exist")
+        return self
+
+    # --- derived paths: one place decides the layout under data_dir
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'synthperf.db').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = "SYNTHPERF_" + str(err["loc"][0]).upper() if err["loc"] else ""
+        lines.append(f"setting {loc!r} ({env}): {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build and validate Settings: defaults < YAML file < environment < explicit overrides.
+
+    Raises SettingsError naming the bad setting.
+    """
+    file_values: dict[str, Any] = {}
+    path = config_file or os.environ.get("SYNTHPERF_CONFIG")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise SettingsError(f"setting 'config': file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"setting 'config': {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"setting 'config': {p} must hold a mapping of setting names to values")
+        file_values = loaded
+    env_keys = {k[len("SYNTHPERF_"):].lower() for k in os.environ if k.startswith("SYNTHPERF_")}
+    # YAML values apply only where the environment does not set the same name.
+    init = {k: v for k, v in file_values.items() if k not in env_keys}
+    init.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        raise SettingsError(_format_validation_error(exc)) from exc
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (FastAPI dependency and worker default)."""
+    return load_settings()

@@ -1,0 +1,192 @@
+"""SQLAlchemy 2 tables of the job store: the single source of truth for status.
+
+Studies hold series, series hold instances (one row per SOPInstanceUID, written only after the
+bytes are on disk under their final name). A job is one run of the pipeline over a study as it
+stood when completion fired; a later job supersedes it. Stages record each pipeline step;
+deliveries record each output object's way to each destination.
+
+Schema changes go through Alembic (common/jobstore/migrations); never ``create_all`` in production.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobState:
+    """Job states, in the order a healthy job passes through them."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERING = "delivering"  # outputs written, push in progress or waiting for PACS
+    DONE = "done"  # every object delivered (or no destination configured)
+    FAILED = "failed"  # a stage failed; error says why
+    INPUT_MISSING = "input_missing"  # a required series did not arrive; error says which
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"  # a follow-up job for the same study replaced it
+
+    ACTIVE = (QUEUED, RUNNING, DELIVERING)
+    FINAL = (DONE, FAILED, INPUT_MISSING, CANCELLED, SUPERSEDED)
+
+
+class StageState:
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class DeliveryState:
+    PENDING = "pending"  # not yet tried, or waiting for its next attempt
+    SENT = "sent"
+    DEAD = "dead"  # retry period over; dead-lettered, re-push on demand
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(200))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(200))
+    calling_aet: Mapped[str | None] = mapped_column(String(16), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", cascade="all, delete-orphan")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(200))
+    expected_instances: Mapped[int | None] = mapped_column(Integer)  # from headers, when declared
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)  # relative to the spool root
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("study_id", "version", name="uq_job_study_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)  # 1, 2, ... per study; feeds output UIDs
+    state: Mapped[str] = mapped_column(String(32), default=JobState.QUEUED, index=True)
+    trigger: Mapped[str] = mapped_column(String(32))  # expected_count | stable_age | ceiling | manual
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)  # instances the job covers
+    supersedes_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    current_stage: Mapped[str | None] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1 within the whole pipeline
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)  # words a user can act on
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # measures, chosen series, versions
+    output_dir: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    stages: Mapped[list[Stage]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Stage.id"
+    )
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Delivery.id"
+    )
+
+
+class Stage(Base):
+    __tablename__ = "stages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(32))  # classify, load, core, synthesize, measure, encode, push
+    state: Mapped[str] = mapped_column(String(16), default=StageState.RUNNING)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # evidence, metrics, artefact paths
+    worker: Mapped[str | None] = mapped_column(String(200))  # hostname/pid and device
+
+    job: Mapped[Job] = relationship(back_populates="stages")
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid", name="uq_delivery"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(200))  # "AET@host:port"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # the encoded file, sent as is on every retry
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # DICOM status of the last C-STORE
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class ScpEvent(Base):
+    """Associations accepted and rejected, for the system page and the audit of who sent what."""
+
+    __tablename__ = "scp_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # accepted | rejected | store_failed | conflict
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    peer: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,1 @@
+"""synthperf phantom layer."""

@@ -1,0 +1,1 @@
+"""synthperf service layer."""

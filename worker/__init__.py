@@ -1,0 +1,1 @@
+"""synthperf worker layer."""
