@@ -201,3 +201,16 @@ class ScpEvent(Base):
     calling_aet: Mapped[str | None] = mapped_column(String(16))
     peer: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Heartbeat(Base):
+    """Each long-running process (scp, completion, worker, api) upserts its row every few seconds,
+    so the system page can show what is alive, on which device, without asking the broker."""
+
+    __tablename__ = "heartbeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    component: Mapped[str] = mapped_column(String(32))  # scp | completion | worker | api
+    instance: Mapped[str] = mapped_column(String(200), unique=True)  # host:pid
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    info: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # e.g. active associations, device, queues
