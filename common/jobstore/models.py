@@ -214,3 +214,39 @@ class Heartbeat(Base):
     instance: Mapped[str] = mapped_column(String(200), unique=True)  # host:pid
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # e.g. active associations, device, queues
+
+
+class UserRole:
+    """Dashboard roles. Viewers watch (patient identifiers masked); admins also act and see identifiers."""
+
+    VIEWER = "viewer"
+    ADMIN = "admin"
+
+    ALL = (VIEWER, ADMIN)
+
+
+class User(Base):
+    """A local dashboard account (auth_mode "local"); the password is stored as an argon2 hash only."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default=UserRole.VIEWER)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AuditEntry(Base):
+    """Who did what to which job from where: one row per dashboard action, login and logout."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user: Mapped[str | None] = mapped_column(String(200), index=True)
+    action: Mapped[str] = mapped_column(String(64))  # login, login_failed, logout, retry, repush, cancel, delete, ...
+    target: Mapped[str | None] = mapped_column(String(200))  # e.g. "job:12"
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    ip: Mapped[str | None] = mapped_column(String(64))
