@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     proxy_user_header: str = "X-Remote-User"
     proxy_role_header: str = "X-Remote-Role"
     cookie_secure: bool = False
+    admin_user: str = Field(default="admin", description="First admin created at API start-up when no admin exists.")
+    admin_password: SecretStr | None = Field(default=None, description="Password for admin_user; unset = no auto-create.")
+    session_max_age_s: int = Field(default=12 * 3600, ge=60, description="Dashboard login lifetime.")
+    login_max_failures: int = Field(default=5, ge=1, description="Failed logins per IP/user per window before 429.")
+    login_window_s: float = Field(default=300.0, gt=0)
     log_json: bool = False
     log_level: str = "INFO"
 
