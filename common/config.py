@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     extend_core_max_ml: float = 70.0
     extend_ratio_min: float = 1.2
     extend_mismatch_min_ml: float = 10.0
+    flair_mismatch_ratio_max: float = Field(default=1.15, gt=0, description="FLAIR core/mirror ratio below this = DWI-FLAIR mismatch")
+    core_model_weights: Path | None = Field(default=None, description="Learned core model (.safetensors, JSON config beside it); empty = ADC rule")
 
     # --- push
     destinations: list[Destination] = Field(default_factory=list)
