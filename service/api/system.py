@@ -1,0 +1,75 @@
+"""What the system page and /readyz need beyond the job store: queues, disk, versions.
+
+Queue depth is read from the broker itself (Redis LLEN, or the files of the filesystem broker);
+workers and the SCP report themselves through Heartbeat rows (common.jobstore.dashboard_queries).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.config import Settings
+from common.queue import QUEUE_CPU, QUEUE_GPU
+
+QUEUES = (QUEUE_CPU, QUEUE_GPU)
+
+
+def queue_depths(settings: Settings) -> dict[str, Any]:
+    """Messages waiting per queue; ``error`` says why when the broker cannot be read."""
+    url = settings.effective_broker_url
+    depths: dict[str, int | None] = {q: None for q in QUEUES}
+    try:
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            import redis
+
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+            try:
+                for q in QUEUES:
+                    depths[q] = int(client.llen(q))
+            finally:
+                client.close()
+            kind = "redis"
+        elif url.startswith("filesystem://"):
+            folder = settings.broker_dir / "in"
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            for q in QUEUES:
+                # kombu names each message "<ms>_<uuid>.<queue>.msg"
+                depths[q] = sum(1 for n in names if n.partition(".")[2] == f"{q}.msg")
+            kind = "filesystem"
+        else:
+            return {"broker": url.split("://", 1)[0], "queues": depths, "error": "queue depth not readable for this broker"}
+    except Exception as exc:  # noqa: BLE001 - the page must render even when the broker is down
+        return {"broker": url.split("://", 1)[0], "queues": depths, "error": f"broker unreachable: {exc}"}
+    return {"broker": kind, "queues": depths, "error": None}
+
+
+def disk_status(settings: Settings) -> dict[str, Any]:
+    """Free space where the spool lives, against the SCP's refusal watermark."""
+    path = Path(settings.data_dir)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    free_mb = usage.free / 2**20
+    return {
+        "path": str(path),
+        "free_mb": round(free_mb, 1),
+        "total_mb": round(usage.total / 2**20, 1),
+        "watermark_mb": settings.disk_watermark_mb,
+        "above_watermark": free_mb >= settings.disk_watermark_mb,
+    }
+
+
+def software_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform(terse=True)}
+    for dist in ("synthperf", "pynetdicom", "pydicom", "highdicom", "torch", "monai", "celery", "fastapi"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out

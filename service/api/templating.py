@@ -1,0 +1,122 @@
+"""Jinja2 environment of the dashboard, with the filters the templates use for times and sizes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi.templating import Jinja2Templates
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=HERE / "templates")
+
+# What each job state means, in words for the person on call.
+STATE_WORDS = {
+    "queued": "waiting for a worker",
+    "running": "pipeline running",
+    "delivering": "results written, sending to PACS",
+    "done": "delivered",
+    "failed": "failed — see the error",
+    "input_missing": "a required series did not arrive",
+    "cancelled": "cancelled",
+    "superseded": "replaced by a newer job for this study",
+    "waiting": "not started",
+    "pending": "waiting to send",
+    "sent": "sent",
+    "dead": "gave up — re-push when PACS is back",
+    "skipped": "skipped",
+}
+
+
+def _parse(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def hhmm(value: Any) -> str:
+    """UTC time of day, with the date when it is not today."""
+    dt = _parse(value)
+    if dt is None:
+        return "—"
+    dt = dt.astimezone(UTC)
+    now = datetime.now(UTC)
+    if dt.date() == now.date():
+        return dt.strftime("%H:%M:%S")
+    return dt.strftime("%Y-%m-%d %H:%M")
+
+
+def ago(value: Any) -> str:
+    dt = _parse(value)
+    if dt is None:
+        return "—"
+    return duration((datetime.now(UTC) - dt).total_seconds()) + " ago"
+
+
+def duration(seconds: Any) -> str:
+    if seconds is None:
+        return "—"
+    s = float(seconds)
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def number(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def is_mapping(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+templates.env.filters.update(hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
+templates.env.tests["mapping_"] = is_mapping
+templates.env.globals.update(STATE_WORDS=STATE_WORDS)
+
+SOP_CLASS_NAMES = {
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color SC",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image",
+}
+MEASURE_LABELS = {
+    "core_ml": ("Infarct core (ADC < 620)", "mL"),
+    "tmax6_ml": ("Hypoperfusion Tmax > 6 s", "mL"),
+    "tmax10_ml": ("Severe Tmax > 10 s", "mL"),
+    "mismatch_ml": ("Mismatch volume", "mL"),
+    "mismatch_ratio": ("Mismatch ratio", ""),
+    "hir": ("HIR (Tmax>10 / Tmax>6)", ""),
+    "defuse3": ("DEFUSE-3 target mismatch", ""),
+    "extend": ("EXTEND criteria", ""),
+}
+templates.env.globals.update(SOP_CLASS_NAMES=SOP_CLASS_NAMES, MEASURE_LABELS=MEASURE_LABELS)
