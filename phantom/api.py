@@ -1,0 +1,303 @@
+"""Public phantom API: make a case from a seed, write it for training, as DICOM, or its truth.
+
+Everything random derives from ``seed`` through ``numpy.random.SeedSequence`` sub-streams, so the
+same seed gives bit-identical arrays and files. Phantom data is not patient data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phantom import signal
+from phantom.anatomy import TERRITORY_NAMES
+from phantom.geometry import Grid, RigidPose, centred_grid, rotation_matrix
+from phantom.render import HeadModel
+
+PHANTOM_VERSION = "1.0"
+VENDORS = ("siemens", "ge", "philips")
+
+# Per-acquisition scanner-like scales (signal of white matter ~ these values).
+_DWI_SCALE = 1100.0
+_FLAIR_SCALE = 900.0
+_T1_SCALE = 800.0
+
+
+def case_id_for(seed: int) -> str:
+    return f"case_{seed:06d}"
+
+
+@dataclass
+class PhantomCase:
+    """One synthetic stroke study. Arrays are (z, y, x) on the DWI grid unless named otherwise.
+
+    Units: b0/dwi/flair arbitrary scanner units; adc 1e-6 mm2/s; tmax seconds; masks bool;
+    territory uint8 (see ``TERRITORY_NAMES``). ``flair`` (own grid) is rendered on first access.
+    """
+
+    seed: int
+    case_id: str
+    vendor: str
+    matrix: int
+    grid: Grid
+    b0: np.ndarray
+    dwi: np.ndarray
+    adc: np.ndarray
+    flair_on_dwi: np.ndarray
+    tmax: np.ndarray
+    core: np.ndarray
+    brain: np.ndarray
+    territory: np.ndarray
+    fvh: np.ndarray
+    flair_grid: Grid
+    flair_motion: dict[str, Any]
+    truth: dict[str, Any]
+    dsc: np.ndarray | None = None  # (t, z, y, x) on the DWI grid, scanner units
+    dsc_times_s: np.ndarray | None = None
+    acquisition: dict[str, Any] = field(default_factory=dict)
+    _lazy: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # geometry conveniences -------------------------------------------------------------------
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return self.grid.spacing
+
+    @property
+    def direction(self) -> np.ndarray:
+        """LPS directions of the x, y, z index axes as columns (SimpleITK GetDirection, reshaped)."""
+        return self.grid.direction
+
+    @property
+    def origin(self) -> np.ndarray:
+        """LPS position of voxel (0, 0, 0) in mm (SimpleITK GetOrigin)."""
+        return self.grid.origin
+
+    @property
+    def affine(self) -> np.ndarray:
+        """NIfTI (RAS) affine for the arrays transposed to (x, y, z)."""
+        return self.grid.affine_ras()
+
+    # lazily rendered series (DICOM path only) ---------------------------------------------------
+    @property
+    def flair(self) -> np.ndarray:
+        """FLAIR on its own grid (``flair_grid``), head moved by ``flair_motion``."""
+        if "flair" not in self._lazy:
+            self._lazy["flair"] = self._lazy["render_flair"]()
+        return self._lazy["flair"]
+
+    def render_extra(self, grid: Grid, kind: str) -> np.ndarray:
+        """Render a distractor contrast (``"t1"`` or ``"localizer"``) on any grid, head as for DWI."""
+        return self._lazy["render_extra"](grid, kind)
+
+    def territory_name(self, label: int) -> str:
+        return TERRITORY_NAMES[int(label)]
+
+
+def _dwi_grid(rng: np.random.Generator, matrix: int) -> tuple[Grid, dict]:
+    fov = float(round(rng.uniform(220, 240)))
+    thick = float(rng.choice([4.0, 5.0, 5.0, 6.0]))
+    gap = float(rng.choice({4.0: [1.0, 1.2], 5.0: [0.0, 0.5, 1.0], 6.0: [0.0, 0.5]}[thick]))
+    step = thick + gap
+    nz = int(np.clip(round(140.0 / step), 20, 30))
+    centre = np.array([rng.uniform(-6, 6), rng.uniform(-8, 8), rng.uniform(-8, 2)])
+    px = fov / matrix
+    g = centred_grid((nz, matrix, matrix), (step, px, px), centre=centre)
+    return g, {"fov_mm": fov, "slice_thickness_mm": thick, "slice_gap_mm": gap}
+
+
+def _flair_grid(rng: np.random.Generator, matrix: int, dwi_centre: np.ndarray) -> tuple[Grid, dict]:
+    m = 2 * matrix if matrix <= 128 else matrix
+    fov = float(round(rng.uniform(220, 240)))
+    thick = float(rng.choice([5.0, 5.0, 4.0]))
+    gap = float(rng.choice([0.5, 1.0, 1.5]))
+    step = thick + gap
+    nz = int(np.clip(round(145.0 / step), 20, 32))
+    oblique = rotation_matrix((rng.uniform(-8, 8), 0.0, rng.uniform(-2, 2)))
+    centre = dwi_centre + np.array([rng.uniform(-4, 4), rng.uniform(-4, 4), rng.uniform(-4, 4)])
+    g = centred_grid((nz, m, m), (step, fov / m, fov / m), direction=oblique, centre=centre)
+    return g, {"fov_mm": fov, "slice_thickness_mm": thick, "slice_gap_mm": gap}
+
+
+def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) -> dict[str, Any]:
+    ml = grid.voxel_volume_mm3 / 1000.0
+    core_ml = float(core.sum()) * ml
+    t6 = float(((tmax > 6.0) & brain).sum()) * ml
+    t10 = float(((tmax > 10.0) & brain).sum()) * ml
+    ratio = t6 / core_ml if core_ml > 0 else None
+    mismatch = t6 - core_ml
+    return {
+        "core_ml": round(core_ml, 3),
+        "tmax6_ml": round(t6, 3),
+        "tmax10_ml": round(t10, 3),
+        "mismatch_ml": round(mismatch, 3),
+        "mismatch_ratio": None if ratio is None else round(ratio, 4),
+        "hir": None if t6 == 0 else round(t10 / t6, 4),
+        "defuse3_target_mismatch": bool(core_ml < 70 and ratio is not None and ratio >= 1.8 and mismatch >= 15),
+        "voxel_volume_ml": ml,
+    }
+
+
+def make_case(seed: int, matrix: int = 128, with_dsc: bool = False) -> PhantomCase:
+    """Generate one phantom case deterministically from ``seed``.
+
+    ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
+    a DSC-PWI series consistent with the Tmax truth is simulated on the DWI grid.
+    """
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
+        raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
+    streams = np.random.SeedSequence(int(seed)).spawn(10)
+    r = [np.random.default_rng(s) for s in streams]
+    r_anat, r_fields, r_stroke, r_lesion, r_geom, r_dwi, r_flair, r_dsc, r_vendor, r_extra = r
+
+    head = HeadModel(r_anat, r_fields, r_stroke, r_lesion)
+    vendor = str(r_vendor.choice(VENDORS))
+    pose = RigidPose(rotation_matrix(head.anat.tilt_deg), head.anat.shift_mm.astype(float))
+    grid, dwi_acq = _dwi_grid(r_geom, int(matrix))
+    flair_grid, flair_acq = _flair_grid(r_geom, int(matrix), np.asarray(grid.origin) +
+                                        grid.direction @ (np.array(grid.shape[::-1]) - 1) / 2 *
+                                        np.array(grid.spacing[::-1]))
+    # patient motion between DWI and FLAIR: p_flair = R (p_dwi - c) + c + t
+    mot_deg = r_geom.uniform(-3.0, 3.0, size=3)
+    mot_t = r_geom.uniform(-4.0, 4.0, size=3)
+    mot_r = rotation_matrix(mot_deg)
+    c = pose.translation.copy()
+    flair_pose = pose.then(mot_r, c - mot_r @ c + mot_t)
+    m44 = np.eye(4)
+    m44[:3, :3] = mot_r
+    m44[:3, 3] = c - mot_r @ c + mot_t
+    motion = {
+        "convention": "p_flair = R (p_dwi - center) + center + translation (LPS mm); "
+        "R = Rz Ry Rx (SimpleITK Euler3DTransform order)",
+        "rotation_deg_xyz": mot_deg.round(6).tolist(),
+        "translation_mm": mot_t.round(6).tolist(),
+        "center_lps": c.round(6).tolist(),
+        "matrix_dwi_to_flair_world": m44.round(9).tolist(),
+    }
+
+    dwi_snr = float(r_dwi.uniform(28, 45))
+    flair_snr = float(r_flair.uniform(30, 50))
+    m = head.render(grid, pose)
+    dwi_bias = signal.bias_field(r_dwi, grid.shape, float(r_dwi.uniform(0.05, 0.18)))
+    psf = 0.45 * (128.0 / matrix) ** 0.5
+    d = signal.acquire_dwi(r_dwi, m["s0"], m["adc"], dwi_snr, dwi_bias, psf, _DWI_SCALE)
+    fl_bias_dwi = signal.bias_field(r_flair, grid.shape, float(r_flair.uniform(0.05, 0.18)))
+    flair_on_dwi = signal.acquire(r_flair, m["flair"], flair_snr, fl_bias_dwi, psf, _FLAIR_SCALE, 0.42)
+
+    s = head.stroke
+    truth: dict[str, Any] = {
+        "case_id": case_id_for(int(seed)),
+        "seed": int(seed),
+        "vendor": vendor,
+        "synthetic": True,
+        "note": "SYNTHETIC PHANTOM - not patient data - NOT FOR DIAGNOSTIC USE",
+        "phantom_version": PHANTOM_VERSION,
+        "matrix": int(matrix),
+    }
+    truth.update(_volumes(m["tmax"], m["core"], m["brain"], grid))
+    truth.update(s.to_dict())
+    truth["flair_core_ratio"] = round(signal.flair_core_ratio(s.onset_h), 4)
+    truth["fvh_voxels"] = int(m["fvh"].sum())
+    truth["anatomy"] = head.anat.to_dict()
+    truth["dwi_grid"] = grid.to_dict()
+    truth["flair_grid"] = flair_grid.to_dict()
+    truth["flair_motion"] = motion
+    truth["acquisition"] = {"dwi": {**dwi_acq, "snr_b0_wm": round(dwi_snr, 2)},
+                            "flair": {**flair_acq, "snr_wm": round(flair_snr, 2)}}
+
+    case = PhantomCase(
+        seed=int(seed), case_id=case_id_for(int(seed)), vendor=vendor, matrix=int(matrix), grid=grid,
+        b0=d["b0"], dwi=d["dwi"], adc=d["adc"], flair_on_dwi=flair_on_dwi, tmax=m["tmax"],
+        core=m["core"], brain=m["brain"], territory=m["territory"], fvh=m["fvh"],
+        flair_grid=flair_grid, flair_motion=motion, truth=truth,
+        acquisition={"dwi": dwi_acq, "flair": flair_acq, "dwi_snr": dwi_snr, "flair_snr": flair_snr},
+    )
+
+    def render_flair() -> np.ndarray:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7001]))
+        mf = head.render(flair_grid, flair_pose)
+        bias = signal.bias_field(rng, flair_grid.shape, 0.12)
+        psf_f = 0.45 * (256.0 / flair_grid.shape[2]) ** 0.5
+        out = signal.acquire(rng, mf["flair"], flair_snr, bias, psf_f, _FLAIR_SCALE, 0.42)
+        case._lazy["flair_truth"] = {"tmax": mf["tmax"], "core": mf["core"], "fvh": mf["fvh"]}
+        return out
+
+    def render_extra(g: Grid, kind: str) -> np.ndarray:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7002, hash(kind) % 1000]))
+        mx = head.render(g, pose)
+        rel = mx["t1"] if kind == "t1" else 0.5 * mx["t1"] + 0.5 * mx["s0"]
+        return signal.acquire(rng, rel, 40.0, np.ones(g.shape, np.float32), 0.4, _T1_SCALE, 0.7)
+
+    case._lazy["render_flair"] = render_flair
+    case._lazy["render_extra"] = render_extra
+
+    if with_dsc:
+        from phantom.dsc import simulate_dsc
+
+        dsc, times, dsc_info = simulate_dsc(r_dsc, m, grid)
+        case.dsc, case.dsc_times_s = dsc, times
+        truth["acquisition"]["dsc"] = dsc_info
+    return case
+
+
+def _nifti(arr: np.ndarray, grid: Grid, path: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)), grid.affine_ras())
+    img.header.set_qform(grid.affine_ras(), code=1)
+    img.header.set_sform(grid.affine_ras(), code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+
+
+def write_truth(case: PhantomCase, out_dir: str | Path) -> Path:
+    """Truth on the DWI grid: tmax, core, brain, territory, fvh NIfTI and truth.json in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _nifti(case.tmax.astype(np.float32), case.grid, out / "tmax.nii.gz")
+    _nifti(case.core.astype(np.uint8), case.grid, out / "core.nii.gz")
+    _nifti(case.brain.astype(np.uint8), case.grid, out / "brain.nii.gz")
+    _nifti(case.territory.astype(np.uint8), case.grid, out / "territory.nii.gz")
+    _nifti(case.fvh.astype(np.uint8), case.grid, out / "fvh.nii.gz")
+    path = out / "truth.json"
+    path.write_text(json.dumps(case.truth, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_training_case(case: PhantomCase, out_dir: str | Path) -> Path:
+    """The training layout ``<out_dir>/<case_id>/{dwi,b0,adc,flair,core,tmax,brain,territory}.nii.gz``
+    plus ``truth.json`` (and ``dsc.nii.gz`` when simulated). Returns the case directory."""
+    d = Path(out_dir) / case.case_id
+    d.mkdir(parents=True, exist_ok=True)
+    _nifti(case.dwi.astype(np.float32), case.grid, d / "dwi.nii.gz")
+    _nifti(case.b0.astype(np.float32), case.grid, d / "b0.nii.gz")
+    _nifti(case.adc.astype(np.float32), case.grid, d / "adc.nii.gz")
+    _nifti(case.flair_on_dwi.astype(np.float32), case.grid, d / "flair.nii.gz")
+    write_truth(case, d)
+    if case.dsc is not None:
+        import nibabel as nib
+
+        arr = np.ascontiguousarray(case.dsc.transpose(3, 2, 1, 0)).astype(np.float32)
+        img = nib.Nifti1Image(arr, case.grid.affine_ras())
+        img.header.set_xyzt_units("mm", "sec")
+        img.header["pixdim"][4] = float(case.dsc_times_s[1] - case.dsc_times_s[0])
+        nib.save(img, str(d / "dsc.nii.gz"))
+    return d
+
+
+def write_dicom_study(case: PhantomCase, out_dir: str | Path, vendor: str,
+                      enhanced: bool | None = None, split_b: bool | None = None) -> Path:
+    """Write the case as a DICOM study in ``vendor``'s header style. Returns the study directory.
+
+    ``enhanced``/``split_b`` default to a seed-derived choice (so a mixed cohort covers all forms).
+    """
+    from phantom.dicom.study import write_study
+
+    if vendor not in VENDORS:
+        raise ValueError(f"vendor must be one of {VENDORS}, got {vendor!r}")
+    return write_study(case, Path(out_dir), vendor, enhanced=enhanced, split_b=split_b)

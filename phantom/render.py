@@ -1,0 +1,60 @@
+"""One phantom head = anatomy + stroke on the model grid; :class:`HeadModel` renders it on any grid.
+
+The DWI grid, the FLAIR grid (moved head, other geometry) and the distractor series all come from
+the same continuous model, so the truth on the DWI grid is exact and the FLAIR motion is known.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from phantom import anatomy, lesion, signal
+from phantom.fields import Sampler, model_points
+from phantom.geometry import Grid, RigidPose
+
+#: Sulcal-vessel density threshold per collateral grade (lower = denser FVH with better collaterals).
+_FVH_THRESHOLD = {"good": 0.15, "moderate": 0.4, "poor": 0.7}
+
+
+class HeadModel:
+    """Anatomy parameters, random fields and the lesion fields of one case."""
+
+    def __init__(self, rng_anat: np.random.Generator, rng_fields: np.random.Generator,
+                 rng_stroke: np.random.Generator, rng_lesion: np.random.Generator) -> None:
+        self.anat = anatomy.AnatomyParams.sample(rng_anat)
+        self.fields = anatomy.AnatomyFields(rng_fields)
+        self.stroke = lesion.StrokeParams.sample(rng_stroke)
+        q = model_points()
+        f = anatomy.anatomy_fields_at(self.fields, lambda a: a)
+        t = anatomy.tissue_classes(q, self.anat, f)
+        terr, sup = anatomy.territories(q, self.anat, f, t["cerebrum"])
+        self.perf = lesion.perfusion_fields(rng_lesion, terr, sup, t["brain"], self.stroke)
+
+    def render(self, grid: Grid, pose: RigidPose) -> dict[str, np.ndarray]:
+        """Noise-free tissue maps and truth on ``grid`` for a head placed by ``pose``."""
+        q = pose.to_head(grid.world_points())
+        sample = Sampler(q)
+        f = anatomy.anatomy_fields_at(self.fields, sample)
+        t = anatomy.tissue_classes(q, self.anat, f)
+        terr, _ = anatomy.territories(q, self.anat, f, t["cerebrum"])
+        brain = t["brain"]
+        tmax = np.where(brain, sample(self.perf["tmax"]), 0.0).astype(np.float32)
+        tmax[t["ventricle"] | t["old_cavity"]] = 0.0
+        core = (sample(self.perf["core_score"]) > 0) & t["parenchyma"] & ~t["old_rim"] & ~t["old_cavity"]
+        core &= tmax > 6.0
+        s = self.stroke
+        core_adc = np.clip(s.core_adc + 28.0 * f["lesion"], 360, 575).astype(np.float32)
+        thr = _FVH_THRESHOLD[s.collaterals]
+        vessel = t["extra_axial_csf"] & (f["vessel"] > thr) & (tmax > 6.0)
+        fvh_strength = np.where(vessel, np.clip((tmax - 6.0) / 5.0, 0.3, 1.0), 0.0).astype(np.float32)
+        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh_strength}
+        maps = signal.tissue_maps(t, les, s.onset_h)
+        maps.update(
+            tmax=tmax,
+            core=core,
+            fvh=vessel,
+            brain=brain,
+            territory=np.where(brain, terr, 0).astype(np.uint8),
+            cls=t["cls"],
+        )
+        return maps
