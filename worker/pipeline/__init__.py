@@ -1,1 +1,1 @@
-"""The pipeline stages: classify, load, core, synthesize, measure, encode, push (one module each)."""
+"""The pipeline stages: classify -> load -> core -> synthesize -> measure -> encode -> push."""
