@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_ca: Path | None = Field(default=None, description="CA to verify peers; set to require client certs.")
     disk_watermark_mb: int = Field(default=1024, ge=0, description="Refuse associations below this free space.")
+    spool_fsync: bool = Field(
+        default=True, description="fsync each received file before Success (power-loss safe); off = faster."
+    )
 
     # --- completion
     stable_age_s: float = Field(default=10.0, gt=0)
