@@ -353,20 +353,21 @@ def stage_load(ctx: Context, rec: Any) -> StageOutput:
     if adc is not None:
         arrays["adc"] = _sitk_array(adc)
     _save_npz(ctx.work / "volumes.npz", **arrays)
-    slices = (getattr(loaded, "dwi_slices", None) or getattr(loaded, "dwi_sources", None)
-              or getattr(loaded, "slices", None) or [])
-    dwi_paths = _slice_paths(slices) or [str(p) for p in selection.dwi.files]
-    flair_paths = [str(p) for p in selection.flair.files]
+    sources = getattr(loaded, "sources", None) or {}
+    dwi_paths = _slice_paths(sources.get("dwi") or []) or [str(p) for p in selection.dwi.files]
+    flair_paths = _slice_paths(sources.get("flair") or []) or [str(p) for p in selection.flair.files]
     meta = {
         "geometry": {"origin": geo.origin, "spacing": geo.spacing, "direction": geo.direction,
                      "shape_zyx": geo.shape_zyx},
         "dwi_paths": dwi_paths,
         "flair_paths": flair_paths,
-        "adc_units": getattr(loaded, "adc_units", None),
+        "adc_units": "1e-6 mm2/s",  # load.py always returns ADC in 1e-6 mm^2/s
+        "adc_computed": bool(getattr(loaded, "adc_computed", False)),
+        "b_high": float(getattr(loaded, "b_high", 0.0) or 0.0),
     }
     _save_json(ctx.work / "load.json", meta)
     registration = getattr(loaded, "registration", None) or {}
-    detail = {"registration": registration, "shape_zyx": geo.shape_zyx, "spacing_xyz": geo.spacing,
+    detail = {"registration": registration, "timings_s": getattr(loaded, "timings_s", {}), "shape_zyx": geo.shape_zyx, "spacing_xyz": geo.spacing,
               "dwi_sources": len(dwi_paths), "flair_sources": len(flair_paths)}
     rec.update_result(registration=registration)
     return StageOutput(detail, list(getattr(loaded, "warnings", []) or []))
