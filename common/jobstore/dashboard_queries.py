@@ -242,6 +242,26 @@ def _series_role_index(classify_detail: Any) -> dict[str, Any]:
     return index
 
 
+def _selection_index(classify_detail: Any) -> dict[str, list[str]]:
+    """SeriesInstanceUID -> the inputs it was chosen as ("dwi", "b0", "adc", "flair", ...).
+
+    Looks for a mapping of input name -> {series uid} anywhere one level down in the detail
+    (e.g. {"selection": {"dwi": {"series_instance_uid": ...}, "flair": {...}}}).
+    """
+    used: dict[str, list[str]] = defaultdict(list)
+    if not isinstance(classify_detail, dict):
+        return used
+    candidates = [classify_detail, *[v for v in classify_detail.values() if isinstance(v, dict)]]
+    for cand in candidates:
+        for name in ("dwi", "b0", "adc", "flair", "dsc"):
+            ref = cand.get(name)
+            if isinstance(ref, dict):
+                uid = ref.get("series_instance_uid") or ref.get("series_uid")
+                if isinstance(uid, str) and name not in used[uid]:
+                    used[uid].append(name)
+    return used
+
+
 def _role_of(rec: dict[str, Any]) -> str | None:
     for k in ("role", "label", "class"):
         if isinstance(rec.get(k), str):
@@ -279,6 +299,7 @@ def job_detail(session: Session, job_id: int, now: datetime | None = None) -> di
         if st.name == "classify" and st.detail is not None:
             classify_detail = st.detail  # latest attempt wins
     roles = _series_role_index(classify_detail)
+    used_as = _selection_index(classify_detail)
 
     counts = dict(
         session.execute(
@@ -301,6 +322,7 @@ def job_detail(session: Session, job_id: int, now: datetime | None = None) -> di
             "first_received_at": _iso(s.first_received_at),
             "last_received_at": _iso(s.last_received_at),
             "role": _role_of(rec) if rec else None,
+            "used_as": used_as.get(s.series_uid, []),
             "classification": rec,
         })
 

@@ -178,7 +178,7 @@ def delete_job(db: Session, settings: Settings, principal: Principal, job_id: in
     """
     job = _job(db, job_id)
     if str(confirm).strip() != str(job_id):
-        raise ActionError(422, f"to delete, confirm by typing the job number {job_id}")
+        raise ActionError(422, f"not deleted: type the job number {job_id} in the confirmation box")
     if job.state == JobState.RUNNING:
         raise ActionError(409, f"job {job_id} is running; cancel it first, then delete")
     study = job.study

@@ -85,6 +85,7 @@ class SeriesOut(BaseModel):
     first_received_at: str | None
     last_received_at: str | None
     role: str | None
+    used_as: list[str] = Field(default_factory=list, description="inputs the pipeline chose it as")
     classification: Any = None
 
 

@@ -86,6 +86,28 @@ def number(value: Any, digits: int = 1) -> str:
         return str(value)
 
 
+def person_name(value: Any) -> str:
+    """DICOM PN "DOE^JANE^^DR" as "DOE, JANE" (other text unchanged)."""
+    if not isinstance(value, str) or "^" not in value:
+        return value or "—"
+    parts = [p for p in value.split("=")[0].split("^") if p]
+    return ", ".join([parts[0], " ".join(parts[1:])]) if len(parts) > 1 else (parts[0] if parts else "—")
+
+
+def evidence_lines(value: Any) -> list[str]:
+    """The classifier's evidence as lines: [rule, field, value] triples read "field = value (rule)"."""
+    if not isinstance(value, list):
+        return [str(value)]
+    lines = []
+    for item in value:
+        if isinstance(item, list | tuple) and len(item) == 3:
+            rule, fld, val = item
+            lines.append(f"{fld} = {val}  ({rule})")
+        else:
+            lines.append(str(item))
+    return lines
+
+
 def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
 
@@ -94,7 +116,7 @@ def is_mapping(value: Any) -> bool:
     return isinstance(value, dict)
 
 
-templates.env.filters.update(hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
+templates.env.filters.update(evidence_lines=evidence_lines, pn=person_name, hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
 templates.env.tests["mapping_"] = is_mapping
 templates.env.globals.update(STATE_WORDS=STATE_WORDS)
 

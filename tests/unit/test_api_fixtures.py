@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from argon2 import PasswordHasher
 from PIL import Image
 from sqlalchemy.orm import Session
 
@@ -39,8 +40,13 @@ ADMIN = ("alice", "correct horse battery")
 VIEWER = ("victor", "viewer password 1")
 ORTHANC = "ORTHANC@127.0.0.1:4242"
 PACS2 = "PACS2@10.0.0.9:104"
-T0 = datetime(2026, 11, 25, 2, 10, 0, tzinfo=UTC)
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=45)
 PREVIEWS = ("dwi.png", "flair.png", "core.png", "tmax.png", "tmax_sd.png")
+
+
+def cheap_hasher() -> PasswordHasher:
+    """argon2id with test-sized cost: same code paths, milliseconds instead of half a second."""
+    return PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -77,15 +83,18 @@ class Populated:
 
 
 SERIES_SPEC = (
-    # number, description, role, count, evidence
-    (1, "localizer", "OTHER", 3, {"image_type": ["ORIGINAL", "PRIMARY", "LOCALIZER"], "confidence": 0.99,
-                                  "evidence": ["ImageType contains LOCALIZER"]}),
-    (4, "ep2d_diff_3scan_trace_p2", "DWI", 50, {"b_values": [0, 1000], "confidence": 0.98,
-                                               "evidence": ["Siemens (0019,100C) b-value 0 and 1000",
-                                                            "ImageType DIFFUSION/TRACEW"]}),
-    (5, "ep2d_diff_3scan_trace_p2_ADC", "ADC", 25, {"confidence": 0.97, "evidence": ["ImageType ADC"]}),
-    (7, "t2_tirm_tra_dark-fluid", "FLAIR", 25, {"confidence": 0.95,
-                                                "evidence": ["ScanningSequence IR/SE", "TI 2500 ms"]}),
+    # number, description, role, count, the classifier's record (as SeriesClassification.to_dict writes it)
+    (1, "localizer", "OTHER", 3, {"rule": "localizer", "confidence": 0.99, "b_values": [],
+                                  "evidence": [["localizer", "ImageType", "ORIGINAL\\PRIMARY\\LOCALIZER"]]}),
+    (4, "ep2d_diff_3scan_trace_p2", "DWI", 20, {"rule": "dwi_siemens_private", "confidence": 0.98,
+                                               "b_values": [0, 1000], "trace": True,
+                                               "evidence": [["dwi_siemens_private", "(0019,100C)", "0, 1000"],
+                                                            ["dwi_siemens_private", "ImageType", "DIFFUSION\\TRACEW"]]}),
+    (5, "ep2d_diff_3scan_trace_p2_ADC", "ADC", 10, {"rule": "adc_image_type", "confidence": 0.97, "b_values": [],
+                                                    "evidence": [["adc_image_type", "ImageType", "DERIVED\\ADC"]]}),
+    (7, "t2_tirm_tra_dark-fluid", "FLAIR", 10, {"rule": "flair_ir", "confidence": 0.95, "b_values": [],
+                                                "evidence": [["flair_ir", "ScanningSequence", "SE\\IR"],
+                                                             ["flair_ir", "InversionTime", "2500"]]}),
 )
 
 
@@ -124,8 +133,12 @@ def _classify_detail(n: int, with_flair: bool) -> dict:
     for number, desc, role, _count, ev in SERIES_SPEC:
         if desc.startswith("t2_tirm") and not with_flair:
             continue
-        records.append({"series_uid": _uid("series", n, number), "role": role, **ev})
-    return {"series": records, "rules": "worker/rules/series.yaml"}
+        records.append({"series_instance_uid": _uid("series", n, number), "series_number": number,
+                        "series_description": desc, "role": role, **ev})
+    selection = {"dwi": {"series_instance_uid": _uid("series", n, 4)}, "b_high": 1000.0,
+                 "adc": {"series_instance_uid": _uid("series", n, 5)},
+                 "flair": {"series_instance_uid": _uid("series", n, 7)} if with_flair else None}
+    return {"series": records, "selection": selection}
 
 
 def _write_previews(folder: Path) -> None:
@@ -224,10 +237,10 @@ def populate(settings: Settings) -> Populated:
                               at=T0 + timedelta(minutes=10)).id
         s4 = add_study(db, settings, 4, accession="ACC1004", at=T0 + timedelta(minutes=12))
         out.queued = add_job(db, settings, s4, JobState.QUEUED, at=T0 + timedelta(minutes=12)).id
-        s5 = add_study(db, settings, 5, accession="XYZ2005", aet="MR_STROKE_2", at=T0 + timedelta(days=1))
+        s5 = add_study(db, settings, 5, accession="XYZ2005", aet="MR_STROKE_2", at=T0 - timedelta(days=1))
         out.delivering = add_job(db, settings, s5, JobState.DELIVERING, upto="push",
                                  deliveries={ORTHANC: DeliveryState.SENT, PACS2: DeliveryState.DEAD},
-                                 at=T0 + timedelta(days=1)).id
+                                 at=T0 - timedelta(days=1)).id
         out.job_ids = [out.done, out.failed, out.running, out.queued, out.delivering]
         now = datetime.now(UTC)
         db.add_all([
