@@ -50,7 +50,7 @@ class AnatomyParams:
     @classmethod
     def sample(cls, rng: np.random.Generator) -> AnatomyParams:
         scale = rng.uniform(0.93, 1.07)
-        axes = np.array([rng.uniform(63, 70), rng.uniform(80, 88), rng.uniform(60, 66)]) * scale
+        axes = np.array([rng.uniform(61, 67), rng.uniform(78, 86), rng.uniform(58, 64)]) * scale
         atrophy = float(rng.beta(2.0, 3.0))
         wmh = int(rng.choice([0, 1, 2, 3], p=[0.45, 0.3, 0.17, 0.08]))
         old = None
@@ -85,17 +85,27 @@ class AnatomyParams:
         }
 
 
+FIELD_NAMES = ("shape", "fold", "wmh", "vessel", "lesion", "folia", "warp0", "warp1", "warp2")
+_FIELD_SCALES_MM = (28.0, 4.5, 5.0, 3.5, 9.0, 4.0, 30.0, 30.0, 30.0)
+
+
 class AnatomyFields:
-    """The random fields that make one head unique (all on the model grid)."""
+    """The random fields that make one head unique, stacked (nz, ny, nx, K) on the model grid.
+
+    shape: global surface bumps; fold: cortical folding (sulci are its zero set); wmh: where
+    white-matter hyperintensities grow; vessel: where sulcal vessels run (FVH); lesion: old-infarct
+    border irregularity; folia: cerebellar folia; warp0..2: territory border warp.
+    """
 
     def __init__(self, rng: np.random.Generator) -> None:
-        self.shape = smooth_noise(rng, 28.0)  # global surface bumps
-        self.fold = smooth_noise(rng, 4.5)  # cortical folding: sulci are its zero set
-        self.warp = np.stack([smooth_noise(rng, 30.0) for _ in range(3)])  # territory border warp
-        self.wmh = smooth_noise(rng, 5.0)
-        self.vessel = smooth_noise(rng, 3.5)  # where sulcal vessels run (FVH)
-        self.lesion = smooth_noise(rng, 9.0)  # old-infarct border irregularity
-        self.folia = smooth_noise(rng, 4.0)  # cerebellar folia
+        self.stack = np.stack([smooth_noise(rng, s) for s in _FIELD_SCALES_MM], axis=-1)
+
+    def at_model(self) -> dict[str, np.ndarray]:
+        return {n: self.stack[..., i] for i, n in enumerate(FIELD_NAMES)}
+
+    def sampled(self, sampler) -> dict[str, np.ndarray]:
+        vals = sampler.many(self.stack)
+        return {n: vals[..., i] for i, n in enumerate(FIELD_NAMES)}
 
 
 def _ellipsoid(q: np.ndarray, centre, axes) -> np.ndarray:
@@ -120,32 +130,57 @@ def _cerebrum_rn(q: np.ndarray, p: AnatomyParams, shape_noise: np.ndarray) -> tu
     return rn, (1 - rn) * r_loc
 
 
+def _subset_union(q: np.ndarray, mask: np.ndarray, specs: list[tuple]) -> np.ndarray:
+    """Union of ellipsoids (centre, axes) evaluated only at points where ``mask`` holds."""
+    out = np.zeros(mask.shape, dtype=bool)
+    qs = q[mask]
+    if len(qs):
+        hit = np.zeros(len(qs), dtype=bool)
+        for centre, axes in specs:
+            hit |= _ellipsoid(qs, centre, axes) < 1
+        out[mask] = hit
+    return out
+
+
+def brain_masks(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cerebrum, cerebellum, brainstem and the brain mask (parenchyma plus a 2 mm CSF rim)."""
+    x, y, z = q[..., 0], q[..., 1], q[..., 2]
+    rn, depth = _cerebrum_rn(q, p, f["shape"])
+    cerebrum = depth > 0
+    post = (z < 0) & (y > -10)
+    rn_cb = np.full(rn.shape, 9.0, dtype=np.float32)
+    rn_cb[post] = _ellipsoid(q[post], (0, 46, -40), (p.axes[0] * 0.78, 33, 23)) * (1 + 0.03 * f["shape"][post])
+    cerebellum = rn_cb < 1
+    rn_bs = np.sqrt((x / 12.5) ** 2 + ((y - 14 - 0.15 * (z + 20)) / 14) ** 2)
+    in_bs_z = (z > -90) & (z < -4)
+    brainstem = (rn_bs < 1) & in_bs_z
+    depth_all = np.maximum(depth, np.maximum(np.where(in_bs_z, (1 - rn_bs) * 12.5, -99), (1 - rn_cb) * 25))
+    brain = (depth > -2.0) | cerebellum | brainstem
+    return {"rn": rn, "depth": depth, "depth_all": depth_all, "cerebrum": cerebrum,
+            "cerebellum": cerebellum, "brainstem": brainstem, "brain": brain, "rn_cb": rn_cb}
+
+
 def tissue_classes(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Classify head-frame points.
 
-    ``f`` holds the anatomy fields already sampled at ``q`` (keys: shape, fold, wmh, vessel, lesion,
-    folia, warp0..2). Returns class codes and the masks the signal and lesion models need.
+    ``f`` holds the anatomy fields already sampled at ``q`` (see FIELD_NAMES). Returns class codes
+    and the masks the signal and lesion models need. Small structures are evaluated only inside
+    their bounding region, which keeps a 128x128x28 grid well under a second.
     """
     x, y, z = q[..., 0], q[..., 1], q[..., 2]
     at = p.atrophy
-    rn, depth = _cerebrum_rn(q, p, f["shape"])
-    cerebrum = depth > 0
-
-    # posterior fossa
-    rn_cb = _ellipsoid(q, (0, 46, -40), (p.axes[0] * 0.78, 33, 23)) * (1 + 0.03 * f["shape"])
-    cerebellum = rn_cb < 1
-    rn_bs = np.sqrt((x / 12.5) ** 2 + ((y - 14 - 0.15 * (z + 20)) / 14) ** 2)
-    brainstem = (rn_bs < 1) & (z < -4) & (z > -90)
-    depth_cb = (1 - rn_cb) * 25
-    depth_bs = (1 - rn_bs) * 12.5
-    depth_all = np.maximum(depth, np.maximum(np.where((z > -90) & (z < -4), depth_bs, -99), depth_cb))
+    b = brain_masks(q, p, f)
+    rn, depth, depth_all, cerebrum = b["rn"], b["depth"], b["depth_all"], b["cerebrum"]
+    cerebellum, brainstem, brain = b["cerebellum"], b["brainstem"], b["brain"]
     brain_tissue = cerebrum | cerebellum | brainstem
 
     cls = np.full(q.shape[:-1], AIR, dtype=np.uint8)
-    # head envelope: inner skull follows the brain surface, plus the skull base below
+    # head envelope: inner skull follows the brain surface, plus the skull base and face below
     csf_gap = 1.8 + 2.5 * at
-    head_rn = _ellipsoid(q, (0, 4, -20), (p.axes[0] + 16, p.axes[1] + 16, 100))
-    outer = np.maximum(depth_all, np.where(z < -30, (1 - head_rn) * 40 - 22, -99))
+    low = z < -30
+    neck = np.full(rn.shape, -99.0, dtype=np.float32)
+    neck[low] = (1 - _ellipsoid(q[low], (0, 4, -20), (p.axes[0] + 16, p.axes[1] + 16, 100))) * 40 - 22
+    outer = np.maximum(depth_all, neck)
     skull_in = -csf_gap
     skull_out = skull_in - p.skull_mm
     scalp_out = skull_out - p.scalp_mm
@@ -153,57 +188,53 @@ def tissue_classes(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray]) ->
     cls[outer > skull_out] = SKULL
     marrow = (outer > skull_out + 0.3 * p.skull_mm) & (outer < skull_in - 0.3 * p.skull_mm)
     cls[marrow] = MARROW
-    cls[(outer > skull_in) & (z < -30)] = OTHER  # skull base, sinuses, soft tissue
+    cls[(outer > skull_in) & low] = OTHER  # skull base, sinuses, soft tissue
     cls[depth_all > -csf_gap] = CSF
-
-    # eyes
-    for s in (-1, 1):
-        cls[_ellipsoid(q, (s * 31, -p.axes[1] + 5, -32), (11.5, 11.5, 11.5)) < 1] = EYE
+    orbit = (z < -12) & (y < -50)
+    cls[_subset_union(q, orbit, [((s * 31, -p.axes[1] + 5, -32), (11.5, 11.5, 11.5)) for s in (-1, 1)])] = EYE
 
     # cortex: ribbon under the surface, walls along sulci; sulci are CSF clefts
-    fold = f["fold"]
+    fold = np.abs(f["fold"])
     sulc_w = 0.1 + 0.1 * at
     sulc_depth = 15.0
-    sulcus = (np.abs(fold) < sulc_w) & (depth < sulc_depth) & cerebrum
-    gm = cerebrum & ((depth < 3.2) | ((np.abs(fold) < sulc_w + 0.27) & (depth < sulc_depth + 2.5)))
+    sulcus = (fold < sulc_w) & (depth < sulc_depth) & cerebrum
+    gm = cerebrum & ((depth < 3.2) | ((fold < sulc_w + 0.27) & (depth < sulc_depth + 2.5)))
     # interhemispheric fissure and medial cortex
     fiss = (z > 27) | (y < -38) | (y > 40)
     fiss_w = 1.0 + 1.5 * at
     fissure = cerebrum & fiss & (np.abs(x) < fiss_w)
     gm |= cerebrum & fiss & (np.abs(x) < fiss_w + 2.8)
-    # sylvian fissure with the insula deep to it
-    zs = -2 + 0.18 * y
-    sylv_lat = np.abs(x) > 0.66 * p.axes[0]
-    sylvian = cerebrum & sylv_lat & (np.abs(z - zs) < 1.4 + at) & (y > -32) & (y < 28)
-    gm |= cerebrum & (np.abs(x) > 0.6 * p.axes[0]) & (np.abs(z - zs) < 4.5) & (y > -34) & (y < 30)
+    # sylvian fissure (lens-shaped cleft) with the insular cortex deep to it
+    # (an oblique sheet rising posteriorly, so axial slices cut it as a thin cleft)
+    zs = -4 + 0.5 * y + 0.004 * y**2
+    taper = np.clip(1 - ((y + 2) / 30) ** 2, 0, 1)
+    lateral = cerebrum & (np.abs(x) > 0.5 * p.axes[0] + 4 * (1 - taper))
+    sylvian = lateral & (np.abs(z - zs) < (1.0 + 1.2 * at) * taper) & (np.abs(x) > 0.58 * p.axes[0])
+    gm |= lateral & (np.abs(z - zs) < 4.0 * taper)
 
     cls[cerebrum] = WM
     cls[gm] = GM
-    cls[cerebellum & ~cerebrum] = np.where((rn_cb[cerebellum & ~cerebrum] < 0.45) &
-                                           (np.abs(x[cerebellum & ~cerebrum]) > 6), WM, GM)
-    cb_sulc = cerebellum & ~cerebrum & (np.abs(f["folia"]) < 0.08) & (rn_cb > 0.55)
+    cb = cerebellum & ~cerebrum
+    cls[cb] = np.where((b["rn_cb"][cb] < 0.45) & (np.abs(x[cb]) > 6), WM, GM)
+    cb_sulc = cb & (np.abs(f["folia"]) < 0.08) & (b["rn_cb"] > 0.55)
     cls[brainstem] = WM
 
-    # deep grey nuclei
-    deep = np.zeros(q.shape[:-1], dtype=bool)
-    for s in (-1, 1):
-        deep |= _ellipsoid(q, (s * 22, -3, 2), (6.5, 13, 9)) < 1  # lentiform
-        deep |= _ellipsoid(q, (s * 12.5, -15, 10), (4.5, 8, 7)) < 1  # caudate head
-        deep |= _ellipsoid(q, (s * 10, 13, 2), (8, 11, 8)) < 1  # thalamus
-    deep &= cerebrum
+    # deep grey nuclei and ventricles, evaluated in the central box only
+    inner = cerebrum & (np.abs(x) < 45) & (np.abs(y) < 56) & (z > -30) & (z < 36)
+    deep = _subset_union(q, inner, [spec for s in (-1, 1) for spec in (
+        ((s * 22, -3, 2), (6.5, 13, 9)),  # lentiform
+        ((s * 12.5, -15, 10), (4.5, 8, 7)),  # caudate head
+        ((s * 10, 13, 2), (8, 11, 8)),  # thalamus
+    )])
     cls[deep] = DEEP_GM
-
-    # ventricles
     v = 0.75 + 1.0 * at
-    vent = np.zeros(q.shape[:-1], dtype=bool)
-    for s in (-1, 1):
-        vent |= _ellipsoid(q, (s * (4.0 + 3.0 * v), -2, 16), (5.0 * v, 25, 5.5 * np.sqrt(v))) < 1
-        vent |= _ellipsoid(q, (s * (4.5 + 3.0 * v), -21, 10), (5.0 * v, 10, 7.5 * np.sqrt(v))) < 1
-        vent |= _ellipsoid(q, (s * (13 + 2 * v), 24, 10), (6 * v, 13, 8)) < 1
-        vent |= _ellipsoid(q, (s * 19, 36, 6), (3.5 * v, 9, 4)) < 1
-        vent |= _ellipsoid(q, (s * 27, 2, -17), (2.5 * v, 13, 3)) < 1
-    vent |= _ellipsoid(q, (0, 6, -3), (1.6 * v, 12, 8)) < 1
-    vent &= cerebrum
+    vent = _subset_union(q, inner, [spec for s in (-1, 1) for spec in (
+        ((s * (4.0 + 3.0 * v), -2, 16), (5.0 * v, 25, 5.5 * np.sqrt(v))),  # body
+        ((s * (4.5 + 3.0 * v), -21, 10), (5.0 * v, 10, 7.5 * np.sqrt(v))),  # frontal horn
+        ((s * (13 + 2 * v), 24, 10), (6 * v, 13, 8)),  # atrium
+        ((s * 19, 36, 6), (3.5 * v, 9, 4)),  # occipital horn
+        ((s * 27, 2, -17), (2.5 * v, 13, 3)),  # temporal horn
+    )] + [((0, 6, -3), (1.6 * v, 12, 8))])  # third ventricle
     cls[vent] = CSF
     cls[sulcus | fissure | sylvian | cb_sulc] = CSF
 
@@ -211,10 +242,10 @@ def tissue_classes(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray]) ->
     wmh = np.zeros(q.shape[:-1], dtype=np.float32)
     if p.wmh_grade > 0:
         thr = {1: 2.1, 2: 1.5, 3: 1.0}[p.wmh_grade]
-        peri = np.zeros_like(vent)
-        for s in (-1, 1):
-            peri |= _ellipsoid(q, (s * (4 + 2.5 * v), -22, 9), (6 * v, 13, 10)) < 1
-            peri |= _ellipsoid(q, (s * 15, 24, 8), (7 * v, 15, 10)) < 1
+        peri = _subset_union(q, inner, [spec for s in (-1, 1) for spec in (
+            ((s * (4 + 2.5 * v), -22, 9), (6 * v, 13, 10)),
+            ((s * 15, 24, 8), (7 * v, 15, 10)),
+        )])
         score = f["wmh"] - thr + (0.9 * p.wmh_grade) * peri
         wmh = np.clip(score / 0.6, 0, 1).astype(np.float32) * (cls == WM) * (rn < 0.7)
 
@@ -229,7 +260,6 @@ def tissue_classes(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray]) ->
         old_rim = inside & ~old_cavity
         cls[old_cavity] = CSF
 
-    brain = (depth > -2.0) | cerebellum | brainstem
     parenchyma = np.isin(cls, (GM, WM, DEEP_GM)) & brain_tissue
     # sulcal / subarachnoid CSF where cortical vessels run (FVH live here)
     extra_axial = (cls == CSF) & ~vent & ~old_cavity & brain & (z > -30)
@@ -267,8 +297,7 @@ def territories(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray], cereb
     pca = (v > 0.52 - 0.22 * np.clip(-w, 0, 1.5)) | ((w < -0.32) & (v > -0.05))
     pca |= (v > 0.3) & (au < 0.24)
     thal = (au < 0.24) & (v > 0.04) & (v < 0.34) & (w < 0.12) & (w > -0.45)
-    deep = (au > 0.1) & (au < 0.44) & (v > -0.34) & (v < 0.1) & (w > -0.3) & (w < 0.32)
-    deep &= np.sqrt((u / 0.5) ** 2 + (v / 0.45) ** 2 + (w / 0.45) ** 2) < 1
+    deep = np.sqrt(((au - 0.27) / 0.19) ** 2 + ((v + 0.12) / 0.24) ** 2 + ((w - 0.02) / 0.3) ** 2) < 1
 
     lab[:] = mca_sup
     lab[aca] = 1
@@ -280,18 +309,3 @@ def territories(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray], cereb
     # MCA superior division: frontal and upper parietal; inferior: temporal and lower parietal
     superior = (w > 0.02 + 0.5 * v).astype(bool)
     return lab, superior
-
-
-def anatomy_fields_at(fields: AnatomyFields, sample) -> dict[str, np.ndarray]:
-    """Sample every anatomy field with ``sample`` (a :class:`phantom.fields.Sampler` or identity)."""
-    out = {
-        "shape": sample(fields.shape),
-        "fold": sample(fields.fold),
-        "wmh": sample(fields.wmh),
-        "vessel": sample(fields.vessel),
-        "lesion": sample(fields.lesion),
-        "folia": sample(fields.folia),
-    }
-    for i in range(3):
-        out[f"warp{i}"] = sample(fields.warp[i])
-    return out

@@ -56,6 +56,7 @@ class PhantomCase:
     flair_grid: Grid
     flair_motion: dict[str, Any]
     truth: dict[str, Any]
+    tissue: np.ndarray | None = None  # uint8 tissue class per voxel (phantom.anatomy codes)
     dsc: np.ndarray | None = None  # (t, z, y, x) on the DWI grid, scanner units
     dsc_times_s: np.ndarray | None = None
     acquisition: dict[str, Any] = field(default_factory=dict)
@@ -180,7 +181,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False) -> PhantomCa
         "matrix_dwi_to_flair_world": m44.round(9).tolist(),
     }
 
-    dwi_snr = float(r_dwi.uniform(28, 45))
+    dwi_snr = float(r_dwi.uniform(45, 70))  # trace image: 3 directions, averaged
     flair_snr = float(r_flair.uniform(30, 50))
     m = head.render(grid, pose)
     dwi_bias = signal.bias_field(r_dwi, grid.shape, float(r_dwi.uniform(0.05, 0.18)))
@@ -214,7 +215,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False) -> PhantomCa
         seed=int(seed), case_id=case_id_for(int(seed)), vendor=vendor, matrix=int(matrix), grid=grid,
         b0=d["b0"], dwi=d["dwi"], adc=d["adc"], flair_on_dwi=flair_on_dwi, tmax=m["tmax"],
         core=m["core"], brain=m["brain"], territory=m["territory"], fvh=m["fvh"],
-        flair_grid=flair_grid, flair_motion=motion, truth=truth,
+        flair_grid=flair_grid, flair_motion=motion, truth=truth, tissue=m["cls"],
         acquisition={"dwi": dwi_acq, "flair": flair_acq, "dwi_snr": dwi_snr, "flair_snr": flair_snr},
     )
 

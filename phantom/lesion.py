@@ -42,9 +42,11 @@ class StrokeParams:
         base = {"good": 0.8, "moderate": 0.5, "poor": 0.2}[col]
         score = float(np.clip(base + rng.uniform(-0.15, 0.15), 0.02, 0.98))
         onset = float(np.exp(rng.uniform(np.log(0.5), np.log(20.0))))
-        site_peak = {"ICA-T": 16.0, "M1": 13.0, "M2-superior": 10.0, "M2-inferior": 10.0, "none": 0.0}[occ]
-        tpeak = site_peak * (1.25 - 0.5 * score) * rng.uniform(0.9, 1.15)
-        reach = 4.0 + 26.0 * score**1.3 * rng.uniform(0.8, 1.2)
+        site_peak = {"ICA-T": 17.0, "M1": 14.5, "M2-superior": 12.5, "M2-inferior": 12.5, "none": 0.0}[occ]
+        tpeak = site_peak * (1.25 - 0.45 * score) * rng.uniform(0.9, 1.15)
+        # collateral reach (mm into the territory); a division territory is smaller, so is the reach
+        site_reach = 0.5 if occ.startswith("M2") else 1.0
+        reach = (4.0 + 24.0 * score**1.3 * rng.uniform(0.8, 1.2)) * site_reach
         core_adc = float(rng.uniform(430, 540) - 40 * min(onset / 12.0, 1.0))
         return cls(occ, side, col, score, onset, float(tpeak), float(reach), core_adc)
 

@@ -13,7 +13,7 @@ from phantom.fields import Sampler, model_points
 from phantom.geometry import Grid, RigidPose
 
 #: Sulcal-vessel density threshold per collateral grade (lower = denser FVH with better collaterals).
-_FVH_THRESHOLD = {"good": 0.15, "moderate": 0.4, "poor": 0.7}
+_FVH_THRESHOLD = {"good": -0.3, "moderate": 0.0, "poor": 0.35}
 
 
 class HeadModel:
@@ -25,8 +25,8 @@ class HeadModel:
         self.fields = anatomy.AnatomyFields(rng_fields)
         self.stroke = lesion.StrokeParams.sample(rng_stroke)
         q = model_points()
-        f = anatomy.anatomy_fields_at(self.fields, lambda a: a)
-        t = anatomy.tissue_classes(q, self.anat, f)
+        f = self.fields.at_model()
+        t = anatomy.brain_masks(q, self.anat, f)
         terr, sup = anatomy.territories(q, self.anat, f, t["cerebrum"])
         self.perf = lesion.perfusion_fields(rng_lesion, terr, sup, t["brain"], self.stroke)
 
@@ -34,7 +34,7 @@ class HeadModel:
         """Noise-free tissue maps and truth on ``grid`` for a head placed by ``pose``."""
         q = pose.to_head(grid.world_points())
         sample = Sampler(q)
-        f = anatomy.anatomy_fields_at(self.fields, sample)
+        f = self.fields.sampled(sample)
         t = anatomy.tissue_classes(q, self.anat, f)
         terr, _ = anatomy.territories(q, self.anat, f, t["cerebrum"])
         brain = t["brain"]
