@@ -229,7 +229,8 @@ def summary_rows(measures: Mapping[str, object]) -> list[tuple[str, str, bool]]:
         ("Tmax > 6 s  (hypoperfusion)", _fmt_ml(f("tmax6_ml")), False),
         ("Tmax > 10 s  (severe)", _fmt_ml(f("tmax10_ml")), False),
         ("Mismatch volume", _fmt_ml(f("mismatch_ml")), False),
-        ("Mismatch ratio", _fmt_ratio(f("mismatch_ratio")), False),
+        ("Mismatch ratio", _fmt_ratio(f("mismatch_ratio")) if measures.get("mismatch_ratio") is not None
+         else ("no core" if (f("tmax6_ml") or 0) > 0 else "n/a"), False),
         ("Hypoperfusion intensity ratio", "n/a" if hir is None else f"{hir:.2f}", False),
         ("DEFUSE-3 target mismatch", flag("defuse3"), bool(measures.get("defuse3"))),
         ("EXTEND mismatch", flag("extend"), bool(measures.get("extend"))),
