@@ -11,15 +11,20 @@ from __future__ import annotations
 import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import Connection, bindparam, func, insert, select, text, true, update
+from sqlalchemy.orm import Session
 
 from common.jobstore.db import get_engine
+from common.jobstore.models import Heartbeat, Instance, Job, JobState, ScpEvent, Series, Study, utcnow
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_LOCK_KEY = 0x5379_6E74  # "Synt": advisory-lock key for concurrent migrations
@@ -77,3 +82,239 @@ def init_db(url: str) -> str | None:
         if current_revision(url) != head_revision():
             command.upgrade(alembic_config(url), "head")
     return current_revision(url)
+
+
+# --------------------------------------------------------------------------- gateway writes
+# The SCP calls these once per instance, so each is one or two statements, no ORM loading.
+
+
+def get_or_create_study(session: Session, study_uid: str, **attrs: Any) -> int:
+    """Id of the study row for ``study_uid``, inserting it (with ``attrs``) when new."""
+    row = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar()
+    if row is not None:
+        return row
+    study = Study(study_uid=study_uid, **{k: v for k, v in attrs.items() if v is not None})
+    session.add(study)
+    session.flush()
+    return study.id
+
+
+def get_or_create_series(session: Session, study_id: int, series_uid: str, **attrs: Any) -> int:
+    row = session.execute(select(Series.id).where(Series.series_uid == series_uid)).scalar()
+    if row is not None:
+        return row
+    series = Series(study_id=study_id, series_uid=series_uid, **{k: v for k, v in attrs.items() if v is not None})
+    session.add(series)
+    session.flush()
+    return series.id
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> tuple[int, str, str] | None:
+    """(id, sha256, path) of a stored instance, or None."""
+    row = session.execute(
+        select(Instance.id, Instance.sha256, Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def insert_instance(session: Session, study_id: int, **values: Any) -> None:
+    """Insert one instance row and touch its series and study receive times (three statements)."""
+    now = values.setdefault("received_at", utcnow())
+    session.execute(insert(Instance).values(**values))
+    session.execute(update(Series).where(Series.id == values["series_id"]).values(last_received_at=now))
+    session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+
+
+def series_counts(session: Session, series_id: int) -> tuple[int | None, int]:
+    """(declared images or None, images received: frames of multi-frame objects count singly)."""
+    expected = session.execute(select(Series.expected_instances).where(Series.id == series_id)).scalar()
+    received = session.execute(
+        select(func.sum(func.coalesce(Instance.number_of_frames, 1))).where(Instance.series_id == series_id)
+    ).scalar()
+    return expected, int(received or 0)
+
+
+class InstanceWriter:
+    """The per-instance statements of the C-STORE hot path, built once and run on plain Core
+    connections (no ORM unit of work): one indexed lookup, then one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = get_engine(url)
+        self._find = select(Instance.id, Instance.sha256, Instance.path).where(
+            Instance.sop_instance_uid == bindparam("sop")
+        )
+        self._insert = insert(Instance)
+        self._touch_series = (
+            update(Series).where(Series.id == bindparam("sid")).values(last_received_at=bindparam("now"))
+        )
+        self._touch_study = (
+            update(Study).where(Study.id == bindparam("stid")).values(last_received_at=bindparam("now"))
+        )
+
+    def find(self, sop_instance_uid: str) -> tuple[int, str, str] | None:
+        """(id, sha256, path) of a stored instance, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(self._find, {"sop": sop_instance_uid}).first()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def insert(self, conn: Connection, values: dict[str, Any], study_id: int, touch: bool) -> None:
+        """Insert the instance; with ``touch`` also move series/study last_received_at."""
+        conn.execute(self._insert, values)
+        if touch:
+            now = values["received_at"]
+            conn.execute(self._touch_series, {"sid": values["series_id"], "now": now})
+            conn.execute(self._touch_study, {"stid": study_id, "now": now})
+
+
+def raise_expected(session: Session, series_id: int, expected: int) -> None:
+    """Record a declared series size; the largest declaration seen wins."""
+    session.execute(
+        update(Series)
+        .where(Series.id == series_id)
+        .where((Series.expected_instances.is_(None)) | (Series.expected_instances < expected))
+        .values(expected_instances=expected)
+    )
+
+
+def add_scp_event(session: Session, kind: str, calling_aet: str | None, peer: str | None, reason: str) -> None:
+    session.add(ScpEvent(kind=kind, calling_aet=calling_aet, peer=peer, reason=reason))
+
+
+def recent_scp_events(session: Session, limit: int = 50, kind: str | None = None) -> list[ScpEvent]:
+    q = select(ScpEvent).order_by(ScpEvent.id.desc()).limit(limit)
+    if kind:
+        q = q.where(ScpEvent.kind == kind)
+    return list(session.execute(q).scalars())
+
+
+def upsert_heartbeat(session: Session, component: str, instance: str, info: dict[str, Any]) -> None:
+    row = session.execute(select(Heartbeat).where(Heartbeat.instance == instance)).scalar()
+    if row is None:
+        session.add(Heartbeat(component=component, instance=instance, info=info, at=utcnow()))
+    else:
+        row.component, row.info, row.at = component, info, utcnow()
+
+
+def heartbeats(session: Session) -> list[Heartbeat]:
+    return list(session.execute(select(Heartbeat).order_by(Heartbeat.component, Heartbeat.instance)).scalars())
+
+
+# --------------------------------------------------------------------------- completion
+
+
+@dataclass
+class StudyProgress:
+    """What the completion rules need to know about one study with uncovered instances."""
+
+    study_id: int
+    study_uid: str
+    instance_count: int  # instances stored for the study
+    covered_count: int  # instances the latest job covered (0 without a job)
+    latest_job_id: int | None
+    first_pending_at: datetime  # receive time of the first instance no job covers yet
+    last_received_at: datetime
+    series: list[tuple[int, int | None, int]]  # (series id, expected images or None, images received)
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def studies_with_pending_instances(session: Session) -> list[StudyProgress]:
+    """Studies holding instances that no job covers yet (new study or late arrivals)."""
+    counts = (
+        select(Series.study_id.label("study_id"), func.count(Instance.id).label("n"))
+        .join(Instance, Instance.series_id == Series.id)
+        .group_by(Series.study_id)
+        .subquery()
+    )
+    latest = (
+        select(Job.study_id.label("study_id"), func.max(Job.version).label("v")).group_by(Job.study_id).subquery()
+    )
+    rows = session.execute(
+        select(Study.id, Study.study_uid, counts.c.n, Job.instance_count, Job.id, Job.created_at)
+        .join(counts, counts.c.study_id == Study.id)
+        .outerjoin(latest, latest.c.study_id == Study.id)
+        .outerjoin(Job, (Job.study_id == Study.id) & (Job.version == latest.c.v))
+        .where(counts.c.n > func.coalesce(Job.instance_count, 0))
+    ).all()
+    out: list[StudyProgress] = []
+    for study_id, study_uid, n, covered, job_id, job_created in rows:
+        received = session.execute(
+            select(func.min(Instance.received_at), func.max(Instance.received_at))
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == study_id)
+            .where(Instance.received_at > job_created if job_created is not None else true())
+        ).one()
+        last_any = session.execute(
+            select(func.max(Instance.received_at))
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == study_id)
+        ).scalar()
+        series_rows = session.execute(
+            select(Series.id, Series.expected_instances, func.sum(func.coalesce(Instance.number_of_frames, 1)))
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id == study_id)
+            .group_by(Series.id, Series.expected_instances)
+        ).all()
+        first_pending = received[0] or last_any
+        out.append(
+            StudyProgress(
+                study_id=study_id,
+                study_uid=study_uid,
+                instance_count=int(n),
+                covered_count=int(covered or 0),
+                latest_job_id=job_id,
+                first_pending_at=_aware(first_pending),
+                last_received_at=_aware(last_any),
+                series=[(sid, exp, int(got or 0)) for sid, exp, got in series_rows],
+            )
+        )
+    return out
+
+
+def create_job(session: Session, study_id: int, trigger: str, instance_count: int) -> Job:
+    """A new job covering ``instance_count`` instances; it supersedes the study's latest job.
+
+    A superseded job that has not started delivering is marked SUPERSEDED and asked to cancel;
+    a finished one keeps its state (its results stay valid for what it covered).
+    """
+    previous = session.execute(
+        select(Job).where(Job.study_id == study_id).order_by(Job.version.desc()).limit(1)
+    ).scalar()
+    job = Job(
+        study_id=study_id,
+        version=(previous.version + 1) if previous else 1,
+        state=JobState.QUEUED,
+        trigger=trigger,
+        instance_count=instance_count,
+        supersedes_job_id=previous.id if previous else None,
+        warnings=[],
+    )
+    if previous is not None and previous.state in (JobState.QUEUED, JobState.RUNNING):
+        previous.state = JobState.SUPERSEDED
+        previous.cancel_requested = True
+        previous.finished_at = utcnow()
+    session.add(job)
+    session.flush()
+    return job
+
+
+def job_instances(session: Session, job: Job) -> list[Instance]:
+    """The instances a job covers: its study's first ``instance_count`` instances by arrival."""
+    return list(
+        session.execute(
+            select(Instance)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == job.study_id)
+            .order_by(Instance.id)
+            .limit(job.instance_count)
+        ).scalars()
+    )
+
+
+def list_jobs(session: Session, limit: int = 100) -> list[tuple[Job, Study]]:
+    rows = session.execute(
+        select(Job, Study).join(Study, Study.id == Job.study_id).order_by(Job.id.desc()).limit(limit)
+    ).all()
+    return [(j, s) for j, s in rows]

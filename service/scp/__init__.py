@@ -1,0 +1,1 @@
+"""The DICOM C-STORE/C-ECHO SCP: presentation contexts, access control, the pynetdicom AE."""

@@ -1,0 +1,192 @@
+"""The pynetdicom AE that listens for scanners and PACS.
+
+Association requests pass the access policy and the disk watermark in an EVT_REQUESTED
+handler, which answers A-ASSOCIATE-RJ itself so that each refusal has its own reason in the
+log and in the job store. C-STORE hands the data set bytes, undecoded, to the Receiver; C-ECHO
+answers Success.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, evt
+
+from common.config import Settings
+from common.jobstore import queries
+from common.jobstore.db import session_scope
+from service.ingest.receiver import Receiver
+from service.scp.access import RJ_CONGESTION, RJ_LIMIT, AccessPolicy, Refusal
+from service.scp.contexts import add_contexts
+from service.status import disk_status
+
+log = logging.getLogger("synthperf.scp")
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server-side TLS from settings (None when no certificate is configured).
+
+    With ``tls_ca`` set, peers must present a certificate signed by it (mutual TLS).
+    """
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.tls_ca is not None:
+        ctx.load_verify_locations(cafile=str(settings.tls_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class ScpServer:
+    """Runs the AE in pynetdicom's server threads; ``start()`` returns once it listens."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        receiver: Receiver,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        disk_ok: Callable[[], bool] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.receiver = receiver
+        self.host = host if host is not None else settings.scp_host
+        self.port = port if port is not None else settings.scp_port
+        self.ssl_context = ssl_context if ssl_context is not None else make_ssl_context(settings)
+        self.policy = AccessPolicy(settings.ae_title, settings.allowed_aets, settings.allowed_networks)
+        self._disk_ok = disk_ok or (lambda: bool(disk_status(settings)["ok"]))
+        self._server: Any = None
+        self.started_at: float | None = None
+        self.accepted = 0
+        self.rejected = 0
+        self.recent_refusals: deque[tuple[float, str]] = deque(maxlen=20)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.maximum_pdu_size = s.max_pdu
+        ae.require_called_aet = False  # checked in _on_requested, with a logged reason
+        ae.implementation_version_name = "SYNTHPERF_01"
+        add_contexts(ae)
+        return ae
+
+    def start(self) -> int:
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
+        self.port = self._server.server_address[1]
+        self.started_at = time.time()
+        log.info(
+            "SCP %s listening on %s:%d%s", self.settings.ae_title, self.host, self.port,
+            " (TLS)" if self.ssl_context else "",
+        )
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("SCP stopped")
+
+    @property
+    def active_associations(self) -> int:
+        if self._server is None:
+            return 0
+        return len(self._server.active_associations)
+
+    def info(self) -> dict[str, Any]:
+        """Heartbeat payload: what the system page shows for the SCP."""
+        st = self.receiver.stats
+        return {
+            "ae_title": self.settings.ae_title,
+            "port": self.port,
+            "tls": self.ssl_context is not None,
+            "active_associations": self.active_associations,
+            "associations_accepted": self.accepted,
+            "associations_rejected": self.rejected,
+            "instances_stored": st.stored,
+            "duplicates": st.duplicates,
+            "conflicts": st.conflicts,
+            "store_failures": st.failed,
+            "last_stored_at": st.last_stored_at,
+        }
+
+    # ------------------------------------------------------------------ handlers
+    def _refuse(self, event: evt.Event, refusal: Refusal) -> None:
+        rq = event.assoc.requestor
+        calling = (rq.ae_title or "").strip()
+        peer = f"{rq.address}:{rq.port}"
+        event.assoc.acse.send_reject(*refusal.rsd)
+        with self._lock:
+            self.rejected += 1
+            self.recent_refusals.append((time.time(), refusal.reason))
+        log.warning("association from %s (%s) rejected: %s", calling, peer, refusal.reason)
+        try:
+            with session_scope(self.receiver.database_url) as s:
+                queries.add_scp_event(s, "rejected", calling[:16] or None, peer, refusal.reason)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the rejection")
+
+    def _on_requested(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        primitive = rq.primitive
+        called = primitive.called_ae_title if primitive is not None else ""
+        calling = rq.ae_title or ""
+        refusal = self.policy.check(called, calling, rq.address)
+        if refusal is None and not self._disk_ok():
+            d = disk_status(self.settings)
+            refusal = Refusal(
+                RJ_CONGESTION,
+                f"free disk {d['free_mb']:.0f} MB is under the watermark {d['watermark_mb']} MB; "
+                "free space or lower SYNTHPERF_DISK_WATERMARK_MB",
+            )
+        if refusal is None and self.active_associations > self.settings.max_associations:
+            refusal = Refusal(RJ_LIMIT, f"max_associations ({self.settings.max_associations}) reached")
+        if refusal is not None:
+            self._refuse(event, refusal)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        with self._lock:
+            self.accepted += 1
+        log.info("association accepted from %s (%s:%s)", (rq.ae_title or "").strip(), rq.address, rq.port)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int:
+        req = event.request
+        rq = event.assoc.requestor
+        data = req.DataSet.getvalue() if req.DataSet is not None else b""
+        outcome = self.receiver.receive(
+            data,
+            str(event.context.transfer_syntax),
+            str(req.AffectedSOPClassUID),
+            str(req.AffectedSOPInstanceUID),
+            calling_aet=(rq.ae_title or "").strip(),
+            peer=f"{rq.address}:{rq.port}",
+        )
+        return outcome.status
