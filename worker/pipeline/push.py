@@ -281,7 +281,8 @@ def push_due(settings: Settings, job_id: int, now: datetime | None = None, sende
                     continue
                 report.failed_attempts += 1
                 row.last_error = out.error
-                report.errors.append(f"{key}: {out.error}")
+                if out.error and out.error not in report.errors:
+                    report.errors.append(out.error)
                 if finished - _aware(row.created_at) >= timedelta(seconds=settings.push_retry_period_s):
                     row.state = DeliveryState.DEAD
                     log.warning("delivery dead-lettered", extra={"job_id": job_id, "destination": key})
