@@ -56,14 +56,13 @@ def _module_exists(name: str) -> bool:
 
 
 def send_demo_study(settings: Any, port: int) -> None:
-    """Hook for ``make run``: send a phantom stroke study to our own SCP.
+    """Hook for ``make run``: send a phantom stroke study to our own SCP (implemented in cli.demo)."""
+    from cli.demo import send_demo_study as _send_demo
 
-    Not implemented by the gateway: the pipeline/phantom side fills this in (generate the
-    phantom study into a temp folder, then ``cli.cmd_send.send_paths([...], "127.0.0.1", port,
-    called_aet=settings.ae_title)``). Until then it only logs.
-    """
-    log.warning("--demo: no phantom sender is wired in yet (cli.cmd_serve.send_demo_study); "
-                "send a study yourself: synthperf send DIR 127.0.0.1 %d", port)
+    try:
+        _send_demo(settings, port)
+    except Exception as exc:  # noqa: BLE001 - the demo must never take the service down
+        log.warning("--demo failed: %s; send a study yourself: synthperf send DIR 127.0.0.1 %d", exc, port)
 
 
 def _start_api(settings: Any) -> tuple[Any, threading.Thread] | None:

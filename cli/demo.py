@@ -1,0 +1,87 @@
+"""The ``--demo`` of ``synthperf serve`` (``make run``): on first start, send ourselves one phantom study.
+
+A newcomer then sees a job go through every stage on the dashboard and the SYNTHETIC results in
+the output folder (and in PACS, if a destination is configured). The phantom is generated with a
+fixed seed, so every newcomer sees the same study. A marker under data_dir records that the demo
+was sent; delete ``<data_dir>/demo`` to send it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("synthperf.demo")
+
+DEMO_SEED = 20250101
+DEMO_MATRIX = 128
+DEMO_VENDOR = "siemens"
+
+
+def _wait_for_scp(host: str, port: int, aet: str, timeout: float = 30.0) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ae = AE(ae_title="SYNTHPERF-DEMO")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(host, port, ae_title=aet)
+        if assoc.is_established:
+            assoc.send_c_echo()
+            assoc.release()
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _say(text: str) -> None:
+    print(f"synthperf demo: {text}", flush=True)
+
+
+def send_demo_study(settings: Any, port: int) -> Path | None:
+    """Generate (once) and send the demo phantom study to our own SCP; print where to look."""
+    demo_dir = Path(settings.data_dir) / "demo"
+    marker = demo_dir / "sent.json"
+    api = f"http://{'127.0.0.1' if settings.api_host in ('0.0.0.0', '::') else settings.api_host}:{settings.api_port}"
+    if marker.is_file():
+        _say(f"demo study already sent on {json.loads(marker.read_text()).get('sent_at')}; "
+             f"see {api}/ (delete {demo_dir} to send it again)")
+        return None
+    try:
+        from phantom.api import make_case, write_dicom_study
+    except ImportError as exc:
+        _say(f"phantom generator not available ({exc}); send a study yourself: "
+             f"synthperf send DIR 127.0.0.1 {port}")
+        return None
+    try:
+        from models.registry import resolve
+
+        resolve(settings.model_name)
+    except FileNotFoundError as exc:
+        _say(f"WARNING: {exc}. The demo job will stop at the synthesize stage with this message.")
+    _say(f"generating the phantom stroke study (seed {DEMO_SEED}, {DEMO_MATRIX}x{DEMO_MATRIX})...")
+    case = make_case(DEMO_SEED, matrix=DEMO_MATRIX)
+    study_dir = Path(write_dicom_study(case, demo_dir / "study", DEMO_VENDOR))
+    files = [p for p in sorted(study_dir.rglob("*")) if p.is_file() and not p.name.endswith((".json", ".gz"))]
+    if not _wait_for_scp("127.0.0.1", port, settings.ae_title):
+        _say(f"our SCP did not answer on port {port}; demo study left in {study_dir}")
+        return None
+    from cli.cmd_send import send_paths
+
+    counts = send_paths(files, "127.0.0.1", port, called_aet=settings.ae_title, calling_aet="SYNTHPERF-DEMO")
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"sent_at": datetime.now(UTC).isoformat(), "study_dir": str(study_dir),
+                                  "counts": counts}))
+    _say(f"sent {counts.get('sent', 0)} instances of a phantom stroke study (study {case.case_id}).")
+    _say(f"  watch the job:   {api}/   (or: synthperf jobs --data-dir {settings.data_dir})")
+    _say(f"  results (DICOM): {Path(settings.output_dir).resolve()}/job_<id>/dicom   "
+         "(summary.dcm is the one-page overview)")
+    if settings.destinations:
+        _say("  and in PACS:     " + ", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in settings.destinations))
+    _say("  every result is SYNTHETIC PERFUSION - NOT FOR DIAGNOSTIC USE")
+    return study_dir
