@@ -1,0 +1,180 @@
+"""The receiver's statuses, duplicate handling and spool discipline, without a network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from common.jobstore.db import session_scope
+from common.jobstore.models import Instance, ScpEvent, Series
+from common.jobstore.queries import init_db
+from service.ingest import receiver as R
+from service.ingest.dataset import Header
+from service.ingest.spool import TEMP_PREFIX, Spool
+from service.scp.contexts import STORAGE_SOP_CLASSES
+
+TS = str(ExplicitVRLittleEndian)
+
+
+def make_ds(study: str, series: str, sop: str | None = None, **extra: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.Modality = "MR"
+    ds.PatientID = "P1"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.arange(64, dtype=np.uint16).tobytes()
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def encode(ds: Dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def rx(tmp_path: Path) -> R.Receiver:
+    url = f"sqlite:///{tmp_path / 'js.db'}"
+    init_db(url)
+    return R.Receiver(url, Spool(tmp_path / "spool", fsync=True), frozenset(STORAGE_SOP_CLASSES))
+
+
+def _final_files(rx: R.Receiver) -> list[Path]:
+    return [p for p in rx.spool.root.rglob("*") if p.is_file()]
+
+
+def _send(rx: R.Receiver, ds: Dataset, data: bytes | None = None) -> R.Outcome:
+    return rx.receive(encode(ds) if data is None else data, TS, str(ds.SOPClassUID), str(ds.SOPInstanceUID), "SCANNER")
+
+
+def test_stored_file_is_the_received_bytes_with_file_meta(rx: R.Receiver) -> None:
+    ds = make_ds(generate_uid(), generate_uid(), InstanceNumber=3)
+    raw = encode(ds)
+    out = _send(rx, ds, raw)
+    assert out.status == R.SUCCESS and not out.duplicate
+    path = rx.spool.root / f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    blob = path.read_bytes()
+    assert blob.endswith(raw)
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == TS
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.SourceApplicationEntityTitle == "SCANNER"
+    assert back.PixelData == ds.PixelData and back.InstanceNumber == 3
+    with session_scope(rx.database_url) as s:
+        row = s.query(Instance).one()
+        assert row.path == out.relpath and row.size_bytes == len(blob) and row.calling_aet == "SCANNER"
+
+
+def test_identical_duplicate_is_idempotent_and_conflict_is_logged(rx: R.Receiver) -> None:
+    study, series = generate_uid(), generate_uid()
+    ds = make_ds(study, series)
+    assert _send(rx, ds).status == R.SUCCESS
+    again = _send(rx, ds)
+    assert again.status == R.SUCCESS and again.duplicate and not again.conflict
+    first_bytes = (rx.spool.root / again.relpath).read_bytes()  # type: ignore[operator]
+    changed = make_ds(study, series, sop=str(ds.SOPInstanceUID), PatientID="OTHER")
+    conflict = _send(rx, changed)
+    assert conflict.status == R.SUCCESS and conflict.conflict
+    assert (rx.spool.root / conflict.relpath).read_bytes() == first_bytes  # type: ignore[operator]
+    with session_scope(rx.database_url) as s:
+        assert s.query(Instance).count() == 1
+        events = s.query(ScpEvent).all()
+        assert [e.kind for e in events] == ["conflict"]
+    assert rx.stats.stored == 1 and rx.stats.duplicates == 2 and rx.stats.conflicts == 1
+
+
+@pytest.mark.parametrize(
+    "case,status",
+    [
+        ("non_dicom", R.CANNOT_UNDERSTAND),
+        ("truncated", R.CANNOT_UNDERSTAND),
+        ("missing_study", R.MISSING_UID),
+        ("path_chars", R.INVALID_UID),
+        ("class_mismatch", R.DATASET_MISMATCH),
+        ("unsupported_class", R.SOP_CLASS_NOT_SUPPORTED),
+    ],
+)
+def test_bad_input_gets_a_failure_status_and_leaves_no_file(rx: R.Receiver, case: str, status: int) -> None:
+    study, series = generate_uid(), generate_uid()
+    ds = make_ds(study, series)
+    rq_class, rq_inst = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    data = encode(ds)
+    if case == "non_dicom":
+        data = b"this is a PDF, not DICOM " * 50
+    elif case == "truncated":
+        data = data[:-10]
+    elif case == "missing_study":
+        del ds.StudyInstanceUID
+        data = encode(ds)
+    elif case == "path_chars":
+        ds.SeriesInstanceUID = "../../../tmp/evil"
+        data = encode(ds)
+    elif case == "class_mismatch":
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT in the data set, MR in the request
+        data = encode(ds)
+    elif case == "unsupported_class":
+        rq_class = "1.2.3.4.5.6"
+    out = rx.receive(data, TS, rq_class, rq_inst, "SCANNER", "127.0.0.1:1")
+    assert out.status == status, out.reason
+    assert _final_files(rx) == []
+    with session_scope(rx.database_url) as s:
+        assert s.query(Instance).count() == 0
+        ev = s.query(ScpEvent).one()
+        assert ev.kind == "store_failed" and f"0x{status:04X}" in (ev.reason or "")
+    # The receiver keeps working after a bad instance.
+    good = make_ds(study, generate_uid())
+    assert _send(rx, good).status == R.SUCCESS
+
+
+def test_unrecorded_leftover_is_replaced_and_temp_files_removed(rx: R.Receiver) -> None:
+    ds = make_ds(generate_uid(), generate_uid())
+    rel = rx.spool.relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    leftover = rx.spool.root / rel
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a file from a crashed run")
+    (leftover.parent / f"{TEMP_PREFIX}x.dcm.1234").write_bytes(b"partial")
+    assert rx.spool.remove_temp_files() == 1
+    assert _send(rx, ds).status == R.SUCCESS
+    assert leftover.read_bytes().endswith(encode(ds))
+
+
+def test_declared_images_rules() -> None:
+    assert R.declared_images(Header(images_in_acquisition=14)) == 14
+    assert R.declared_images(Header(images_in_acquisition=72, number_of_temporal_positions=60)) == 4320
+    assert R.declared_images(Header(number_of_frames=39)) == 39
+    assert R.declared_images(Header(number_of_frames=39, number_of_temporal_positions=21)) == 819
+    assert R.declared_images(Header(number_of_temporal_positions=21)) is None
+    assert R.declared_images(Header()) is None
+
+
+def test_series_declaration_is_recorded_and_completion_kicked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'js.db'}"
+    init_db(url)
+    kicks: list[int] = []
+    rx = R.Receiver(url, Spool(tmp_path / "spool"), on_series_complete=lambda: kicks.append(1))
+    study, series = generate_uid(), generate_uid()
+    for i in range(3):
+        assert _send(rx, make_ds(study, series, ImagesInAcquisition=3, InstanceNumber=i + 1)).status == 0
+        assert len(kicks) == (1 if i == 2 else 0)
+    with session_scope(url) as s:
+        assert s.query(Series).one().expected_instances == 3
