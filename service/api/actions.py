@@ -84,7 +84,7 @@ def _send_or_rollback(db: Session, enqueuer: Enqueuer, task: str, args: list[Any
 def retry_from_stage(db: Session, enqueuer: Enqueuer, principal: Principal, job_id: int, stage: str,
                      ip: str) -> Job:
     if stage not in PIPELINE_STAGES:
-        raise ActionError(422, f"stage {stage!r} is not one of {', '.join(PIPELINE_STAGES)}")
+        raise ActionError(400, f"stage {stage!r} is not one of {', '.join(PIPELINE_STAGES)}")
     job = _job(db, job_id)
     if job.state == JobState.RUNNING:
         raise ActionError(409, f"job {job_id} is running; cancel it first, then retry")
@@ -178,7 +178,7 @@ def delete_job(db: Session, settings: Settings, principal: Principal, job_id: in
     """
     job = _job(db, job_id)
     if str(confirm).strip() != str(job_id):
-        raise ActionError(422, f"not deleted: type the job number {job_id} in the confirmation box")
+        raise ActionError(400, f"not deleted: type the job number {job_id} in the confirmation box")
     if job.state == JobState.RUNNING:
         raise ActionError(409, f"job {job_id} is running; cancel it first, then delete")
     study = job.study

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
 
 from common.jobstore import dashboard_queries as dq
 from service.api import actions
@@ -25,7 +26,23 @@ from service.api.schemas import (
 )
 from service.api.views import list_previews, mask_job, preview_path, system_view
 
-router = APIRouter(prefix="/api", tags=["api"])
+
+class Problem(BaseModel):
+    detail: Any = Field(description="What went wrong, in words; for 422 the invalid fields")
+
+
+router = APIRouter(
+    prefix="/api",
+    tags=["api"],
+    responses={
+        400: {"model": Problem, "description": "the request makes no sense for this job (e.g. wrong confirmation)"},
+        401: {"model": Problem, "description": "not logged in"},
+        403: {"model": Problem, "description": "admin role or CSRF token needed"},
+        404: {"model": Problem, "description": "no such job or file"},
+        409: {"model": Problem, "description": "the job's state does not allow this now"},
+        503: {"model": Problem, "description": "the broker could not take the task"},
+    },
+)
 
 StateFilter = Literal[
     "active", "queued", "running", "delivering", "done", "failed", "input_missing", "cancelled", "superseded"

@@ -523,7 +523,7 @@ def test_delete_needs_confirmation_and_removes_outputs(env):
     with _client(settings) as c:
         h = {"X-CSRF-Token": login(c, ADMIN)}
         r = c.post(f"/api/jobs/{rows.done}/delete", json={"confirm": "yes"}, headers=h)
-        assert r.status_code == 422 and "type the job number" in r.json()["detail"]
+        assert r.status_code == 400 and "type the job number" in r.json()["detail"]
         assert c.post(f"/api/jobs/{rows.running}/delete", json={"confirm": str(rows.running)}, headers=h).status_code == 409
         r = c.post(f"/api/jobs/{rows.done}/delete", json={"confirm": str(rows.done)}, headers=h)
         assert r.status_code == 200
