@@ -1,0 +1,136 @@
+"""End-to-end latency: last instance sent -> last result object accepted by a PACS (Orthanc).
+
+A 25-slice 128x128 study (phantom when its DICOM writer is present, else the in-memory builder of
+the encode tests) goes storescu -> our SCP -> completion -> Celery worker on Redis -> pipeline ->
+C-STORE into a real Orthanc on loopback. Prints the total and the breakdown: completion wait,
+each stage, queue hand-offs and delivery. Needs Redis (make bench starts one) and Orthanc.
+
+Reference: the same study's C-STORE into Orthanc by storescu directly (the floor of moving these
+bytes through a PACS), timed in the same run.
+
+    python -m bench.e2e [--steps 10] [--samples 1] [--stable-age 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import UTC
+from pathlib import Path
+
+SHAPE = (25, 128, 128)
+
+
+def make_study(folder: Path) -> tuple[Path, str]:
+    try:
+        from phantom.api import make_case, write_dicom_study
+
+        case = make_case(7, matrix=128)
+        return Path(write_dicom_study(case, folder, "siemens", enhanced=False)), f"phantom {case.grid.shape}"
+    except (ImportError, ModuleNotFoundError):
+        from tests.unit.test_encode_sources import make_study as builder
+
+        _high, dwi_all, flair, _ = builder(SHAPE, (1.8, 1.8, 5.0))
+        for ds in flair:
+            ds.InversionTime = 2500
+            ds.ScanningSequence = ["SE", "IR"]
+            ds.RepetitionTime = 9000
+            ds.EchoTime = 120
+            ds.SeriesDescription = "t2_tirm_tra_dark-fluid"
+        folder.mkdir(parents=True, exist_ok=True)
+        for ds in dwi_all + flair:
+            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        return folder, f"builder {SHAPE}"
+
+
+def model_ref(tmp: Path) -> tuple[str, str]:
+    from tests.integration.test_process import DEMO_WEIGHTS, export_untrained_model
+
+    if DEMO_WEIGHTS.is_file():
+        return "demo", "demo weights"
+    return export_untrained_model(tmp / "model"), "UNTRAINED weights (demo not exported yet; timing only)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--stable-age", type=float, default=2.0, help="completion quiet time (s)")
+    ap.add_argument("--redis", default=os.environ.get("SYNTHPERF_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    args = ap.parse_args(argv)
+
+    from sqlalchemy import func, select
+
+    from common.jobstore.db import session_scope
+    from common.jobstore.models import Delivery, Job, JobState, Stage
+    from tests.integration.test_e2e import OrthancServer, Service, storescu, wait_job
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    try:
+        study, what = make_study(tmp / "study")
+        model, model_note = model_ref(tmp)
+        n_files = sum(1 for p in study.rglob("*") if p.is_file() and not p.name.endswith((".json", ".gz")))
+        orthanc = OrthancServer(tmp / "orthanc")
+        orthanc.start()
+        # reference: storescu straight into Orthanc
+        t = time.perf_counter()
+        exe = shutil.which("storescu")
+        files = [str(p) for p in sorted(study.rglob("*")) if p.is_file() and not p.name.endswith((".json", ".gz"))]
+        subprocess.run([exe, "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *files], check=True,
+                       capture_output=True)
+        ref_s = time.perf_counter() - t
+        for oid in orthanc.instances():  # leave the PACS empty for our results
+            import httpx
+
+            httpx.delete(f"{orthanc.url}/instances/{oid}", timeout=10)
+        service = Service(tmp / "svc", args.redis, orthanc, model, ddim_steps=args.steps, samples=args.samples,
+                          stable_age_s=args.stable_age)
+        service.start()
+        try:
+            storescu(study, service.scp_port)
+            from datetime import datetime
+
+            t_sent = datetime.now(UTC)
+            settings = service.settings
+            job_id = wait_job(settings, lambda j: j.state in JobState.FINAL, 900, service)
+            with session_scope(settings.effective_database_url) as s:
+                job = s.get(Job, job_id)
+                assert job.state == JobState.DONE, (job.state, job.error)
+                last = s.scalar(select(func.max(Delivery.delivered_at)).where(Delivery.job_id == job_id))
+                n_obj = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.job_id == job_id))
+                created = job.created_at
+                stages = s.scalars(select(Stage).where(Stage.job_id == job_id).order_by(Stage.id)).all()
+                rows = [(st.name, st.started_at, st.finished_at, st.duration_s) for st in stages]
+        finally:
+            service.stop()
+            orthanc.stop()
+
+        def aware(d):
+            return d if d.tzinfo else d.replace(tzinfo=UTC)
+
+        total = (aware(last) - t_sent).total_seconds()
+        completion = (aware(created) - t_sent).total_seconds()
+        print(f"e2e: {what}, {n_files} instances in; {n_obj} result objects out; model: {model_note}")
+        print(f"  steps={args.steps} samples={args.samples} stable_age={args.stable_age}s, CPU, 2 cores shared")
+        print(f"  last instance sent -> last object accepted by Orthanc: {total:6.1f} s   (target < 30 s)")
+        print(f"  completion (job created after last instance):          {completion:6.1f} s")
+        prev_end = aware(created)
+        stage_sum = 0.0
+        for name, start, end, dur in rows:
+            gap = (aware(start) - prev_end).total_seconds()
+            print(f"    queue/hand-off {gap:5.2f} s | {name:<10} {dur:6.2f} s")
+            prev_end = aware(end)
+            stage_sum += dur
+        print(f"  stages total {stage_sum:.1f} s; reference storescu -> Orthanc of the input study: {ref_s:.2f} s")
+        return {"total_s": total, "completion_s": completion, "stages": {r[0]: r[3] for r in rows},
+                "reference_s": ref_s, "objects": n_obj}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
