@@ -142,11 +142,14 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
     }
 
 
-def make_case(seed: int, matrix: int = 128, with_dsc: bool = False) -> PhantomCase:
+def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
+              scenario: dict[str, Any] | None = None) -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
-    a DSC-PWI series consistent with the Tmax truth is simulated on the DWI grid.
+    a DSC-PWI series consistent with the Tmax truth is simulated on the DWI grid. ``scenario``
+    optionally pins stroke parameters (keys: occlusion, side, collaterals, onset_h) while the rest
+    of the case still follows the seed - for demos and for tests that vary one factor.
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -156,7 +159,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False) -> PhantomCa
     r = [np.random.default_rng(s) for s in streams]
     r_anat, r_fields, r_stroke, r_lesion, r_geom, r_dwi, r_flair, r_dsc, r_vendor, r_extra = r
 
-    head = HeadModel(r_anat, r_fields, r_stroke, r_lesion)
+    head = HeadModel(r_anat, r_fields, r_stroke, r_lesion, scenario=scenario)
     vendor = str(r_vendor.choice(VENDORS))
     pose = RigidPose(rotation_matrix(head.anat.tilt_deg), head.anat.shift_mm.astype(float))
     grid, dwi_acq = _dwi_grid(r_geom, int(matrix))

@@ -35,13 +35,33 @@ class StrokeParams:
     core_adc: float  # mean core ADC (1e-6 mm2/s)
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> StrokeParams:
+    def sample(cls, rng: np.random.Generator, scenario: dict | None = None) -> StrokeParams:
+        """Draw a scenario; ``scenario`` pins occlusion/side/collaterals/onset_h (draws still happen,
+        so everything else is unchanged by pinning)."""
+        sc = dict(scenario or {})
+        unknown = set(sc) - {"occlusion", "side", "collaterals", "onset_h"}
+        if unknown:
+            raise ValueError(f"scenario has unknown keys {sorted(unknown)}; "
+                             "use occlusion, side, collaterals, onset_h")
         occ = str(rng.choice(OCCLUSIONS, p=[0.1, 0.2, 0.4, 0.15, 0.15]))
-        side = "none" if occ == "none" else str(rng.choice(["left", "right"]))
+        side = str(rng.choice(["left", "right"]))
         col = str(rng.choice(COLLATERALS, p=[0.35, 0.4, 0.25]))
+        onset = float(np.exp(rng.uniform(np.log(0.5), np.log(20.0))))
+        occ = sc.get("occlusion", occ)
+        if occ not in OCCLUSIONS:
+            raise ValueError(f"scenario occlusion must be one of {OCCLUSIONS}, got {occ!r}")
+        side = sc.get("side", side)
+        if side not in ("left", "right"):
+            raise ValueError(f"scenario side must be 'left' or 'right', got {side!r}")
+        side = "none" if occ == "none" else side
+        col = sc.get("collaterals", col)
+        if col not in COLLATERALS:
+            raise ValueError(f"scenario collaterals must be one of {COLLATERALS}, got {col!r}")
+        onset = float(sc.get("onset_h", onset))
+        if not 0 < onset <= 72:
+            raise ValueError(f"scenario onset_h must be in (0, 72] hours, got {onset!r}")
         base = {"good": 0.8, "moderate": 0.5, "poor": 0.2}[col]
         score = float(np.clip(base + rng.uniform(-0.15, 0.15), 0.02, 0.98))
-        onset = float(np.exp(rng.uniform(np.log(0.5), np.log(20.0))))
         site_peak = {"ICA-T": 17.0, "M1": 14.5, "M2-superior": 12.5, "M2-inferior": 12.5, "none": 0.0}[occ]
         tpeak = site_peak * (1.25 - 0.45 * score) * rng.uniform(0.9, 1.15)
         # collateral reach (mm into the territory); a division territory is smaller, so is the reach

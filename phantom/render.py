@@ -20,10 +20,11 @@ class HeadModel:
     """Anatomy parameters, random fields and the lesion fields of one case."""
 
     def __init__(self, rng_anat: np.random.Generator, rng_fields: np.random.Generator,
-                 rng_stroke: np.random.Generator, rng_lesion: np.random.Generator) -> None:
+                 rng_stroke: np.random.Generator, rng_lesion: np.random.Generator,
+                 scenario: dict | None = None) -> None:
         self.anat = anatomy.AnatomyParams.sample(rng_anat)
         self.fields = anatomy.AnatomyFields(rng_fields)
-        self.stroke = lesion.StrokeParams.sample(rng_stroke)
+        self.stroke = lesion.StrokeParams.sample(rng_stroke, scenario)
         q = model_points()
         f = self.fields.at_model()
         t = anatomy.brain_masks(q, self.anat, f)

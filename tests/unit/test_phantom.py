@@ -1,0 +1,142 @@
+"""Stroke phantom: determinism, truth consistency and the physiological relationships it promises."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from phantom.anatomy import DEEP_GM, GM, WM
+from phantom.api import make_case, write_training_case
+from phantom.signal import flair_core_ratio
+
+TRAINING_FILES = {"dwi.nii.gz", "b0.nii.gz", "adc.nii.gz", "flair.nii.gz", "core.nii.gz", "tmax.nii.gz",
+                  "brain.nii.gz", "territory.nii.gz", "truth.json"}
+M1 = {"occlusion": "M1", "side": "left", "collaterals": "moderate"}
+
+
+@pytest.fixture(scope="module")
+def stroke_case():
+    return make_case(11, scenario={**M1, "onset_h": 3.0})
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    a = write_training_case(make_case(5), tmp_path / "a")
+    b = write_training_case(make_case(5), tmp_path / "b")
+    assert a.name == "case_000005"
+    for name in sorted(TRAINING_FILES):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    c = make_case(6)
+    assert not np.array_equal(c.dwi, make_case(5).dwi)
+
+
+def test_training_layout_and_types(tmp_path, stroke_case):
+    d = write_training_case(stroke_case, tmp_path)
+    assert TRAINING_FILES <= {p.name for p in d.iterdir()}
+    truth = json.loads((d / "truth.json").read_text())
+    for key in ("core_ml", "tmax6_ml", "tmax10_ml", "mismatch_ml", "mismatch_ratio", "occlusion", "side",
+                "onset_h", "collaterals", "seed", "vendor"):
+        assert key in truth, key
+    assert truth["synthetic"] is True and truth["seed"] == 11
+    dtypes = {n: nib.load(d / f"{n}.nii.gz").get_data_dtype() for n in ("core", "brain", "territory", "tmax")}
+    assert dtypes["core"] == np.uint8 and dtypes["brain"] == np.uint8 and dtypes["territory"] == np.uint8
+    assert dtypes["tmax"] == np.float32
+    terr = np.asarray(nib.load(d / "territory.nii.gz").dataobj)
+    assert set(np.unique(terr)) <= set(range(9)) and {1, 2, 3, 4, 5, 6, 7, 8} <= set(np.unique(terr))
+
+
+def test_truth_volumes_are_voxel_counts_times_voxel_volume(tmp_path, stroke_case):
+    d = write_training_case(stroke_case, tmp_path)
+    truth = json.loads((d / "truth.json").read_text())
+    img = nib.load(d / "tmax.nii.gz")
+    vox_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    tmax = np.asarray(img.dataobj)
+    core = np.asarray(nib.load(d / "core.nii.gz").dataobj) > 0
+    brain = np.asarray(nib.load(d / "brain.nii.gz").dataobj) > 0
+    assert truth["core_ml"] > 0 and truth["tmax6_ml"] > truth["core_ml"]
+    assert truth["core_ml"] == pytest.approx(core.sum() * vox_ml, abs=1e-3)
+    assert truth["tmax6_ml"] == pytest.approx(((tmax > 6) & brain).sum() * vox_ml, abs=1e-3)
+    assert truth["tmax10_ml"] == pytest.approx(((tmax > 10) & brain).sum() * vox_ml, abs=1e-3)
+    assert truth["mismatch_ml"] == pytest.approx(truth["tmax6_ml"] - truth["core_ml"], abs=2e-3)
+    assert truth["mismatch_ratio"] == pytest.approx(truth["tmax6_ml"] / truth["core_ml"], rel=1e-3)
+
+
+def test_core_lies_where_adc_below_620(stroke_case):
+    c = stroke_case
+    assert c.core.sum() > 50
+    assert (c.adc[c.core] < 620).mean() > 0.95
+    normal = np.isin(c.tissue, (GM, WM, DEEP_GM)) & c.brain & ~c.core
+    assert ((c.adc < 620) & normal).sum() / normal.sum() < 0.01
+    # core sits in the most hypoperfused tissue
+    assert np.median(c.tmax[c.core]) > np.median(c.tmax[(c.tmax > 6) & ~c.core])
+
+
+def test_flair_core_signal_depends_on_onset():
+    early = make_case(11, scenario={**M1, "collaterals": "poor", "onset_h": 1.5})
+    late = make_case(11, scenario={**M1, "collaterals": "poor", "onset_h": 9.0})
+    ref = make_case(11, scenario={"occlusion": "none"})
+    both = early.core & late.core
+    assert both.sum() > 50
+    r_early = early.flair_on_dwi[both].mean() / ref.flair_on_dwi[both].mean()
+    r_late = late.flair_on_dwi[both].mean() / ref.flair_on_dwi[both].mean()
+    assert r_early < 1.08  # DWI-FLAIR mismatch: core not yet FLAIR-visible
+    assert r_late > 1.25
+    assert flair_core_ratio(1.5) < flair_core_ratio(4.5) < flair_core_ratio(9.0)
+    assert late.core.sum() > early.core.sum()  # the core grows with time
+
+
+def test_fvh_inside_tmax6_and_visible(stroke_case):
+    c = stroke_case
+    assert c.fvh.sum() > 30
+    assert (c.tmax[c.fvh] > 6).all()
+    # bright against the dark CSF around them
+    csf = (c.tissue == 4) & c.brain & ~c.fvh & (c.tmax > 0)
+    assert np.median(c.flair_on_dwi[c.fvh]) > 3 * np.median(c.flair_on_dwi[csf])
+    assert not make_case(11, scenario={"occlusion": "none"}).fvh.any()
+
+
+def test_penumbral_adc_drop_is_mild(stroke_case):
+    c = stroke_case
+    wm = c.tissue == WM
+    pen = wm & (c.tmax > 8) & ~c.core
+    normal = wm & (c.tmax < 3) & (c.tmax > 0)
+    ratio = np.median(c.adc[pen]) / np.median(c.adc[normal])
+    assert 0.88 < ratio < 0.97
+
+
+def test_hypoperfusion_is_not_the_whole_territory():
+    # good collaterals shrink the Tmax > 6 s region inside the occluded territory
+    good = make_case(21, scenario={**M1, "collaterals": "good", "onset_h": 2.0})
+    poor = make_case(21, scenario={**M1, "collaterals": "poor", "onset_h": 2.0})
+    mca = np.isin(good.territory, (3, 5))
+    frac_good = ((good.tmax > 6) & mca).sum() / mca.sum()
+    frac_poor = ((poor.tmax > 6) & mca).sum() / mca.sum()
+    assert frac_good < 0.8 and frac_poor > frac_good
+    assert poor.core.sum() > good.core.sum()
+
+
+def test_no_stroke_case_is_clean():
+    c = make_case(11, scenario={"occlusion": "none"})
+    assert not c.core.any() and not (c.tmax > 6).any()
+    assert c.truth["core_ml"] == 0 and c.truth["mismatch_ratio"] is None
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="seed"):
+        make_case(-1)
+    with pytest.raises(ValueError, match="matrix"):
+        make_case(1, matrix=7)
+    with pytest.raises(ValueError, match="occlusion"):
+        make_case(1, scenario={"occlusion": "basilar"})
+
+
+def test_geometry_like_a_clinical_protocol(stroke_case):
+    c = stroke_case
+    nz = c.grid.shape[0]
+    assert 20 <= nz <= 30 and 4.0 <= c.truth["acquisition"]["dwi"]["slice_thickness_mm"] <= 6.0
+    assert c.dwi.shape == c.adc.shape == c.tmax.shape == (nz, 128, 128)
+    m = c.flair_motion
+    assert 0 < np.abs(m["rotation_deg_xyz"]).max() <= 3.0 and 0 < np.abs(m["translation_mm"]).max() <= 4.0
+    assert c.flair_grid.shape != c.grid.shape
