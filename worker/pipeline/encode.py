@@ -514,10 +514,11 @@ def _encode_overlays(inp: EncodeInput, grey: np.ndarray) -> list[Dataset]:
     labels = render.orientation_labels(geo.axes[0], geo.axes[1])
     refs = _slice_refs(inp)
     n = geo.shape_zyx[0]
+    box = render.crop_box(inp.brain.astype(bool))
     out = []
     for k in range(n):
         pos = float(np.dot(geo.slice_position(k), geo.axes[2]))
-        rgb = render.render_overlay_slice(_layers(inp, grey, k), k, n, pos, labels)
+        rgb = render.render_overlay_slice(_layers(inp, grey, k), k, n, pos, labels, box=box)
         sc = _sc_image(inp, "overlay", rgb, k + 1)
         _sc_common(sc, inp, SERIES["overlay"][1], refs[k])
         out.append(sc)
@@ -541,7 +542,7 @@ def _encode_summary(inp: EncodeInput, grey: np.ndarray) -> Dataset:
         f"Model {inp.model_name} {inp.model_version}" + (f", {inp.samples} samples" if inp.samples else ""),
     ]
     footer = f"{SOFTWARE_NAME} {inp.software_version} - research software - {WARNING}"
-    rgb = render.render_summary(inp.measures, tiles, header, footer)
+    rgb = render.render_summary(inp.measures, tiles, header, footer, box=render.crop_box(inp.brain.astype(bool)))
     sc = _sc_image(inp, "summary", rgb, 1)
     refs = _slice_refs(inp)
     flat = [item for k in keys for item in refs[k]]

@@ -24,7 +24,7 @@ TMAX_DISPLAY_MAX_S = 16.0  # colour bar spans 0..16 s; larger values saturate
 TMAX_OVERLAY_MIN_S = 2.0  # below this the DWI shows through untinted (normal perfusion)
 
 CORE_RGB = (255, 64, 255)  # magenta outline: ADC < 620e-6 mm2/s core
-TMAX6_RGB = (60, 255, 60)  # green outline: Tmax > 6 s
+TMAX6_RGB = (255, 255, 255)  # white outline: Tmax > 6 s (visible on every colour of the map)
 BANNER_RGB = (170, 0, 0)
 
 
@@ -86,24 +86,60 @@ class SliceLayers:
     tmax6: np.ndarray
 
 
-def compose_tile(layers: SliceLayers, size: int, alpha: float = 0.6, outlines: bool = True) -> Image.Image:
+def crop_box(brain: np.ndarray, margin: float = 0.08) -> tuple[int, int, int, int]:
+    """Square (r0, r1, c0, c1) around the brain of the whole volume, so every slice shares one zoom."""
+    rows, cols = brain.shape[-2:]
+    if not brain.any():
+        return 0, rows, 0, cols
+    proj = brain.reshape(-1, rows, cols).any(axis=0)
+    r = np.nonzero(proj.any(axis=1))[0]
+    c = np.nonzero(proj.any(axis=0))[0]
+    side = max(r[-1] - r[0] + 1, c[-1] - c[0] + 1)
+    side = int(min(max(rows, cols), round(side * (1 + 2 * margin))))
+    rc, cc = (r[0] + r[-1] + 1) / 2, (c[0] + c[-1] + 1) / 2
+    r0 = int(round(rc - side / 2))
+    c0 = int(round(cc - side / 2))
+    return r0, r0 + side, c0, c0 + side
+
+
+def _crop(a: np.ndarray, box: tuple[int, int, int, int] | None, fill: float = 0) -> np.ndarray:
+    """Crop with padding where the box leaves the image."""
+    if box is None:
+        return a
+    r0, r1, c0, c1 = box
+    out = np.full((r1 - r0, c1 - c0) + a.shape[2:], fill, dtype=a.dtype)
+    rs, re = max(r0, 0), min(r1, a.shape[0])
+    cs, ce = max(c0, 0), min(c1, a.shape[1])
+    if rs < re and cs < ce:
+        out[rs - r0:re - r0, cs - c0:ce - c0] = a[rs:re, cs:ce]
+    return out
+
+
+def compose_tile(layers: SliceLayers, size: int, alpha: float = 0.6, outlines: bool = True,
+                 box: tuple[int, int, int, int] | None = None) -> Image.Image:
     """DWI in grey with Tmax colour where Tmax >= 2 s inside the brain, core and Tmax>6 s outlined.
 
-    Upscaled by nearest neighbour to ``size`` on the long side, so voxels stay honest.
+    Cropped to ``box`` (see :func:`crop_box`) and scaled by nearest neighbour to ``size`` pixels, so
+    voxels stay honest and outlines stay sharp.
     """
-    grey = layers.grey.astype(np.float32)
+    grey = _crop(layers.grey, box).astype(np.float32)
+    tmax = _crop(layers.tmax, box)
+    brain = _crop(layers.brain, box, False)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    idx = np.clip(layers.tmax / TMAX_DISPLAY_MAX_S * 255.0, 0, 255).astype(np.uint8)
+    idx = np.clip(tmax / TMAX_DISPLAY_MAX_S * 255.0, 0, 255).astype(np.uint8)
     colour = tmax_lut()[idx].astype(np.float32)
-    tint = layers.brain & (layers.tmax >= TMAX_OVERLAY_MIN_S)
+    tint = brain & (tmax >= TMAX_OVERLAY_MIN_S)
     rgb[tint] = (1 - alpha) * rgb[tint] + alpha * colour[tint]
-    out = rgb.clip(0, 255).astype(np.uint8)
-    rows, cols = out.shape[:2]
-    scale = max(1, size // max(rows, cols))
-    out = np.repeat(np.repeat(out, scale, axis=0), scale, axis=1)
+    small = rgb.clip(0, 255).astype(np.uint8)
+    rows, cols = small.shape[:2]
+    scale = size / max(rows, cols)
+    out_r, out_c = max(1, round(rows * scale)), max(1, round(cols * scale))
+    ri = np.minimum((np.arange(out_r) / scale).astype(int), rows - 1)
+    ci = np.minimum((np.arange(out_c) / scale).astype(int), cols - 1)
+    out = small[ri][:, ci].copy()
     if outlines:
         for mask, colour_rgb in ((layers.tmax6, TMAX6_RGB), (layers.core, CORE_RGB)):
-            big = np.repeat(np.repeat(mask.astype(bool), scale, axis=0), scale, axis=1)
+            big = _crop(mask.astype(bool), box, False)[ri][:, ci]
             edge = _edges(big)
             if scale >= 3:  # thicken to two pixels so it survives PACS downscaling
                 edge = edge | np.roll(edge, 1, axis=0) | np.roll(edge, 1, axis=1)
@@ -172,6 +208,7 @@ def render_overlay_slice(
     position_mm: float,
     labels: tuple[str, str, str, str],
     title: str = "Synthetic Tmax on DWI",
+    box: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """One Secondary Capture frame (uint8 RGB, 576 x 512)."""
     width, height, banner, tile = 576, 512 + 64, 30, 448
@@ -179,7 +216,7 @@ def render_overlay_slice(
     draw = ImageDraw.Draw(img)
     draw_banner(draw, width, banner, 15)
     top = banner + 30
-    img.paste(compose_tile(layers, tile), (8, top))
+    img.paste(compose_tile(layers, tile, box=box), (8, top))
     small = font(14, bold=True)
     left, right, up, down = labels
     draw.text((12, top + tile // 2 - 8), left, font=small, fill=(255, 255, 0))
@@ -242,6 +279,7 @@ def render_summary(
     key_tiles: Sequence[tuple[SliceLayers, str]],
     header_lines: Sequence[str],
     footer: str,
+    box: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """The summary page (uint8 RGB, 1024 x 768): table on the left, four key slices on the right."""
     width, height, banner = 1024, 768, 40
@@ -280,7 +318,7 @@ def render_summary(
     for i, (layers, caption) in enumerate(key_tiles[:4]):
         cx = x0 + (i % 2) * (tile + gap)
         cy = y0 + (i // 2) * (tile + 30 + gap)
-        img.paste(compose_tile(layers, tile), (cx, cy))
+        img.paste(compose_tile(layers, tile, box=box), (cx, cy))
         draw.text((cx + 4, cy + tile + 4), caption, font=font(13), fill=(210, 210, 210))
     if not key_tiles:
         draw.text((x0, y0 + 100), "no hypoperfused slice", font=font(16), fill=(200, 200, 200))
