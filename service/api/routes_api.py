@@ -6,7 +6,7 @@ from datetime import date
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 
 from common.jobstore import dashboard_queries as dq
@@ -24,7 +24,7 @@ from service.api.schemas import (
     RetryIn,
     SystemOut,
 )
-from service.api.views import list_previews, mask_job, preview_path, system_view
+from service.api.views import list_previews, mask_job, preview_path, rendered_preview, system_view
 
 
 class Problem(BaseModel):
@@ -98,18 +98,21 @@ def job(job_id: JobId, db: DbDep, settings: SettingsDep, user: ApiUser) -> dict:
 
 @router.get(
     "/jobs/{job_id}/previews/{name:path}",
-    response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such preview"}},
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
     summary="A PNG preview the pipeline wrote",
 )
-def preview(job_id: JobId, name: str, db: DbDep, settings: SettingsDep, user: ApiUser) -> FileResponse:
+def preview(job_id: JobId, name: str, db: DbDep, settings: SettingsDep, user: ApiUser) -> Response:
     d = dq.job_detail(db, job_id)
     if d is None:
         raise HTTPException(status_code=404, detail=f"no job {job_id}")
     path = preview_path(settings, d["output_dir"], name)
-    if path is None:
+    if path is not None:
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+    png = rendered_preview(settings, d["output_dir"], name)
+    if png is None:
         raise HTTPException(status_code=404, detail=f"job {job_id} has no preview {name!r}")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
 
 @router.post("/jobs/{job_id}/retry", response_model=ActionOut, dependencies=[CsrfHeader],

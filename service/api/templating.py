@@ -9,6 +9,8 @@ from typing import Any
 
 from fastapi.templating import Jinja2Templates
 
+from service.api.previews import title_of
+
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
 
@@ -141,4 +143,4 @@ MEASURE_LABELS = {
     "defuse3": ("DEFUSE-3 target mismatch", ""),
     "extend": ("EXTEND criteria", ""),
 }
-templates.env.globals.update(SOP_CLASS_NAMES=SOP_CLASS_NAMES, MEASURE_LABELS=MEASURE_LABELS)
+templates.env.globals.update(SOP_CLASS_NAMES=SOP_CLASS_NAMES, MEASURE_LABELS=MEASURE_LABELS, preview_title=title_of)

@@ -5,7 +5,6 @@ Both front ends call these, so a viewer never sees on one what the other hides.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +12,13 @@ from sqlalchemy.orm import Session
 
 from common.config import Settings
 from common.jobstore import dashboard_queries as dq
+from service.api import previews
 from service.api.auth import Principal
 from service.api.system import disk_status, queue_depths, software_versions
 
 MASK = "•••"
 _IDENTIFIER_FIELDS = ("patient_id", "patient_name")
 
-# Preview files are listed in this order when their names say what they show.
-_PREVIEW_ORDER = ("dwi", "adc", "flair", "core", "tmax", "sd", "uncert", "summary", "overlay")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?$")
 
 
 def mask_study(study: dict[str, Any], principal: Principal) -> dict[str, Any]:
@@ -43,41 +40,29 @@ def job_output_dir(settings: Settings, output_dir: str | None) -> Path | None:
     return path
 
 
-def _preview_rank(name: str) -> tuple[int, str]:
-    low = name.lower()
-    for i, key in enumerate(_PREVIEW_ORDER):
-        if key in low:
-            return i, low
-    return len(_PREVIEW_ORDER), low
-
-
 def list_previews(settings: Settings, output_dir: str | None) -> list[str]:
-    """PNG files in the job's output dir (and one level below), as safe relative names."""
-    root = job_output_dir(settings, output_dir)
-    if root is None or not root.is_dir():
-        return []
-    names = []
-    for pattern in ("*.png", "*/*.png"):
-        for p in root.glob(pattern):
-            rel = p.relative_to(root).as_posix()
-            if p.is_file() and _SAFE_NAME.match(rel):
-                names.append(rel)
-    return sorted(set(names), key=_preview_rank)
+    return previews.list_previews(job_output_dir(settings, output_dir))
 
 
 def preview_path(settings: Settings, output_dir: str | None, name: str) -> Path | None:
-    """The file to serve for ``name``, or None. Only names list_previews gives are served, and the
-    resolved file must still lie inside the output dir (no traversal, no symlink escape)."""
-    if name not in list_previews(settings, output_dir):
-        return None
+    """The PNG file to serve for ``name``, or None. Only names list_previews gives are served, and
+    the resolved file must still lie inside the output dir (no traversal, no symlink escape)."""
     root = job_output_dir(settings, output_dir)
-    assert root is not None
+    if root is None or name not in previews.list_previews(root):
+        return None
     path = (root / name).resolve()
     try:
         path.relative_to(root.resolve())
     except ValueError:
         return None
-    return path
+    return path if path.is_file() else None
+
+
+def rendered_preview(settings: Settings, output_dir: str | None, name: str) -> bytes | None:
+    root = job_output_dir(settings, output_dir)
+    if root is None or name not in previews.list_previews(root):
+        return None
+    return previews.render(root, name)
 
 
 def system_view(db: Session, settings: Settings) -> dict[str, Any]:

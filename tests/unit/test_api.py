@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -332,8 +333,7 @@ def test_job_detail_series_roles_registration_log_objects(env):
     assert d["registration"] == {"metric_before": -0.214, "metric_after": -0.587, "iterations": 61}
     assert [s["name"] for s in d["stage_log"]] == ["classify", "load", "core", "synthesize", "measure", "encode", "push"]
     assert len(d["objects"]) == 4 and {o["state"] for o in d["objects"]} == {"sent"}
-    assert d["previews"] == ["previews/dwi.png", "previews/flair.png", "previews/core.png", "previews/tmax.png",
-                             "previews/tmax_sd.png"]
+    assert d["previews"] == ["dwi.png", "flair.png", "core.png", "tmax.png", "tmax_sd.png"]  # rendered from work/
     assert "output_dir" not in d
     # the page says it in words
     for text in ("(0019,100C) = 0, 1000", "used as DWI", "metric after", "Parametric Map", "Segmentation",
@@ -353,19 +353,45 @@ def test_viewer_sees_no_action_buttons(env):
         assert c.get("/api/audit").status_code == 403
 
 
+def test_previews_rendered_from_the_pipeline_arrays(env):
+    from io import BytesIO
+
+    from PIL import Image
+
+    settings, rows = env
+    with _client(settings) as c:
+        login(c, VIEWER)
+        images = {}
+        for name in ("dwi.png", "flair.png", "core.png", "tmax.png", "tmax_sd.png"):
+            r = c.get(f"/api/jobs/{rows.done}/previews/{name}")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png", name
+            images[name] = np.asarray(Image.open(BytesIO(r.content)).convert("RGB")).astype(int)
+        assert c.get(f"/api/jobs/{rows.done}/previews/adc.png").status_code == 404
+    # the key slice is the one with the core; the core overlay is red where the lesion is
+    core, dwi = images["core.png"], images["dwi.png"]
+    assert core.shape == dwi.shape
+    red = (core[..., 0] > core[..., 1] + 60)
+    assert red.sum() > 100 and (dwi[..., 0] > dwi[..., 1] + 60).sum() == 0
+    # the synthetic map is colour, the DWI grey
+    assert np.abs(images["tmax.png"][..., 0] - images["tmax.png"][..., 2]).max() > 100
+
+
 def test_previews_are_served_without_traversal(env):
     settings, rows = env
     with _client(settings) as c:
         login(c, VIEWER)
-        r = c.get(f"/api/jobs/{rows.done}/previews/previews/tmax.png")
+        listed = c.get(f"/api/jobs/{rows.delivering}").json()["previews"]
+        assert listed == ["previews/dwi.png", "previews/flair.png", "previews/core.png", "previews/tmax.png",
+                          "previews/tmax_sd.png"]
+        r = c.get(f"/api/jobs/{rows.delivering}/previews/previews/tmax.png")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
-        out = Path(c.get(f"/api/jobs/{rows.done}").json() and settings.output_dir / f"job-{rows.done}")
-        (out / "evil.png").symlink_to(settings.data_dir / "secret_key" if (settings.data_dir / "secret_key").exists()
-                                      else settings.effective_database_url.removeprefix("sqlite:///"))
+        out = settings.output_dir / f"job-{rows.delivering}"
+        (out / "evil.png").symlink_to(settings.effective_database_url.removeprefix("sqlite:///"))
         (out / "notes.txt").write_text("not an image")
+        assert "evil.png" not in c.get(f"/api/jobs/{rows.delivering}").json()["previews"]
         for name in ("../../synthperf.db", "..%2F..%2Fsynthperf.db", "previews/../../../synthperf.db",
-                     "evil.png", "notes.txt", "/etc/passwd", "previews/nothere.png"):
-            r = c.get(f"/api/jobs/{rows.done}/previews/{name}")
+                     "evil.png", "notes.txt", "/etc/passwd", "previews/nothere.png", "work/tmax.npz"):
+            r = c.get(f"/api/jobs/{rows.delivering}/previews/{name}")
             # 404, or 422 when the client's URL normalisation turned it into another route
             assert r.status_code in (404, 422) and b"SQLite" not in r.content, name
         assert c.get(f"/api/jobs/{rows.queued}/previews/previews/dwi.png").status_code == 404

@@ -151,9 +151,24 @@ def _write_previews(folder: Path) -> None:
         Image.fromarray(img).convert("RGB").save(folder / name)
 
 
+def _write_work_arrays(work: Path, core_slice: int = 9) -> None:
+    """What the pipeline keeps in <output_dir>/work: volumes, core mask, Tmax mean and SD (z, y, x)."""
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    z, y, x = np.mgrid[0:16, 0:64, 0:64]
+    head = ((y - 32) ** 2 / 26**2 + (x - 32) ** 2 / 21**2 + (z - 8) ** 2 / 9**2) < 1
+    lesion = ((y - 24) ** 2 + (x - 40) ** 2 < 36) & (abs(z - core_slice) <= 1)
+    dwi = head * 300.0 + lesion * 500.0 + rng.normal(0, 10, head.shape)
+    np.savez(work / "volumes.npz", dwi=dwi.astype(np.float32), flair=(head * 200.0).astype(np.float32),
+             brain=head.astype(np.uint8), adc=(head * 800.0 - lesion * 400.0).astype(np.float32))
+    np.savez(work / "core.npz", core=lesion.astype(np.uint8))
+    tmax = head * (2.0 + 8.0 * (((y - 24) ** 2 + (x - 40) ** 2) < 200))
+    np.savez(work / "tmax.npz", mean=tmax.astype(np.float32), sd=(head * 0.8).astype(np.float32))
+
+
 def add_job(db: Session, settings: Settings, study: Study, state: str, *, upto: str | None = None,
             error: str | None = None, deliveries: dict[str, str] | None = None, version: int = 1,
-            at: datetime = T0, with_flair: bool = True) -> Job:
+            at: datetime = T0, with_flair: bool = True, previews: str = "npz") -> Job:
     """A job whose stage rows run up to ``upto`` (the last one in the state the job implies)."""
     stages = ("classify", "load", "core", "synthesize", "measure", "encode", "push")
     job = Job(study_id=study.id, version=version, state=state, trigger="stable_age",
@@ -198,7 +213,10 @@ def add_job(db: Session, settings: Settings, study: Study, state: str, *, upto: 
                       "versions": {"synthperf": "0.1.0", "model": "demo", "model_sha256": "ab12cd34"}}
     if last >= stages.index("encode"):
         out = settings.output_dir / f"job-{job.id}"
-        _write_previews(out / "previews")
+        if previews == "npz":
+            _write_work_arrays(out / "work")
+        else:
+            _write_previews(out / "previews")
         job.output_dir = str(out)
         for dest, dstate in (deliveries or {}).items():
             for k, sop_class in enumerate(("1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
@@ -240,7 +258,7 @@ def populate(settings: Settings) -> Populated:
         s5 = add_study(db, settings, 5, accession="XYZ2005", aet="MR_STROKE_2", at=T0 - timedelta(days=1))
         out.delivering = add_job(db, settings, s5, JobState.DELIVERING, upto="push",
                                  deliveries={ORTHANC: DeliveryState.SENT, PACS2: DeliveryState.DEAD},
-                                 at=T0 - timedelta(days=1)).id
+                                 at=T0 - timedelta(days=1), previews="png").id
         out.job_ids = [out.done, out.failed, out.running, out.queued, out.delivering]
         now = datetime.now(UTC)
         db.add_all([
