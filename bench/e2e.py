@@ -32,18 +32,9 @@ def make_study(folder: Path) -> tuple[Path, str]:
         case = make_case(7, matrix=128)
         return Path(write_dicom_study(case, folder, "siemens", enhanced=False)), f"phantom {case.grid.shape}"
     except (ImportError, ModuleNotFoundError):
-        from tests.unit.test_encode_sources import make_study as builder
+        from tests.unit.test_encode_sources import write_classifiable_study
 
-        _high, dwi_all, flair, _ = builder(SHAPE, (1.8, 1.8, 5.0))
-        for ds in flair:
-            ds.InversionTime = 2500
-            ds.ScanningSequence = ["SE", "IR"]
-            ds.RepetitionTime = 9000
-            ds.EchoTime = 120
-            ds.SeriesDescription = "t2_tirm_tra_dark-fluid"
-        folder.mkdir(parents=True, exist_ok=True)
-        for ds in dwi_all + flair:
-            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        write_classifiable_study(folder, SHAPE, (1.8, 1.8, 5.0))
         return folder, f"builder {SHAPE}"
 
 

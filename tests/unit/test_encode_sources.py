@@ -112,3 +112,24 @@ def make_study(shape_zyx=(12, 64, 64), spacing_xyz=(3.0, 3.0, 5.0), enhanced=Fal
         return [mf], [mf], flair, origin
     high = [d for d in dwi_all if float(d.DiffusionBValue) > 0]
     return high, dwi_all, flair, origin
+
+
+def write_classifiable_study(folder, shape_zyx=(12, 64, 64), spacing_xyz=(3.0, 3.0, 5.0)):
+    """Write a DWI (b0 + b1000) and an inversion-recovery FLAIR series the classifier accepts.
+
+    Returns (folder, dwi datasets, flair datasets).
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _high, dwi_all, flair, _origin = make_study(shape_zyx, spacing_xyz)
+    for ds in flair:
+        ds.InversionTime = 2500
+        ds.ScanningSequence = ["SE", "IR"]
+        ds.RepetitionTime = 9000
+        ds.EchoTime = 120
+        ds.SeriesDescription = "t2_tirm_tra_dark-fluid"
+    for ds in dwi_all + flair:
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    return folder, dwi_all, flair

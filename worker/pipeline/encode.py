@@ -230,8 +230,14 @@ def output_uid(study_uid: str, job_version: int, *parts: object) -> str:
 # --------------------------------------------------------------------------- common header work
 
 
+def _model_label(inp: EncodeInput) -> str:
+    """The model's name as shown in headers: a registry name, or the folder name of a weights path."""
+    return Path(inp.model_name).name if "/" in inp.model_name else inp.model_name
+
+
 def _software_versions(inp: EncodeInput) -> list[str]:
-    return [f"{SOFTWARE_NAME} {inp.software_version}", f"model {inp.model_name} {inp.model_version}"]
+    """SoftwareVersions values (LO, at most 64 characters each)."""
+    return [f"{SOFTWARE_NAME} {inp.software_version}"[:64], f"model {_model_label(inp)} {inp.model_version}"[:64]]
 
 
 def _ref_item(ds: Dataset, frame: int | None = None) -> Dataset:
@@ -385,7 +391,7 @@ def _encode_seg(inp: EncodeInput) -> hd.seg.Segmentation:
     masks = {"core": inp.core.astype(bool), "tmax6": inp.tmax6, "tmax10": inp.tmax10}
     algo = hd.AlgorithmIdentificationSequence(
         name=SOFTWARE_NAME, family=codes.DCM.ArtificialIntelligence,
-        version=f"{inp.software_version} / {inp.model_name} {inp.model_version}"[:64],
+        version=f"{inp.software_version} / {_model_label(inp)} {inp.model_version}"[:64],
     )
     descriptions = []
     for number, label, category, ptype, modifier, _key in SEGMENTS:
@@ -539,7 +545,7 @@ def _encode_summary(inp: EncodeInput, grey: np.ndarray) -> Dataset:
     header = [
         f"Study {date_txt}   accession {src.get('AccessionNumber', '') or '-'}",
         "Tmax synthesised from DWI + FLAIR (no contrast agent given)",
-        f"Model {inp.model_name} {inp.model_version}" + (f", {inp.samples} samples" if inp.samples else ""),
+        f"Model {_model_label(inp)} {inp.model_version}" + (f", {inp.samples} samples" if inp.samples else ""),
     ]
     footer = f"{SOFTWARE_NAME} {inp.software_version} - research software - {WARNING}"
     rgb = render.render_summary(inp.measures, tiles, header, footer, box=render.crop_box(inp.brain.astype(bool)))
@@ -569,7 +575,7 @@ def _encode_sr(inp: EncodeInput, seg: hd.seg.Segmentation) -> hd.sr.Comprehensiv
             uid=output_uid(inp.study_uid, inp.job_version, "device"),
             name=f"{SOFTWARE_NAME} {inp.software_version}"[:64],
             manufacturer_name=MANUFACTURER,
-            model_name=f"{inp.model_name} {inp.model_version}"[:64],
+            model_name=f"{_model_label(inp)} {inp.model_version}"[:64],
         ),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)

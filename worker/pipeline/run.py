@@ -485,9 +485,11 @@ def stage_encode(ctx: Context, rec: Any) -> StageOutput:
 def stage_push(ctx: Context, rec: Any) -> StageOutput:
     from worker.pipeline.push import push_due
 
-    if ctx.job_id is None or not ctx.settings.destinations:
-        return StageOutput({"destinations": 0, "note": "no destination configured; outputs stay on disk"})
-    report = push_due(ctx.settings, ctx.job_id)
+    if ctx.job_id is None:
+        return StageOutput({"destinations": 0, "note": "offline run: nothing pushed"})
+    report = push_due(ctx.settings, ctx.job_id)  # with no destination this just completes the job
+    if not ctx.settings.destinations:
+        return StageOutput({**report.as_dict(), "note": "no destination configured; outputs stay on disk"})
     warnings = [] if report.complete else [
         f"{report.pending} object(s) waiting for PACS, next attempt {report.next_attempt_at:%H:%M:%S} UTC"
     ] if report.next_attempt_at else []
