@@ -311,7 +311,15 @@ def load_study(selection: Selection, *, register: bool = True, seed: int = 0) ->
     warnings += fl_v.warnings
     sources["flair"] = fl_v.slices
     if register:
-        transform, reg = register_rigid(b0, fl_v.image, seed=seed)
+        try:
+            transform, reg = register_rigid(b0, fl_v.image, seed=seed)
+        except RuntimeError as exc:
+            if "overlap" not in str(exc):
+                raise
+            raise InvalidInputError(
+                "FLAIR and DWI do not overlap in patient space, so the FLAIR cannot be registered to the "
+                "DWI; check both series come from the same patient and study (Frame of Reference)"
+            ) from exc
         if not reg["improved"]:
             warnings.append(
                 f"FLAIR registration did not improve the metric ({reg['metric_before']:.4f} -> "
