@@ -461,3 +461,47 @@ def audit_log(session: Session, limit: int = 100, offset: int = 0) -> list[dict[
          "detail": a.detail, "ip": a.ip}
         for a in session.scalars(q)
     ]
+
+
+def recent_stage_workers(session: Session, since: datetime) -> list[dict[str, Any]]:
+    """Workers (``host:pid device`` as the pipeline labels them) that ran a stage since ``since``."""
+    q = (
+        select(Stage.worker, func.max(Stage.started_at), func.count(Stage.id))
+        .where(Stage.worker.is_not(None), Stage.started_at >= since)
+        .group_by(Stage.worker)
+        .order_by(func.max(Stage.started_at).desc())
+    )
+    return [{"worker": w, "last_stage_at": _iso(at), "stages": int(n)} for w, at, n in session.execute(q)]
+
+
+def receiving_studies(session: Session, window_s: float, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Studies receiving images right now: an instance arrived within ``window_s`` and no job covers
+    all of them yet (no job, or the newest job counted fewer instances)."""
+    now = now or datetime.now(UTC)
+    since = now - timedelta(seconds=window_s)
+    counts = (
+        select(Series.study_id.label("study_id"), func.count(Instance.id).label("n"),
+               func.count(func.distinct(Series.id)).label("series"))
+        .join(Instance, Instance.series_id == Series.id)
+        .group_by(Series.study_id)
+        .subquery()
+    )
+    latest = (
+        select(Job.study_id.label("study_id"), func.max(Job.instance_count).label("covered"))
+        .group_by(Job.study_id)
+        .subquery()
+    )
+    q = (
+        select(Study, counts.c.n, counts.c.series, latest.c.covered)
+        .join(counts, counts.c.study_id == Study.id)
+        .outerjoin(latest, latest.c.study_id == Study.id)
+        .where(Study.last_received_at >= since)
+        .order_by(Study.last_received_at.desc())
+    )
+    out = []
+    for study, n, n_series, covered in session.execute(q):
+        if covered is not None and covered >= n:
+            continue
+        out.append({"study": _study_dict(study), "instances": int(n), "series": int(n_series),
+                    "quiet_s": _elapsed(study.last_received_at, now, now)})
+    return out

@@ -22,9 +22,10 @@ from service.api.schemas import (
     Me,
     RepushIn,
     RetryIn,
+    StudyOut,
     SystemOut,
 )
-from service.api.views import list_previews, mask_job, preview_path, rendered_preview, system_view
+from service.api.views import list_previews, mask_job, mask_study, preview_path, rendered_preview, system_view
 
 
 class Problem(BaseModel):
@@ -163,14 +164,27 @@ def delete(job_id: JobId, body: DeleteIn, request: Request, db: DbDep, settings:
 
 
 @router.get("/system", response_model=SystemOut, summary="SCP, queues, workers, disk, versions")
-def system(db: DbDep, settings: SettingsDep, user: ApiUser) -> dict:
-    return system_view(db, settings)
+def system(request: Request, db: DbDep, settings: SettingsDep, user: ApiUser) -> dict:
+    return system_view(db, settings, request.app.state.enqueuer.celery())
 
 
 @router.get("/audit", response_model=list[AuditOut], summary="The audit log, newest first (admin)")
 def audit(db: DbDep, user: ApiAdmin, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
           offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> list[dict]:
     return dq.audit_log(db, limit=limit, offset=offset)
+
+
+class Receiving(BaseModel):
+    study: StudyOut
+    instances: int
+    series: int
+    quiet_s: float | None
+
+
+@router.get("/receiving", response_model=list[Receiving], summary="Studies arriving now, not yet covered by a job")
+def receiving(db: DbDep, settings: SettingsDep, user: ApiUser) -> list[dict]:
+    window = settings.completion_ceiling_s + settings.stable_age_s
+    return [{**r, "study": mask_study(r["study"], user)} for r in dq.receiving_studies(db, window)]
 
 
 @router.get("/calling-aets", response_model=list[str], summary="Calling AE titles seen, for filters")

@@ -24,7 +24,7 @@ from service.api.auth import (
 )
 from service.api.deps import DbDep, OptionalPrincipal, PageAdmin, PageUser, SettingsDep, client_ip
 from service.api.templating import templates
-from service.api.views import list_previews, mask_job, system_view
+from service.api.views import list_previews, mask_job, mask_study, system_view
 
 router = APIRouter(include_in_schema=False)
 
@@ -149,7 +149,7 @@ FilterQ = Annotated[str | None, Query(max_length=64)]
 
 
 @router.get("/")
-def jobs_page(request: Request, db: DbDep, user: PageUser, state: FilterQ = None, calling_aet: FilterQ = None,
+def jobs_page(request: Request, db: DbDep, settings: SettingsDep, user: PageUser, state: FilterQ = None, calling_aet: FilterQ = None,
               accession: FilterQ = None, date_from: FilterQ = None, date_to: FilterQ = None,
               page: Annotated[int, Query(ge=1, le=10000)] = 1) -> Response:
     flt, raw, problem = _filters(state, calling_aet, accession, date_from, date_to, page)
@@ -159,16 +159,23 @@ def jobs_page(request: Request, db: DbDep, user: PageUser, state: FilterQ = None
         jobs=[mask_job(r, user) for r in rows], total=total, page=page, pages=max(1, -(-total // flt.limit)),
         filters=raw, query=urlencode(raw), problem=problem, states=("active", *dq.ALL_JOB_STATES),
         aets=dq.calling_aets(db), counts=dq.jobs_by_state(db),
+        receiving=_receiving(db, settings, user) if page == 1 else [],
     )
 
 
 @router.get("/partials/jobs")
-def jobs_partial(request: Request, db: DbDep, user: PageUser, state: FilterQ = None, calling_aet: FilterQ = None,
+def jobs_partial(request: Request, db: DbDep, settings: SettingsDep, user: PageUser, state: FilterQ = None, calling_aet: FilterQ = None,
                  accession: FilterQ = None, date_from: FilterQ = None, date_to: FilterQ = None,
                  page: Annotated[int, Query(ge=1, le=10000)] = 1) -> Response:
     flt, _raw, _problem = _filters(state, calling_aet, accession, date_from, date_to, page)
     total, rows = dq.list_jobs(db, flt)
-    return _render(request, "partials/job_rows.html", user, jobs=[mask_job(r, user) for r in rows], total=total)
+    return _render(request, "partials/jobs_live.html", user, jobs=[mask_job(r, user) for r in rows], total=total,
+                   receiving=_receiving(db, settings, user) if page == 1 else [])
+
+
+def _receiving(db: Any, settings: Any, user: Principal) -> list[dict[str, Any]]:
+    window = settings.completion_ceiling_s + settings.stable_age_s
+    return [{**r, "study": mask_study(r["study"], user)} for r in dq.receiving_studies(db, window)]
 
 
 # --------------------------------------------------------------------------- job detail
@@ -273,7 +280,7 @@ def delete_form(job_id: JobId, request: Request, db: DbDep, settings: SettingsDe
 
 @router.get("/system")
 def system_page(request: Request, db: DbDep, settings: SettingsDep, user: PageUser) -> Response:
-    return _render(request, "system.html", user, sys=system_view(db, settings))
+    return _render(request, "system.html", user, sys=system_view(db, settings, request.app.state.enqueuer.celery()))
 
 
 @router.get("/audit")

@@ -203,6 +203,8 @@ class SystemOut(BaseModel):
     deliveries_by_state: dict[str, int]
     software: dict[str, str]
     model: dict[str, Any]
+    celery_workers: list[str] | None = Field(description="nodes answering a broker ping (Redis only)")
+    recent_stage_workers: list[dict[str, Any]] = Field(description="workers that ran a stage in the last 30 min")
     destinations: list[str]
 
 

@@ -10,6 +10,8 @@ import importlib.metadata
 import platform
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,33 @@ def queue_depths(settings: Settings) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - the page must render even when the broker is down
         return {"broker": url.split("://", 1)[0], "queues": depths, "error": f"broker unreachable: {exc}"}
     return {"broker": kind, "queues": depths, "error": None}
+
+
+_ping_cache: dict[str, tuple[float, list[str] | None]] = {}
+_ping_lock = threading.Lock()
+
+
+def celery_workers(settings: Settings, celery_app: Any, ttl_s: float = 5.0) -> list[str] | None:
+    """Worker node names answering a broadcast ping (Redis broker only; None when not askable).
+
+    Cached for a few seconds: the system page polls, and a ping waits for its timeout.
+    """
+    url = settings.effective_broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    now = time.monotonic()
+    with _ping_lock:
+        hit = _ping_cache.get(url)
+        if hit and now - hit[0] < ttl_s:
+            return hit[1]
+    try:
+        replies = celery_app.control.ping(timeout=0.5) or []
+        names: list[str] | None = sorted(name for reply in replies for name in reply)
+    except Exception:  # noqa: BLE001 - broker down: the queue tile says so
+        names = None
+    with _ping_lock:
+        _ping_cache[url] = (now, names)
+    return names
 
 
 def disk_status(settings: Settings) -> dict[str, Any]:

@@ -110,6 +110,14 @@ def evidence_lines(value: Any) -> list[str]:
     return lines
 
 
+def device_of(worker_label: Any) -> str:
+    """"host:pid cuda:0" -> "cuda:0" (the pipeline's worker label ends with the device)."""
+    text = str(worker_label or "")
+    if "(" in text and text.endswith(")"):
+        return text.rsplit("(", 1)[1][:-1]
+    return text.rsplit(" ", 1)[1] if " " in text else "?"
+
+
 def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
 
@@ -118,7 +126,7 @@ def is_mapping(value: Any) -> bool:
     return isinstance(value, dict)
 
 
-templates.env.filters.update(evidence_lines=evidence_lines, pn=person_name, hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
+templates.env.filters.update(device_of=device_of, evidence_lines=evidence_lines, pn=person_name, hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
 templates.env.tests["mapping_"] = is_mapping
 templates.env.globals.update(STATE_WORDS=STATE_WORDS)
 

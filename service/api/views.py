@@ -5,6 +5,7 @@ Both front ends call these, so a viewer never sees on one what the other hides.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from common.config import Settings
 from common.jobstore import dashboard_queries as dq
 from service.api import previews
 from service.api.auth import Principal
-from service.api.system import disk_status, queue_depths, software_versions
+from service.api.system import celery_workers, disk_status, queue_depths, software_versions
 
 MASK = "•••"
 _IDENTIFIER_FIELDS = ("patient_id", "patient_name")
@@ -65,7 +66,7 @@ def rendered_preview(settings: Settings, output_dir: str | None, name: str) -> b
     return previews.render(root, name)
 
 
-def system_view(db: Session, settings: Settings) -> dict[str, Any]:
+def system_view(db: Session, settings: Settings, celery_app: Any = None) -> dict[str, Any]:
     beats = dq.heartbeats(db)
     scp = [b for b in beats if b["component"] == "scp"]
     workers = [b for b in beats if b["component"] == "worker"]
@@ -101,5 +102,7 @@ def system_view(db: Session, settings: Settings) -> dict[str, Any]:
         "deliveries_by_state": dq.deliveries_by_state(db),
         "software": software_versions(),
         "model": model,
+        "celery_workers": celery_workers(settings, celery_app) if celery_app is not None else None,
+        "recent_stage_workers": dq.recent_stage_workers(db, datetime.now(UTC) - timedelta(minutes=30)),
         "destinations": [f"{d.ae_title}@{d.host}:{d.port}" + (" (TLS)" if d.tls else "") for d in settings.destinations],
     }

@@ -28,7 +28,7 @@ from tests.unit.test_api_fixtures import (
     populate,
 )
 
-API_GETS = ["/api/me", "/api/jobs", "/api/jobs/{done}", "/api/jobs/{done}/previews/previews/dwi.png",
+API_GETS = ["/api/me", "/api/jobs", "/api/receiving", "/api/jobs/{done}", "/api/jobs/{done}/previews/previews/dwi.png",
             "/api/system", "/api/audit", "/api/calling-aets"]
 API_POSTS = ["/api/jobs/{done}/retry", "/api/jobs/{done}/repush", "/api/jobs/{queued}/cancel",
              "/api/jobs/{done}/delete"]
@@ -300,6 +300,28 @@ def test_jobs_list_filters_and_search(env):
         assert f"/jobs/{rows.running}" in frag and f"/jobs/{rows.done}\"" not in frag
         page = c.get("/", params={"state": "nonsense", "date_from": "tomorrow"})
         assert page.status_code == 200 and "Ignored" in page.text
+
+
+def test_receiving_studies_show_until_a_job_covers_them(env):
+    from datetime import UTC, datetime
+
+    from tests.unit.test_api_fixtures import add_job, add_study
+
+    settings, _ = env
+    with session_scope(settings.effective_database_url) as db:
+        study = add_study(db, settings, 9, accession="ACC9009", at=datetime.now(UTC))
+        study_id = study.id
+    with _client(settings) as c:
+        login(c, VIEWER)
+        (r,) = c.get("/api/receiving").json()
+        assert r["study"]["accession_number"] == "ACC9009" and r["study"]["patient_name"] == "•••"
+        assert r["instances"] == sum(spec[3] for spec in SERIES_SPEC) and r["series"] == len(SERIES_SPEC)
+        frag = c.get("/partials/jobs").text
+        assert "Receiving now" in frag and "ACC9009" in frag and "DOE" not in frag
+        with session_scope(settings.effective_database_url) as db:
+            add_job(db, settings, db.get(Study, study_id), JobState.QUEUED)
+        assert c.get("/api/receiving").json() == []
+        assert "Receiving now" not in c.get("/partials/jobs").text
 
 
 def test_job_summary_has_stages_timings_volumes_and_deliveries(env):
