@@ -135,9 +135,9 @@ class ScpServer:
         }
 
     # ------------------------------------------------------------------ handlers
-    def _refuse(self, event: evt.Event, refusal: Refusal) -> None:
+    def _refuse(self, event: evt.Event, refusal: Refusal, calling: str) -> None:
         rq = event.assoc.requestor
-        calling = (rq.ae_title or "").strip()
+        calling = calling.strip()
         peer = f"{rq.address}:{rq.port}"
         event.assoc.acse.send_reject(*refusal.rsd)
         with self._lock:
@@ -149,12 +149,16 @@ class ScpServer:
                 queries.add_scp_event(s, "rejected", calling[:16] or None, peer, refusal.reason)
         except Exception:  # noqa: BLE001
             log.exception("could not record the rejection")
+        # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (as pynetdicom does
+        # for its own rejections); otherwise the socket may be shut before the PDU leaves.
+        event.assoc.kill()
 
     def _on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
         primitive = rq.primitive
+        # At EVT_REQUESTED pynetdicom has not copied the AE titles yet: read the A-ASSOCIATE-RQ.
         called = primitive.called_ae_title if primitive is not None else ""
-        calling = rq.ae_title or ""
+        calling = primitive.calling_ae_title if primitive is not None else ""
         refusal = self.policy.check(called, calling, rq.address)
         if refusal is None and not self._disk_ok():
             d = disk_status(self.settings)
@@ -166,7 +170,7 @@ class ScpServer:
         if refusal is None and self.active_associations > self.settings.max_associations:
             refusal = Refusal(RJ_LIMIT, f"max_associations ({self.settings.max_associations}) reached")
         if refusal is not None:
-            self._refuse(event, refusal)
+            self._refuse(event, refusal, calling)
 
     def _on_accepted(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
