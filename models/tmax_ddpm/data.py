@@ -1,0 +1,192 @@
+"""Training data: a folder of cases as NIfTI on one grid, cached on the model grid, 2.5D batches.
+
+Layout per case (what the phantom's fast path writes and a site can export from its DSC-PWI data):
+``<root>/<case_id>/{dwi,adc,flair,core,tmax,brain}.nii.gz`` (+ optional b0, territory, truth.json).
+Arrays are handled as (z, y, x): the transpose of nibabel's (x, y, z), which equals what
+SimpleITK's GetArrayFromImage returns for the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import KNOWN_INPUTS, TrainConfig
+from .preprocess import Geometry, normalise_image, stack_neighbours, tmax_to_model, to_grid
+
+REQUIRED = ("dwi", "flair", "core", "tmax", "brain")
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """(z, y, x) float32 array and its spacing (z, y, x) in mm."""
+    img = nib.load(str(path))
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {arr.shape}")
+    zooms = tuple(float(v) for v in img.header.get_zooms()[:3])
+    return np.ascontiguousarray(arr.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
+
+
+def list_cases(root: str | Path, require: tuple[str, ...] = REQUIRED) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data folder not found (expected <root>/<case_id>/dwi.nii.gz ...)")
+    cases = sorted(p for p in root.iterdir() if p.is_dir() and all((p / f"{n}.nii.gz").exists() for n in require))
+    if not cases:
+        raise FileNotFoundError(
+            f"{root}: no case folders with {', '.join(n + '.nii.gz' for n in require)}; "
+            "generate some with `synthperf phantom --out DIR --cases N --training-only`"
+        )
+    return cases
+
+
+@dataclass
+class Case:
+    case_id: str
+    images: dict[str, np.ndarray]  # raw volumes by name (z, y, x)
+    spacing_zyx: tuple[float, float, float]
+    truth: dict
+
+    @property
+    def brain(self) -> np.ndarray:
+        return self.images["brain"] > 0
+
+
+def load_case(case_dir: str | Path, names: tuple[str, ...] | None = None) -> Case:
+    case_dir = Path(case_dir)
+    names = names or tuple(
+        n for n in ("dwi", "adc", "flair", "core", "tmax", "brain", "territory") if (case_dir / f"{n}.nii.gz").exists()
+    )
+    images, spacing = {}, (1.0, 1.0, 1.0)
+    for n in names:
+        images[n], spacing = read_nifti(case_dir / f"{n}.nii.gz")
+    truth_file = case_dir / "truth.json"
+    truth = json.loads(truth_file.read_text()) if truth_file.exists() else {}
+    return Case(case_dir.name, images, spacing, truth)
+
+
+def case_to_grid(case: Case, grid: int) -> dict[str, torch.Tensor]:
+    """All known conditioning images (missing ones NaN-filled), Tmax and brain on the model grid (fp16)."""
+    brain = case.brain
+    geo = Geometry.for_shape(brain.shape[1], brain.shape[2], grid)
+    chans = []
+    for name in KNOWN_INPUTS:
+        if name in case.images:
+            chans.append(normalise_image(case.images[name], brain, name))
+        else:
+            chans.append(np.full(brain.shape, np.nan, np.float32))
+    cond = to_grid(np.stack(chans), geo, background=-1.0)
+    ci = KNOWN_INPUTS.index("core")
+    cond[ci] = torch.where(cond[ci] > 0, 1.0, -1.0)
+    tmax = to_grid(tmax_to_model(case.images["tmax"]), geo, background=-1.0)
+    brain_g = to_grid(brain.astype(np.float32), geo, background=0.0) > 0.5
+    return {"cond": cond.half(), "tmax": tmax.half(), "brain": brain_g}
+
+
+def build_cache(root: str | Path, grid: int, cache_file: str | Path, progress: bool = True) -> dict:
+    """Preprocess every case once (normalise + resample) and save; reused on resume."""
+    cache_file = Path(cache_file)
+    cases = list_cases(root)
+    if cache_file.exists():
+        cached = torch.load(cache_file, weights_only=False)
+        if cached.get("grid") == grid and cached.get("ids") == [c.name for c in cases]:
+            return cached
+    items = []
+    it = cases
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(cases, desc="preparing cases", unit="case")
+    for d in it:
+        items.append(case_to_grid(load_case(d, REQUIRED + tuple(n for n in ("adc",) if (d / "adc.nii.gz").exists())), grid))
+    out = {"grid": grid, "ids": [c.name for c in cases], "items": items}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    torch.save(out, tmp)
+    tmp.replace(cache_file)
+    return out
+
+
+class SliceBank:
+    """Every (case, slice) with enough brain, and batch assembly with augmentation."""
+
+    def __init__(self, cache: dict, inputs: tuple[str, ...], k: int, cfg: TrainConfig):
+        self.items = cache["items"]
+        self.inputs = inputs
+        self.k = k
+        self.cfg = cfg
+        self.chan_idx = [KNOWN_INPUTS.index(n) for n in inputs]
+        for n, i in zip(inputs, self.chan_idx, strict=True):
+            if any(torch.isnan(it["cond"][i]).any() for it in self.items[:3]):
+                raise ValueError(f"inputs: the data has no {n} volumes but the config asks for {n}")
+        index = []
+        for ci, it in enumerate(self.items):
+            frac = it["brain"].float().mean(dim=(1, 2))
+            for z in torch.nonzero(frac >= cfg.min_brain_fraction).flatten().tolist():
+                index.append((ci, z))
+        if not index:
+            raise ValueError("no slices with brain found in the training data")
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, ids: list[int], generator: torch.Generator, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> cond (b, len(inputs)*k, g, g), x0 (b, 1, g, g), float32."""
+        conds, x0s = [], []
+        for i in ids:
+            ci, z = self.index[i]
+            it = self.items[ci]
+            cond = it["cond"][self.chan_idx].float()
+            conds.append(stack_neighbours(cond, self.k, torch.tensor([z]))[0])
+            x0s.append(it["tmax"][z : z + 1].float())
+        cond = torch.stack(conds)
+        x0 = torch.stack(x0s)
+        if augment:
+            cond, x0 = self.augment(cond, x0, generator)
+        return cond, x0
+
+    def augment(self, cond: torch.Tensor, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, b, k = self.cfg, cond.shape[0], self.k
+        # left-right flip
+        flip = torch.rand(b, generator=g) < cfg.aug_flip
+        if flip.any():
+            cond[flip] = cond[flip].flip(-1)
+            x0[flip] = x0[flip].flip(-1)
+        # intensity: per image, per sample scale of (x + 1) for the grey-level images
+        for j, name in enumerate(self.inputs):
+            if name in ("dwi", "flair", "adc") and cfg.aug_intensity > 0:
+                s = 1 + cfg.aug_intensity * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1)
+                sl = slice(j * k, (j + 1) * k)
+                cond[:, sl] = ((cond[:, sl] + 1) * s - 1).clamp(-1, 4)
+        # small affine: rotation, isotropic scale, shift (same for all channels of a sample)
+        if cfg.aug_prob_affine > 0:
+            use = torch.rand(b, generator=g) < cfg.aug_prob_affine
+            ang = (2 * torch.rand(b, generator=g) - 1) * math.radians(cfg.aug_rotate_deg) * use
+            sc = 1 + (2 * torch.rand(b, generator=g) - 1) * cfg.aug_scale * use
+            sh = (2 * torch.rand(b, 2, generator=g) - 1) * cfg.aug_shift * 2 * use[:, None]
+            theta = torch.zeros(b, 2, 3)
+            theta[:, 0, 0] = torch.cos(ang) / sc
+            theta[:, 0, 1] = -torch.sin(ang) / sc
+            theta[:, 1, 0] = torch.sin(ang) / sc
+            theta[:, 1, 1] = torch.cos(ang) / sc
+            theta[:, :, 2] = sh
+            allc = torch.cat([cond, x0], 1)
+            grid = F.affine_grid(theta, list(allc.shape), align_corners=False)
+            # background is -1 in every channel: sample (x + 1) with zero padding
+            allc = F.grid_sample(allc + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+            cond, x0 = allc[:, :-1], allc[:, -1:]
+            if "core" in self.inputs:
+                j = self.inputs.index("core")
+                sl = slice(j * k, (j + 1) * k)
+                cond[:, sl] = torch.where(cond[:, sl] > 0, 1.0, -1.0)
+        return cond.contiguous(), x0.contiguous()

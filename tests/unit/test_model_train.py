@@ -1,0 +1,202 @@
+"""Training, checkpoints, the registry/inference interface and evaluate, on tiny synthetic cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import registry
+from models.evaluate import evaluate, territory_baseline
+from models.tmax_ddpm.checkpoint import CheckpointError, export_weights, load_weights
+from models.tmax_ddpm.config import Config
+from models.tmax_ddpm.data import SliceBank, build_cache, list_cases, load_case
+from models.tmax_ddpm.diffusion import make_scheduler, training_target
+from models.tmax_ddpm.inference import TmaxSynthesizer
+from models.tmax_ddpm.loss import perfusion_weights, weighted_mse
+from models.tmax_ddpm.network import build_network
+from models.train import train
+from tests.unit.test_model import TINY, synthetic_arrays, tiny_config, write_synthetic_case
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core box, 2 spinning OpenMP threads can be 20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cases")
+    for i in range(4):
+        write_synthetic_case(root, f"case_{i:03d}", seed=i)
+    return root
+
+
+def tiny_train_config(steps: int) -> Config:
+    return Config.from_dict({
+        "model": TINY,
+        "train": {"steps": steps, "batch_size": 8, "log_every": 5, "lr_warmup": 5, "lr": 1e-3, "seed": 3,
+                  "num_threads": 1, "bf16_cpu": False},
+        "sample": {"steps": 3, "samples": 2},
+    })
+
+
+def test_data_loading_orientation_and_cache(cases: Path, tmp_path: Path):
+    ids = list_cases(cases)
+    assert [p.name for p in ids] == ["case_000", "case_001", "case_002", "case_003"]
+    case = load_case(ids[0])
+    np.testing.assert_allclose(case.images["tmax"], synthetic_arrays(0)["tmax"], rtol=1e-6)
+    assert case.spacing_zyx == pytest.approx((5.0, 1.8, 1.8))
+    cache = build_cache(cases, 32, tmp_path / "c.pt", progress=False)
+    bank = SliceBank(cache, ("dwi", "flair", "core"), 5, tiny_train_config(1).train)
+    cond, x0 = bank.batch([0, 1, 2], torch.Generator().manual_seed(0))
+    assert cond.shape == (3, 15, 32, 32) and x0.shape == (3, 1, 32, 32)
+    assert x0.min() >= -1.001 and x0.max() <= 1.001
+    with pytest.raises(FileNotFoundError, match="synthperf phantom"):
+        list_cases(tmp_path)
+
+
+def test_few_training_steps_lower_the_loss(cases: Path, tmp_path: Path):
+    """Fixed batch, fixed timesteps: 25 optimiser steps must reduce the perfusion-weighted loss."""
+    torch.manual_seed(0)
+    cfg = tiny_train_config(40)
+    cache = build_cache(cases, 32, tmp_path / "c.pt", progress=False)
+    bank = SliceBank(cache, cfg.model.inputs, cfg.model.slices, cfg.train)
+    g = torch.Generator().manual_seed(0)
+    cond, x0 = bank.batch(list(range(8)), g, augment=False)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    sched = make_scheduler(cfg.model)
+    xt, target = sched.add_noise(x0, noise, t), training_target(sched, x0, noise, t)
+    w = perfusion_weights(x0)
+    net = build_network(cfg.model)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return float(weighted_mse(net(torch.cat([cond, xt], 1), t), target, w))
+
+    before = loss_now()
+    for _ in range(25):
+        loss = weighted_mse(net(torch.cat([cond, xt], 1), t), target, w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss_now() < 0.7 * before
+
+
+def test_train_resumes_and_exports(cases: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    s1 = train(cases, run, tiny_train_config(10), progress=False)
+    assert s1["step"] == 10 and s1["finished"]
+    assert (run / "loss.png").stat().st_size > 0
+    # resuming with a larger budget continues from step 10, not from scratch
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["steps"] = 15
+    (run / "config.json").write_text(json.dumps(cfg))
+    s2 = train(cases, run, None, progress=False)
+    assert s2["step"] == 15
+    hist = json.loads((run / "history.json").read_text())["history"]
+    assert [h[0] for h in hist] == [5, 10, 15]
+    # a different config for the same run folder is refused with advice
+    with pytest.raises(ValueError, match="different config"):
+        train(cases, run, tiny_train_config(99), progress=False)
+    net, loaded_cfg = load_weights(run / "export")
+    assert loaded_cfg.train.steps == 15
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ck["ema"][k].float()), k
+
+
+def test_checkpoint_save_load_identity(tmp_path: Path):
+    torch.manual_seed(1)
+    cfg = tiny_config()
+    net = build_network(cfg.model)
+    export_weights(net.state_dict(), cfg, tmp_path / "w")
+    net2, cfg2 = load_weights(tmp_path / "w")
+    assert cfg2.to_dict() == cfg.to_dict()
+    sd1, sd2 = net.state_dict(), net2.state_dict()
+    assert sd1.keys() == sd2.keys()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    x, t = torch.randn(2, cfg.model.in_channels, 32, 32), torch.tensor([1, 900])
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x, t), net2(x, t))
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path: Path):
+    cfg = tiny_config()
+    d = export_weights(build_network(cfg.model).state_dict(), cfg, tmp_path / "w")
+    # wrong sha256
+    sha = (d / "model.safetensors.sha256").read_text()
+    (d / "model.safetensors.sha256").write_text("0" * 64 + sha[64:])
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_weights(d)
+    (d / "model.safetensors.sha256").write_text(sha)
+    # wrong config: a different architecture than the one exported
+    good = (d / "config.json").read_text()
+    bad = json.loads(good)
+    bad["model"]["channels"] = [16, 16]
+    (d / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_weights(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid model config"):
+        load_weights(d)
+    (d / "config.json").write_text(good)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(d)
+    with pytest.raises(FileNotFoundError, match="neither a registered model"):
+        registry.resolve(str(tmp_path / "nowhere"))
+
+
+def test_synthesizer_interface_on_input_grid(tmp_path: Path):
+    torch.manual_seed(2)
+    cfg = tiny_config()
+    export_weights(build_network(cfg.model).state_dict(), cfg, tmp_path / "w")
+    synth = TmaxSynthesizer.load(str(tmp_path / "w"), device="cpu")
+    a = synthetic_arrays(5, shape=(6, 44, 36))
+    seen: list[float] = []
+    r1 = synth.synthesize(a["dwi"], a["flair"], a["core"], a["brain"], spacing_zyx=(5, 1.8, 1.8),
+                          steps=2, samples=3, seed=4, progress=seen.append)
+    assert r1.mean.shape == r1.sd.shape == (6, 44, 36)
+    assert r1.steps == 2 and r1.samples == 3 and r1.seconds > 0
+    assert np.all(r1.mean >= 0) and np.all(r1.mean <= 20) and np.all(r1.sd >= 0)
+    assert np.all(r1.mean[a["brain"] == 0] == 0)
+    assert seen[-1] == pytest.approx(1.0)
+    r2 = synth.synthesize(a["dwi"], a["flair"], a["core"], a["brain"], steps=2, samples=3, seed=4)
+    np.testing.assert_array_equal(r1.mean, r2.mean)
+    with pytest.raises(ValueError, match="flair"):
+        synth.synthesize(a["dwi"], None, a["core"], a["brain"], steps=1, samples=1)
+
+
+def test_territory_baseline_picks_the_core_territory():
+    terr = np.zeros((1, 4, 4), int)
+    terr[..., :2] = 3
+    terr[..., 2:] = 4
+    core = np.zeros((1, 4, 4), bool)
+    core[0, 1, 2:4] = True
+    core[0, 1, 1] = True
+    out = territory_baseline(terr, core)
+    assert out[..., 2:].all() and not out[0, 0, :2].any() and out[0, 1, 1]
+
+
+def test_evaluate_writes_table_and_plots(cases: Path, tmp_path: Path):
+    cfg = tiny_config()
+    export_weights(build_network(cfg.model).state_dict(), cfg, tmp_path / "w")
+    s = evaluate(str(tmp_path / "w"), cases, tmp_path / "eval", steps=1, samples=1, device="cpu", progress=False)
+    assert s["cases"] == 4
+    for m in ("model", "core", "territory"):
+        assert 0 <= s[m]["dice6_mean"] <= 1
+    # the territory baseline contains the core, so it never scores below the core baseline here
+    assert s["territory"]["dice6_mean"] >= s["core"]["dice6_mean"]
+    assert (tmp_path / "eval" / "bland_altman.png").stat().st_size > 0
+    assert len((tmp_path / "eval" / "per_case.csv").read_text().strip().splitlines()) == 5
