@@ -328,4 +328,4 @@ class Receiver:
             except Exception:  # noqa: BLE001 - an audit row must never break the association
                 log.exception("could not record the SCP event")
         elif o.duplicate:
-            log.info("duplicate SOP Instance %s ignored (identical payload)", sop_uid)
+            log.debug("duplicate SOP Instance %s ignored (identical payload)", sop_uid)
