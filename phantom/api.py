@@ -177,7 +177,8 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     m44[:3, 3] = c - mot_r @ c + mot_t
     motion = {
         "convention": "p_flair = R (p_dwi - center) + center + translation (LPS mm); "
-        "R = Rz Ry Rx (SimpleITK Euler3DTransform order)",
+        "R = Rz Ry Rx (SimpleITK Euler3DTransform with SetComputeZYX(True)); "
+        "this is the fixed=DWI -> moving=FLAIR transform of a SimpleITK registration",
         "rotation_deg_xyz": mot_deg.round(6).tolist(),
         "translation_mm": mot_t.round(6).tolist(),
         "center_lps": c.round(6).tolist(),

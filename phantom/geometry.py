@@ -18,8 +18,9 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def rotation_matrix(angles_deg: tuple[float, float, float] | np.ndarray) -> np.ndarray:
     """Rotation about x, then y, then z (angles in degrees), as R = Rz @ Ry @ Rx.
 
-    Same composition as SimpleITK's ``Euler3DTransform`` with ComputeZYX off, so a registration
-    helper can compare its recovered angles directly.
+    Same composition as SimpleITK's ``Euler3DTransform`` after ``SetComputeZYX(True)`` (ITK's default
+    is Z-X-Y), so a registration helper can compare recovered angles directly; the 3x3 matrix is
+    recorded too, which is convention-free.
     """
     ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=float))
     cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
