@@ -78,7 +78,7 @@ def test_missing_model_fails_the_synthesize_stage_with_a_readable_error(data_dir
     job, stages = job_and_stages(settings, job_id)
     assert job.state == JobState.FAILED
     assert job.current_stage == "synthesize"
-    assert job.error.startswith("synthesize: model 'no-such-model'")
+    assert job.error.startswith("synthesize: 'no-such-model' is neither a registered model")
     by_name = {st.name: st for st in stages}
     for name in ("classify", "load", "core"):
         st = by_name[name]

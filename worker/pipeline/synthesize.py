@@ -36,7 +36,7 @@ def get_synthesizer(model_name: str, device: str = "auto") -> Any:
 
             synth = TmaxSynthesizer.load(model_name, device=device)
         except FileNotFoundError as exc:
-            raise ModelError(f"model {model_name!r} is not available: {exc}") from exc
+            raise ModelError(str(exc)) from exc  # the registry's message names the model and the fix
         except ModelError:
             raise
         except Exception as exc:  # noqa: BLE001 - checkpoint/config/device errors all mean: no model
