@@ -1,0 +1,230 @@
+"""Receive throughput and completion latency, side by side in one run.
+
+Throughput: DCMTK storescu sends the same 500 synthetic MR instances (128x128, 16 bit) over one
+association to (a) our SCP (``synthperf serve``, fsync on: the default), (b) our SCP with
+spool_fsync off, (c) DCMTK storescp, (d) Orthanc. Each server is started fresh, on a free
+loopback port with an empty store, for every round; the order rotates between rounds; every
+process gets TCP_NODELAY=1 (DCMTK and Orthanc are slow without it). Instances/s is the median
+over rounds of 500 / wall time of the storescu run.
+
+Completion latency (in-process gateway): the time from the last stored instance to the job
+being enqueued, for a series that declares its size (ImagesInAcquisition) and for one that does
+not (stable_age must pass first).
+
+    python -m bench.receive [--rounds 3] [--instances 500] [--stable-age 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+NODELAY = {"TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_series(folder: Path, n: int, declare: bool, seed: int = 0, size: int = 128) -> list[Path]:
+    """``n`` small synthetic MR slices of one new study/series (random pixels, seeded)."""
+    rng = np.random.default_rng(seed)
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.PatientID, ds.PatientName = "MR", "BENCH", "BENCH^RECEIVE"
+        ds.SeriesNumber, ds.InstanceNumber = 1, i + 1
+        if declare:
+            ds.ImagesInAcquisition = n
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def start_ours(work: Path, port: int, fsync: bool) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, **NODELAY, SYNTHPERF_DISK_WATERMARK_MB="0", SYNTHPERF_SPOOL_FSYNC=str(fsync).lower(),
+               SYNTHPERF_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(work), "--port", str(port),
+         "--no-api", "--no-worker"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(work.parent / f"{work.name}.log", "wb"),
+    )
+    return proc, "SYNTHPERF"
+
+
+def start_storescp(work: Path, port: int) -> tuple[subprocess.Popen, str]:
+    work.mkdir(parents=True)
+    proc = subprocess.Popen(["storescp", "-od", str(work), str(port)], env=dict(os.environ, **NODELAY),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, "ANY-SCP"
+
+
+def start_orthanc(work: Path, port: int) -> tuple[subprocess.Popen, str]:
+    work.mkdir(parents=True)
+    cfg = {
+        "Name": "bench", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
+        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(), "RemoteAccessAllowed": False,
+        "DicomServerEnabled": True, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "Plugins": [],
+    }
+    (work / "orthanc.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], env=dict(os.environ, **NODELAY),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, "ORTHANC"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def time_storescu(port: int, aec: str, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+                         env=NODELAY, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"storescu to {aec} failed: {res.stderr[-500:]}")
+    return dt
+
+
+def throughput(files: list[Path], rounds: int, root: Path) -> dict[str, list[float]]:
+    targets: dict[str, Callable[[Path, int], tuple[subprocess.Popen, str]]] = {
+        "synthperf (fsync on, default)": lambda w, p: start_ours(w, p, True),
+        "synthperf (spool_fsync off)": lambda w, p: start_ours(w, p, False),
+        "DCMTK storescp": start_storescp,
+        "Orthanc": start_orthanc,
+    }
+    names = list(targets)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            work = root / f"r{r}-{names.index(name)}"
+            port = free_port()
+            proc, aec = targets[name](work, port)
+            try:
+                wait_port(port, proc)
+                time.sleep(0.3)
+                dt = time_storescu(port, aec, files)
+            finally:
+                stop(proc)
+            rates[name].append(len(files) / dt)
+            print(f"  round {r + 1} {name:<30} {len(files) / dt:8.1f} instances/s ({dt:.2f} s)", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+    return rates
+
+
+def completion_latency(root: Path, n: int, stable_age: float) -> dict[str, float]:
+    sys.path.insert(0, str(REPO))
+    from common.config import load_settings
+    from service.gateway import Gateway
+
+    settings = load_settings(data_dir=root / "latency", disk_watermark_mb=0, stable_age_s=stable_age,
+                             completion_poll_s=0.2)
+    enqueued: list[tuple[int, float]] = []
+    gw = Gateway(settings, lambda job_id: enqueued.append((job_id, time.time())), host="127.0.0.1", port=0)
+    port = gw.start()
+    out = {}
+    try:
+        for declare, label in ((True, "declared"), (False, "undeclared")):
+            files = make_series(root / f"lat-{label}", n, declare=declare, seed=1)
+            before = len(enqueued)
+            time_storescu(port, "SYNTHPERF", files)
+            last = gw.receiver.stats.last_stored_at
+            end = time.monotonic() + stable_age + 30
+            while len(enqueued) == before and time.monotonic() < end:
+                time.sleep(0.005)
+            if len(enqueued) == before or last is None:
+                raise RuntimeError(f"no job for the {label} series")
+            out[label] = enqueued[-1][1] - last
+    finally:
+        gw.stop()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--stable-age", type=float, default=2.0)
+    args = ap.parse_args()
+    for tool in ("storescu", "storescp", "Orthanc"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (make bench installs DCMTK and Orthanc)", file=sys.stderr)
+            return 1
+    root = Path(tempfile.mkdtemp(prefix="bench-receive-"))
+    try:
+        files = make_series(root / "src", args.instances, declare=True)
+        print(f"throughput: {args.instances} MR instances of {files[0].stat().st_size / 1024:.0f} KiB, "
+              f"{args.rounds} rounds, one storescu association per run", flush=True)
+        rates = throughput(files, args.rounds, root)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        print("\n| receiver | instances/s (median) | runs |\n|---|---|---|")
+        for k, v in med.items():
+            print(f"| {k} | {v:.0f} | {', '.join(f'{x:.0f}' for x in rates[k])} |")
+        ours, ours_nofsync = med["synthperf (fsync on, default)"], med["synthperf (spool_fsync off)"]
+        print(f"\nratio ours/storescp: {ours / med['DCMTK storescp']:.2f}x (target >= 1.2x); "
+              f"with spool_fsync off {ours_nofsync / med['DCMTK storescp']:.2f}x")
+        print(f"ratio ours/Orthanc:  {ours / med['Orthanc']:.2f}x (target >= 1.0x); "
+              f"with spool_fsync off {ours_nofsync / med['Orthanc']:.2f}x")
+        lat = completion_latency(root, 100, args.stable_age)
+        print(f"\ncompletion latency after the last instance (100-instance series, stable_age {args.stable_age} s):")
+        print(f"  declared size (ImagesInAcquisition): {lat['declared']:.3f} s (target < 0.5 s)")
+        print(f"  undeclared: {lat['undeclared']:.3f} s = stable_age + {lat['undeclared'] - args.stable_age:.3f} s "
+              "(target stable_age + < 0.5 s)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
