@@ -61,6 +61,8 @@ def create_app(settings: Settings) -> FastAPI:
         "every output is SYNTHETIC and NOT FOR DIAGNOSTIC USE. Log in with POST /login (form) or "
         "through the trusted proxy; writes need the X-CSRF-Token header from GET /api/me.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI would load scripts from a CDN: not on a hospital network
+        redoc_url=None,
     )
     app.dependency_overrides[get_settings] = lambda: settings
     app.state.settings = settings

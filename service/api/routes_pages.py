@@ -148,14 +148,11 @@ def _filters(state: str | None, calling_aet: str | None, accession: str | None, 
 FilterQ = Annotated[str | None, Query(max_length=64)]
 
 
-@router.get("/")
-def jobs_page(request: Request, db: DbDep, settings: SettingsDep, user: PageUser, state: FilterQ = None, calling_aet: FilterQ = None,
-              accession: FilterQ = None, date_from: FilterQ = None, date_to: FilterQ = None,
-              page: Annotated[int, Query(ge=1, le=10000)] = 1) -> Response:
+def _jobs_context(db: Any, settings: Any, user: Principal, state: str | None, calling_aet: str | None,
+                  accession: str | None, date_from: str | None, date_to: str | None, page: int) -> dict[str, Any]:
     flt, raw, problem = _filters(state, calling_aet, accession, date_from, date_to, page)
     total, rows = dq.list_jobs(db, flt)
-    return _render(
-        request, "jobs.html", user,
+    return dict(
         jobs=[mask_job(r, user) for r in rows], total=total, page=page, pages=max(1, -(-total // flt.limit)),
         filters=raw, query=urlencode(raw), problem=problem, states=("active", *dq.ALL_JOB_STATES),
         aets=dq.calling_aets(db), counts=dq.jobs_by_state(db),
@@ -163,14 +160,20 @@ def jobs_page(request: Request, db: DbDep, settings: SettingsDep, user: PageUser
     )
 
 
+@router.get("/")
+def jobs_page(request: Request, db: DbDep, settings: SettingsDep, user: PageUser, state: FilterQ = None,
+              calling_aet: FilterQ = None, accession: FilterQ = None, date_from: FilterQ = None,
+              date_to: FilterQ = None, page: Annotated[int, Query(ge=1, le=10000)] = 1) -> Response:
+    ctx = _jobs_context(db, settings, user, state, calling_aet, accession, date_from, date_to, page)
+    return _render(request, "jobs.html", user, **ctx)
+
+
 @router.get("/partials/jobs")
-def jobs_partial(request: Request, db: DbDep, settings: SettingsDep, user: PageUser, state: FilterQ = None, calling_aet: FilterQ = None,
-                 accession: FilterQ = None, date_from: FilterQ = None, date_to: FilterQ = None,
-                 page: Annotated[int, Query(ge=1, le=10000)] = 1) -> Response:
-    flt, _raw, _problem = _filters(state, calling_aet, accession, date_from, date_to, page)
-    total, rows = dq.list_jobs(db, flt)
-    return _render(request, "partials/jobs_live.html", user, jobs=[mask_job(r, user) for r in rows], total=total,
-                   receiving=_receiving(db, settings, user) if page == 1 else [])
+def jobs_partial(request: Request, db: DbDep, settings: SettingsDep, user: PageUser, state: FilterQ = None,
+                 calling_aet: FilterQ = None, accession: FilterQ = None, date_from: FilterQ = None,
+                 date_to: FilterQ = None, page: Annotated[int, Query(ge=1, le=10000)] = 1) -> Response:
+    ctx = _jobs_context(db, settings, user, state, calling_aet, accession, date_from, date_to, page)
+    return _render(request, "partials/jobs_live.html", user, **ctx)
 
 
 def _receiving(db: Any, settings: Any, user: Principal) -> list[dict[str, Any]]:

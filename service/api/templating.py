@@ -115,7 +115,24 @@ def device_of(worker_label: Any) -> str:
     text = str(worker_label or "")
     if "(" in text and text.endswith(")"):
         return text.rsplit("(", 1)[1][:-1]
-    return text.rsplit(" ", 1)[1] if " " in text else "?"
+    return text.rsplit(" ", 1)[1] if " " in text else ""
+
+
+def info_value(key: str, value: Any) -> str:
+    """A heartbeat info value for people: epoch seconds under *_at keys become a time."""
+    if key.endswith("_at") and isinstance(value, int | float) and value > 1e9:
+        return hhmm(datetime.fromtimestamp(value, UTC))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def groupby_pair(objects: list[dict[str, Any]]) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+    """Delivery rows grouped by (destination, SOP class), in first-seen order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for o in objects:
+        groups.setdefault((o["destination"], o["sop_class_uid"]), []).append(o)
+    return list(groups.items())
 
 
 def pretty_json(value: Any) -> str:
@@ -126,9 +143,9 @@ def is_mapping(value: Any) -> bool:
     return isinstance(value, dict)
 
 
-templates.env.filters.update(device_of=device_of, evidence_lines=evidence_lines, pn=person_name, hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
+templates.env.filters.update(info_value=info_value, groupby_pair=groupby_pair, device_of=device_of, evidence_lines=evidence_lines, pn=person_name, hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
 templates.env.tests["mapping_"] = is_mapping
-templates.env.globals.update(STATE_WORDS=STATE_WORDS)
+templates.env.globals.update(STATE_WORDS=STATE_WORDS, info_value=info_value)
 
 SOP_CLASS_NAMES = {
     "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",

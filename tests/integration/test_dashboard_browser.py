@@ -1,0 +1,249 @@
+"""The dashboard in a real headless Chromium over the real service.
+
+``synthperf serve`` (SCP + completion + dashboard API) and a Celery worker run as processes on
+the real Redis; a real Orthanc is the PACS. The test logs in as the admin created from
+SYNTHPERF_ADMIN_PASSWORD, sends a phantom stroke study with storescu, and watches the live jobs
+page go from "receiving" to "done" (delivered); it opens the job page, presses Re-push and sees
+the objects delivered again. A screenshot of each page goes to docs/screenshots/.
+
+Chromium is Debian's /usr/bin/chromium driven by Playwright (never ``playwright install``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, free_port, require_tool
+from tests.integration.test_e2e import OrthancServer, storescu
+from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = REPO_ROOT / "docs" / "screenshots"
+ADMIN_PASSWORD = "browser test admin pw"
+VIEWPORT = {"width": 1440, "height": 900}
+
+
+class DashboardService:
+    """``synthperf serve`` with the dashboard, plus a Celery worker, as process groups."""
+
+    def __init__(self, folder: Path, redis_url: str, orthanc: OrthancServer, model: str) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.scp_port = free_port()
+        self.api_port = free_port()
+        self.redis_url = redis_url
+        cfg = {
+            "data_dir": str(folder / "data"),
+            "broker_url": redis_url,
+            "scp_host": "127.0.0.1",
+            "scp_port": self.scp_port,
+            "api_host": "127.0.0.1",
+            "api_port": self.api_port,
+            # long enough that the page sees the study "receiving" before its job starts
+            "stable_age_s": 8.0,
+            "completion_poll_s": 0.2,
+            "model_name": model,
+            "ddim_steps": 2,
+            "samples": 1,
+            "device": "cpu",
+            "destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}],
+            "push_backoff_initial_s": 1.0,
+            "push_backoff_max_s": 2.0,
+        }
+        self.config = folder / "synthperf.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHPERF_")}
+        self.env.update(SYNTHPERF_CONFIG=str(self.config), SYNTHPERF_ADMIN_PASSWORD=ADMIN_PASSWORD,
+                        PYTHONPATH=str(REPO_ROOT))
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def settings(self):
+        from common.config import load_settings
+
+        return load_settings(self.config)
+
+    def start(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.redis_url).flushdb()
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--config", str(self.config), "--no-worker"],
+            env=self.env, cwd=REPO_ROOT, stdout=(self.folder / "serve.log").open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "-Q", "cpu,gpu",
+             "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+            env=self.env, cwd=REPO_ROOT, stdout=(self.folder / "worker.log").open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        echoscu = require_tool("echoscu")
+        deadline = time.monotonic() + 90
+        api_up = scp_up = False
+        while time.monotonic() < deadline and not (api_up and scp_up):
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"service process exited:\n{self.logs()}")
+            try:
+                api_up = api_up or httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                pass
+            scp_up = scp_up or subprocess.run([echoscu, "-aec", "SYNTHPERF", "127.0.0.1", str(self.scp_port)],
+                                              capture_output=True, timeout=10).returncode == 0
+            time.sleep(0.3)
+        if not (api_up and scp_up):
+            raise RuntimeError(f"service did not come up (api {api_up}, scp {scp_up}):\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in self.folder.glob("*.log"))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+
+def _launch(playwright):
+    if not Path(CHROMIUM).is_file():
+        require_tool("chromium")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def _shot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _watch_states(page, job_seen: dict, stop_when: str, timeout_s: float, service: DashboardService) -> list[str]:
+    """Read the live jobs page (never reloaded: the page's own polling updates it) until the first
+    job row shows ``stop_when``; return the distinct states seen, in order, "receiving" included."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = page.eval_on_selector_all(
+            "#live .badge.state-receiving, #job-rows tr[data-job] .badge[class*='state-']",
+            "els => els.map(e => e.textContent.trim())")
+        for s in states[:1]:
+            if not seen or seen[-1] != s:
+                seen.append(s)
+        row = page.query_selector("#job-rows tr[data-job]")
+        if row is not None:
+            job_seen["id"] = int(row.get_attribute("data-job"))
+            if stop_when in (seen[-1:] or [""]):
+                return seen
+            if seen and seen[-1] in ("failed", "input missing", "cancelled"):
+                raise AssertionError(f"job ended {seen[-1]}: {row.inner_text()}\n{service.logs()}")
+        if "running" in seen and "running" not in job_seen:
+            job_seen["running"] = True
+            _shot(page, "jobs_running")
+        time.sleep(0.4)
+    raise AssertionError(f"timed out; states seen {seen}\n{service.logs()}")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_dashboard_watches_a_study_to_pacs_and_repushes(tmp_path, redis_url, model_ref):  # noqa: F811
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    from sqlalchemy import select
+
+    from common.jobstore.db import session_scope
+    from common.jobstore.models import AuditEntry, Delivery, DeliveryState
+
+    _case, study_dir = write_phantom(tmp_path / "phantom", seed=7, vendor="siemens", matrix=64)
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    service = DashboardService(tmp_path / "svc", redis_url, orthanc, model_ref)
+    try:
+        orthanc.start()
+        service.start()
+        with playwright_api.sync_playwright() as pw:
+            browser = _launch(pw)
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(service.url + "/")
+            assert "/login" in page.url  # login required
+            _shot(page, "login")
+            page.fill("input[name=username]", "admin")
+            page.fill("input[name=password]", ADMIN_PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url(service.url + "/")
+            assert page.inner_text(".who").strip().lower().startswith("admin")
+
+            sender = threading.Thread(target=storescu, args=(study_dir, service.scp_port), daemon=True)
+            sender.start()
+            job: dict = {}
+            # receiving: the live page shows the study arriving before any job exists
+            page.wait_for_selector("#live .badge.state-receiving", timeout=120_000)
+            _shot(page, "jobs_receiving")
+            seen = _watch_states(page, job, "done", 900, service)
+            sender.join(60)
+            _shot(page, "jobs")
+            assert seen[0] == "receiving" and seen[-1] == "done", seen
+            assert seen.index("receiving") < seen.index("done")
+
+            # the job page: series with roles, measures, previews, every object sent
+            page.click(f"#job-rows tr[data-job='{job['id']}'] a.joblink")
+            page.wait_for_url(f"{service.url}/jobs/{job['id']}")
+            text = page.inner_text("main")
+            for words in ("used as DWI", "used as FLAIR", "Infarct core", "Objects sent to PACS", "Stage log"):
+                assert words in text, words
+            n_sent = page.eval_on_selector_all("#all-objects .badge.state-sent", "els => els.length")
+            assert n_sent > 0 and page.query_selector("#all-objects .badge.state-pending") is None
+            images = page.eval_on_selector_all(".previews img", "els => els.map(e => e.naturalWidth)")
+            assert images and all(w > 0 for w in images), images
+            _shot(page, "job")
+
+            # re-push: every object goes to PACS again, the page says so and shows them sent again
+            page.click("#btn-repush")
+            page.wait_for_selector(".flash-ok")
+            assert "queued to be sent to PACS again" in page.inner_text(".flash-ok")
+            _shot(page, "job_repush")
+            settings = service.settings
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with session_scope(settings.effective_database_url) as s:
+                    rows = s.scalars(select(Delivery).where(Delivery.job_id == job["id"])).all()
+                    if rows and all(r.state == DeliveryState.SENT and r.attempts >= 2 for r in rows):
+                        break
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"re-push did not complete: {[(r.state, r.attempts) for r in rows]}\n"
+                                     f"{service.logs()}")
+            assert len(rows) == n_sent
+            page.wait_for_selector("#job-status .badge.state-done", timeout=60_000)
+            with session_scope(settings.effective_database_url) as s:
+                audit = [(a.user, a.action) for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+            assert ("admin", "login") in audit and ("admin", "repush") in audit
+
+            page.goto(service.url + "/system")
+            assert "up" in page.inner_text(".tiles")
+            _shot(page, "system")
+            page.goto(service.url + "/audit")
+            _shot(page, "audit")
+            page.goto(f"{service.url}/jobs/{job['id']}/delete")
+            _shot(page, "delete_confirm")
+            browser.close()
+    finally:
+        service.stop()
+        orthanc.stop()
