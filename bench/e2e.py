@@ -29,7 +29,7 @@ def make_study(folder: Path) -> tuple[Path, str]:
     try:
         from phantom.api import make_case, write_dicom_study
 
-        case = make_case(7, matrix=128)
+        case = make_case(11, matrix=128)  # seed 11: 25 slices
         return Path(write_dicom_study(case, folder, "siemens", enhanced=False)), f"phantom {case.grid.shape}"
     except (ImportError, ModuleNotFoundError):
         from tests.unit.test_encode_sources import write_classifiable_study

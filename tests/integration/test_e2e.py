@@ -146,17 +146,18 @@ class Service:
             env=self.env, cwd=REPO_ROOT, stdout=(self.folder / "worker.log").open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True))
         echoscu = require_tool("echoscu")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             for p in self.procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"service process exited; see {self.folder}/*.log:\n{self.logs()}")
             r = subprocess.run([echoscu, "-aec", "SYNTHPERF", "127.0.0.1", str(self.scp_port)],
                                capture_output=True, timeout=10)
-            if r.returncode == 0:
+            if r.returncode == 0 and " ready." in (self.folder / "worker.log").read_text():
+                time.sleep(1.0)  # the pool child finishes worker_process_init (model load) right after
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"SCP did not answer C-ECHO:\n{self.logs()}")
+        raise RuntimeError(f"SCP or worker not ready:\n{self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in self.folder.glob("*.log"))
