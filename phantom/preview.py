@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 
@@ -60,20 +60,25 @@ def montage(case, path: str | Path, n_slices: int = 4) -> Path:
     # superior slices on top; rows of an (y, x) LPS array already give the radiological view
     img = np.concatenate(rows[::-1], axis=0)
     pil = Image.fromarray(img)
-    scale = max(1, 512 // case.grid.shape[2])
+    scale = max(1, 384 // case.grid.shape[2])
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    header = Image.new("RGB", (pil.width, 34), (0, 0, 0))
+    try:
+        font = ImageFont.load_default(size=max(12, pil.width // 110))
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        font = ImageFont.load_default()
+    line = max(14, pil.width // 95)
+    header = Image.new("RGB", (pil.width, 2 * line + 8), (0, 0, 0))
     draw = ImageDraw.Draw(header)
     tr = case.truth
-    draw.text((4, 2), "DWI b1000 | ADC | FLAIR | Tmax truth (white: >6 s) | core (red), Tmax>6 s (cyan)",
-              fill=(255, 255, 255))
-    draw.text((4, 17), f"SYNTHETIC PHANTOM {case.case_id}  {tr['occlusion']} {tr['side']} "
+    draw.text((6, 3), "DWI b1000 | ADC | FLAIR | Tmax truth (white: >6 s) | core (red), Tmax>6 s (cyan)",
+              fill=(255, 255, 255), font=font)
+    draw.text((6, 3 + line), f"SYNTHETIC PHANTOM {case.case_id}  {tr['occlusion']} {tr['side']} "
               f"collaterals={tr['collaterals']} onset={tr['onset_h']}h core={tr['core_ml']:.1f}mL "
-              f"Tmax>6={tr['tmax6_ml']:.1f}mL  NOT FOR DIAGNOSTIC USE", fill=(255, 220, 0))
-    out = Image.new("RGB", (pil.width, pil.height + 34))
+              f"Tmax>6={tr['tmax6_ml']:.1f}mL  NOT FOR DIAGNOSTIC USE", fill=(255, 220, 0), font=font)
+    out = Image.new("RGB", (pil.width, pil.height + header.height))
     out.paste(header, (0, 0))
-    out.paste(pil, (0, 34))
+    out.paste(pil, (0, header.height))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     out.save(p, optimize=True)
