@@ -24,6 +24,7 @@ version gives new ones.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -521,12 +522,26 @@ def _encode_overlays(inp: EncodeInput, grey: np.ndarray) -> list[Dataset]:
     refs = _slice_refs(inp)
     n = geo.shape_zyx[0]
     box = render.crop_box(inp.brain.astype(bool))
-    out = []
+    out: list[Dataset] = []
     for k in range(n):
         pos = float(np.dot(geo.slice_position(k), geo.axes[2]))
         rgb = render.render_overlay_slice(_layers(inp, grey, k), k, n, pos, labels, box=box)
-        sc = _sc_image(inp, "overlay", rgb, k + 1)
-        _sc_common(sc, inp, SERIES["overlay"][1], refs[k])
+        if not out:
+            sc = _sc_image(inp, "overlay", rgb, k + 1)
+            _sc_common(sc, inp, SERIES["overlay"][1], refs[k])
+        else:
+            # Same series, same header: clone the first (highdicom's IOD checks cost ~40 ms each)
+            # and change only what differs per slice.
+            sc = copy.deepcopy(out[0])
+            uid = output_uid(inp.study_uid, inp.job_version, "overlay", k + 1)
+            sc.SOPInstanceUID = uid
+            sc.file_meta.MediaStorageSOPInstanceUID = uid
+            sc.InstanceNumber = k + 1
+            sc.PixelData = np.ascontiguousarray(rgb).tobytes()
+            if refs[k]:
+                sc.SourceImageSequence = DicomSequence(refs[k])
+            elif "SourceImageSequence" in sc:
+                del sc.SourceImageSequence
         out.append(sc)
     return out
 
