@@ -194,3 +194,43 @@ def test_register_is_idempotent(setup, encoded_files):
         assert register_deliveries(s, job_id, encoded_files, settings.destinations) == 0
     assert len(_rows(settings, job_id)) == len(encoded_files)
     assert np.unique([r.sop_instance_uid for r in _rows(settings, job_id)]).size == len(encoded_files)
+
+
+def test_push_over_tls(data_dir, encoded_files, tmp_path):
+    """A destination with tls=true gets the objects over DICOM TLS, the PACS verified by tls_ca."""
+    import ssl
+    import subprocess
+
+    from tests.conftest import require_tool
+
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "pacs.pem", tmp_path / "pacs.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    settings = load_settings(data_dir=data_dir, tls_ca=cert,
+                             destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": port, "tls": True}])
+    init_db(settings.effective_database_url)
+    with session_scope(settings.effective_database_url) as s:
+        study = Study(study_uid="1.2.3.5")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, version=1, state=JobState.RUNNING, trigger="manual")
+        s.add(job)
+        s.flush()
+        register_deliveries(s, job.id, encoded_files[:3], settings.destinations)
+        job_id = job.id
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(cert), str(key))
+    scp = CountingSCP(port)
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    scp._server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server_ctx,
+                                  evt_handlers=[(evt.EVT_C_STORE, scp._on_store)])
+    try:
+        report = push_due(settings, job_id)
+    finally:
+        scp.stop()
+    assert report.complete and report.sent == 3, report.errors
+    assert sorted(scp.received) == sorted(uid for uid, _, _ in encoded_files[:3])
