@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_ca: Path | None = Field(default=None, description="CA to verify peers; set to require client certs.")
     disk_watermark_mb: int = Field(default=1024, ge=0, description="Refuse associations below this free space.")
+    scp_engine: str = Field(
+        default="fast", description="fast (our lean Upper Layer, default) or pynetdicom (reference engine)."
+    )
     spool_fsync: bool = Field(
         default=True, description="fsync each received file before Success (power-loss safe); off = faster."
     )
@@ -175,6 +178,13 @@ class Settings(BaseSettings):
     def _check_device(cls, v: str) -> str:
         if v not in {"auto", "cpu", "cuda"} and not v.startswith("cuda:"):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("scp_engine")
+    @classmethod
+    def _check_scp_engine(cls, v: str) -> str:
+        if v not in {"fast", "pynetdicom"}:
+            raise ValueError("must be 'fast' or 'pynetdicom'")
         return v
 
     @field_validator("auth_mode")

@@ -10,13 +10,14 @@ transaction (study and series ids are cached).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError
 
 from common.jobstore import queries
 from common.jobstore.db import session_factory
@@ -145,7 +146,7 @@ class Receiver:
         """Store one data set (bytes without file meta); return the DICOM status to answer."""
         try:
             outcome = self._receive(data, transfer_syntax, sop_class_uid, sop_instance_uid, calling_aet)
-        except (OSError, OperationalError) as exc:
+        except (OSError, OperationalError, sqlite3.Error) as exc:
             outcome = Outcome(OUT_OF_RESOURCES, f"could not store: {exc}")
         except Exception as exc:  # noqa: BLE001 - the association must survive any one bad instance
             log.exception("unexpected error storing %s", sop_instance_uid)
@@ -186,19 +187,23 @@ class Receiver:
 
         relpath = self.spool.relpath(study_uid, series_uid, sop_uid)
         sha = sha256_of((data,))
+        chunks = (file_meta(rq_class, sop_uid, ts, calling_aet), data)
         with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
-            existing = self._writer.find(sop_uid)
-            if existing is not None:
-                return self._duplicate(existing, sha, sop_uid, relpath)
-            chunks = (file_meta(rq_class, sop_uid, ts, calling_aet), data)
+            # The common case costs no lookup: link() refuses an existing name, the unique
+            # index refuses a known UID; only then do we look at what is stored.
             stored = self.spool.store(relpath, chunks)
             if not stored.created:
+                existing = self._writer.find(sop_uid)
+                if existing is not None:
+                    return self._duplicate(existing, sha, sop_uid, relpath)
                 # A final file without a row: left by a run that died before recording it.
                 # It was never acknowledged, so this copy wins.
                 stored = self.spool.replace(relpath, chunks)
             try:
                 self._record(h, relpath, stored.size, sha, ts, calling_aet)
-            except IntegrityError:
+            except queries.DuplicateInstanceError:
+                # Same SOP Instance UID already recorded under another Study/Series path.
+                stored.path.unlink(missing_ok=True)
                 existing = self._writer.find(sop_uid)
                 if existing is None:
                     raise
@@ -237,8 +242,7 @@ class Receiver:
             "calling_aet": (calling_aet or "").strip()[:16] or None,
             "received_at": utcnow(),
         }
-        with self._writer.engine.begin() as conn:
-            self._writer.insert(conn, values, entry[3], touch)
+        self._writer.add(values, entry[3], touch)
         with self._cache_lock:
             if touch:
                 entry[4] = now

@@ -1,9 +1,10 @@
-"""The pynetdicom AE that listens for scanners and PACS.
+"""The SCP that listens for scanners and PACS: policy plus one of two network engines.
 
-Association requests pass the access policy and the disk watermark in an EVT_REQUESTED
-handler, which answers A-ASSOCIATE-RJ itself so that each refusal has its own reason in the
-log and in the job store. C-STORE hands the data set bytes, undecoded, to the Receiver; C-ECHO
-answers Success.
+``fast`` (default) is our lean Upper Layer (service/scp/ul.py); ``pynetdicom`` is a pynetdicom
+AE, kept as the reference engine. Both apply the same policy: association requests pass the
+access policy and the disk watermark and are refused with an A-ASSOCIATE-RJ whose reason goes
+to the log and to the job store (ScpEvent); C-STORE hands the data set bytes, undecoded, to the
+Receiver; C-ECHO answers Success.
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ from common.jobstore import queries
 from common.jobstore.db import session_scope
 from service.ingest.receiver import Receiver
 from service.scp.access import RJ_CONGESTION, RJ_LIMIT, AccessPolicy, Refusal
-from service.scp.contexts import add_contexts
+from service.scp.contexts import (
+    STORAGE_SOP_CLASSES,
+    STORAGE_TRANSFER_SYNTAXES,
+    UNCOMPRESSED,
+    VERIFICATION,
+    add_contexts,
+)
+from service.scp.ul import StoreRequest, UpperLayerServer
 from service.status import disk_status
 
 log = logging.getLogger("synthperf.scp")
+_STORAGE = frozenset(STORAGE_SOP_CLASSES)
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -57,8 +66,12 @@ class ScpServer:
         port: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         disk_ok: Callable[[], bool] | None = None,
+        engine: str | None = None,
     ) -> None:
         self.settings = settings
+        self.engine = engine or settings.scp_engine
+        if self.engine not in ("fast", "pynetdicom"):
+            raise ValueError(f"engine must be 'fast' or 'pynetdicom', got {self.engine!r}")
         self.receiver = receiver
         self.host = host if host is not None else settings.scp_host
         self.port = port if port is not None else settings.scp_port
@@ -87,6 +100,18 @@ class ScpServer:
         return ae
 
     def start(self) -> int:
+        if self.engine == "fast":
+            s = self.settings
+            self._server = UpperLayerServer(
+                self, self.host, self.port, ssl_context=self.ssl_context, max_associations=s.max_associations,
+                max_pdu=s.max_pdu, acse_timeout=s.acse_timeout_s, network_timeout=s.network_timeout_s,
+            )
+            self._server.start()
+            self.port = self._server.port
+            self.started_at = time.time()
+            log.info("SCP %s listening on %s:%d%s", s.ae_title, self.host, self.port,
+                     " (TLS)" if self.ssl_context else "")
+            return self.port
         ae = self._make_ae()
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -107,7 +132,10 @@ class ScpServer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            if self.engine == "fast":
+                self._server.stop()
+            else:
+                self._server.shutdown()
             self._server = None
             log.info("SCP stopped")
 
@@ -115,6 +143,8 @@ class ScpServer:
     def active_associations(self) -> int:
         if self._server is None:
             return 0
+        if self.engine == "fast":
+            return self._server.active_count()
         return len(self._server.active_associations)
 
     def info(self) -> dict[str, Any]:
@@ -124,6 +154,7 @@ class ScpServer:
             "ae_title": self.settings.ae_title,
             "port": self.port,
             "tls": self.ssl_context is not None,
+            "engine": self.engine,
             "active_associations": self.active_associations,
             "associations_accepted": self.accepted,
             "associations_rejected": self.rejected,
@@ -134,12 +165,19 @@ class ScpServer:
             "last_stored_at": st.last_stored_at,
         }
 
-    # ------------------------------------------------------------------ handlers
-    def _refuse(self, event: evt.Event, refusal: Refusal, calling: str) -> None:
-        rq = event.assoc.requestor
-        calling = calling.strip()
-        peer = f"{rq.address}:{rq.port}"
-        event.assoc.acse.send_reject(*refusal.rsd)
+    # ------------------------------------------------------------------ policy (both engines)
+    def check_association(self, called: str, calling: str, address: str) -> Refusal | None:
+        refusal = self.policy.check(called, calling, address)
+        if refusal is None and not self._disk_ok():
+            d = disk_status(self.settings)
+            refusal = Refusal(
+                RJ_CONGESTION,
+                f"free disk {d['free_mb']:.0f} MB is under the watermark {d['watermark_mb']} MB; "
+                "free space or lower SYNTHPERF_DISK_WATERMARK_MB",
+            )
+        return refusal
+
+    def association_refused(self, refusal: Refusal, calling: str, peer: str) -> None:
         with self._lock:
             self.rejected += 1
             self.recent_refusals.append((time.time(), refusal.reason))
@@ -149,6 +187,30 @@ class ScpServer:
                 queries.add_scp_event(s, "rejected", calling[:16] or None, peer, refusal.reason)
         except Exception:  # noqa: BLE001
             log.exception("could not record the rejection")
+
+    def association_accepted(self, calling: str, peer: str) -> None:
+        with self._lock:
+            self.accepted += 1
+        log.info("association accepted from %s (%s)", calling, peer)
+
+    def supported_transfer_syntaxes(self, abstract_syntax: str) -> tuple[str, ...] | None:
+        if abstract_syntax == VERIFICATION:
+            return UNCOMPRESSED[:3]
+        if abstract_syntax in _STORAGE:
+            return STORAGE_TRANSFER_SYNTAXES
+        return None
+
+    def store(self, request: StoreRequest) -> int:
+        return self.receiver.receive(
+            request.data, request.transfer_syntax, request.sop_class_uid, request.sop_instance_uid,
+            calling_aet=request.calling_aet, peer=request.peer,
+        ).status
+
+    # ------------------------------------------------------------------ pynetdicom handlers
+    def _refuse(self, event: evt.Event, refusal: Refusal, calling: str) -> None:
+        rq = event.assoc.requestor
+        event.assoc.acse.send_reject(*refusal.rsd)
+        self.association_refused(refusal, calling.strip(), f"{rq.address}:{rq.port}")
         # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (as pynetdicom does
         # for its own rejections); otherwise the socket may be shut before the PDU leaves.
         event.assoc.kill()
@@ -159,14 +221,7 @@ class ScpServer:
         # At EVT_REQUESTED pynetdicom has not copied the AE titles yet: read the A-ASSOCIATE-RQ.
         called = primitive.called_ae_title if primitive is not None else ""
         calling = primitive.calling_ae_title if primitive is not None else ""
-        refusal = self.policy.check(called, calling, rq.address)
-        if refusal is None and not self._disk_ok():
-            d = disk_status(self.settings)
-            refusal = Refusal(
-                RJ_CONGESTION,
-                f"free disk {d['free_mb']:.0f} MB is under the watermark {d['watermark_mb']} MB; "
-                "free space or lower SYNTHPERF_DISK_WATERMARK_MB",
-            )
+        refusal = self.check_association(called, calling, rq.address)
         if refusal is None and self.active_associations > self.settings.max_associations:
             refusal = Refusal(RJ_LIMIT, f"max_associations ({self.settings.max_associations}) reached")
         if refusal is not None:
@@ -174,9 +229,7 @@ class ScpServer:
 
     def _on_accepted(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
-        with self._lock:
-            self.accepted += 1
-        log.info("association accepted from %s (%s:%s)", (rq.ae_title or "").strip(), rq.address, rq.port)
+        self.association_accepted((rq.ae_title or "").strip(), f"{rq.address}:{rq.port}")
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000

@@ -166,3 +166,21 @@ def test_bad_input_over_the_network_keeps_the_association_usable(
     with session_scope(settings.effective_database_url) as s:
         assert s.query(Instance).count() == 1
         assert s.query(ScpEvent).filter(ScpEvent.kind == "store_failed").count() == len(cases)
+
+
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_both_engines_store_echo_and_refuse(engine: str, tmp_path: Path, realdata: Path) -> None:
+    """The lean engine is the default; the pynetdicom engine stays a working reference."""
+    settings = gateway_settings(tmp_path / "d", scp_engine=engine, allowed_aets=["STORESCU", "ECHOSCU"])
+    folder = realdata / "dicom2nifti" / "generic_compressed_jpegls_001"
+    with running_gateway(settings) as gw:
+        assert gw.scp.info()["engine"] == engine
+        assert echoscu(gw.scp.port).returncode == 0
+        assert echoscu(gw.scp.port, aet="STRANGER").returncode != 0
+        res = storescu(gw.scp.port, [folder], "-xt")
+        assert res.returncode == 0, res.stderr[-1000:]
+    with session_scope(settings.effective_database_url) as s:
+        rows = s.query(Instance).all()
+        assert len(rows) == len(dicom_files(folder))
+        assert {r.transfer_syntax_uid for r in rows} == {"1.2.840.10008.1.2.4.80"}
+    assert len(_events(settings.effective_database_url, "rejected")) == 1
