@@ -44,7 +44,7 @@ ENTRYPOINT ["/usr/bin/tini", "--"]
 FROM runtime-cpu AS service
 EXPOSE 11112 8080
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,os; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SYNTHPERF_API_PORT','8080'))"
-CMD ["synthperf", "serve"]
+CMD ["synthperf", "serve", "--no-worker"]
 
 FROM runtime-cpu AS worker-cpu
 CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "cpu", "--concurrency", "2", "--loglevel", "INFO"]

@@ -56,3 +56,18 @@ def test_docker_compose_config_validates():
     proc = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
                           text=True, timeout=60, env=env, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_commands_exist():
+    """The commands the containers run are real: serve's flags parse, the API one-liner compiles."""
+    from cli.main import build_parser
+
+    doc = yaml.safe_load(COMPOSE.read_text())
+    scp = doc["services"]["scp"]["command"]
+    assert scp[0] == "synthperf"
+    args = build_parser().parse_args(scp[1:])
+    assert args.no_api and args.no_worker
+    api = doc["services"]["api"]["command"]
+    assert api[:2] == ["python", "-c"]
+    compile(api[2], "<api>", "exec")
+    assert "create_app" in api[2]
