@@ -474,27 +474,51 @@ def _patient_orientation(geo: Geometry) -> tuple[str, str]:
     return right, bottom
 
 
-def _slice_refs(inp: EncodeInput) -> list[list[Dataset]]:
-    """For each slice k, source-image items of the DWI instance(s)/frame(s) at that position."""
+def _frame_orientation(ds: Dataset, item: Dataset | None) -> np.ndarray | None:
+    for holder in (item, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
+        if holder is not None and "PlaneOrientationSequence" in holder:
+            return np.asarray(holder.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    if "ImageOrientationPatient" in ds:
+        return np.asarray(ds.ImageOrientationPatient, float)
+    return None
+
+
+def _positions(sources: Sequence[Dataset], normal: np.ndarray) -> list[tuple[float, Dataset]]:
+    """(distance along ``normal``, source-image item) for every frame parallel to the DWI slices."""
+    out: list[tuple[float, Dataset]] = []
+    for ds in sources:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = list(enumerate(ds.PerFrameFunctionalGroupsSequence, start=1)) if (
+            n_frames > 1 and "PerFrameFunctionalGroupsSequence" in ds) else [(None, None)]
+        for f, item in frames:
+            try:
+                ipp = item.PlanePositionSequence[0].ImagePositionPatient if item is not None else ds.ImagePositionPatient
+            except (AttributeError, IndexError):
+                continue
+            iop = _frame_orientation(ds, item)
+            if iop is None or abs(float(np.dot(np.cross(iop[:3], iop[3:]), normal))) < 0.999:
+                continue  # not parallel to the DWI slices: no per-slice correspondence
+            out.append((float(np.dot(np.asarray(ipp, float), normal)), _ref_item(ds, f)))
+    return out
+
+
+def _slice_refs(inp: EncodeInput, flair: bool = False) -> list[list[Dataset]]:
+    """For each slice k, source-image items of the DWI instance(s)/frame(s) at that position and,
+    with ``flair``, the FLAIR slice nearest to it (when FLAIR was acquired parallel to the DWI)."""
     geo = inp.geometry
     normal = geo.axes[2]
     positions = [float(np.dot(geo.slice_position(k), normal)) for k in range(geo.shape_zyx[0])]
     tol = max(geo.spacing[2] * 0.25, 1e-3)
-    candidates: list[tuple[float, Dataset]] = []
-    for ds in inp.dwi_sources:
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if n_frames > 1 and "PerFrameFunctionalGroupsSequence" in ds:
-            for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
-                try:
-                    ipp = item.PlanePositionSequence[0].ImagePositionPatient
-                except (AttributeError, IndexError):
-                    continue
-                candidates.append((float(np.dot(np.asarray(ipp, float), normal)), _ref_item(ds, f)))
-        elif "ImagePositionPatient" in ds:
-            candidates.append((float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)), _ref_item(ds)))
+    dwi = _positions(inp.dwi_sources, normal)
+    flair_pos = _positions(_flair_further(inp), normal) if flair else []
     out = []
     for pos in positions:
-        out.append([item for p, item in candidates if abs(p - pos) <= tol])
+        items = [item for p, item in dwi if abs(p - pos) <= tol]
+        if flair_pos:
+            p, item = min(flair_pos, key=lambda c: abs(c[0] - pos))
+            if abs(p - pos) <= geo.spacing[2] / 2:
+                items.append(item)
+        out.append(items)
     return out
 
 
@@ -519,7 +543,7 @@ def key_slices(inp: EncodeInput, n: int = 4) -> list[int]:
 def _encode_overlays(inp: EncodeInput, grey: np.ndarray) -> list[Dataset]:
     geo = inp.geometry
     labels = render.orientation_labels(geo.axes[0], geo.axes[1])
-    refs = _slice_refs(inp)
+    refs = _slice_refs(inp, flair=True)
     n = geo.shape_zyx[0]
     box = render.crop_box(inp.brain.astype(bool))
     out: list[Dataset] = []
@@ -565,8 +589,10 @@ def _encode_summary(inp: EncodeInput, grey: np.ndarray) -> Dataset:
     footer = f"{SOFTWARE_NAME} {inp.software_version} - research software - {WARNING}"
     rgb = render.render_summary(inp.measures, tiles, header, footer, box=render.crop_box(inp.brain.astype(bool)))
     sc = _sc_image(inp, "summary", rgb, 1)
-    refs = _slice_refs(inp)
+    refs = _slice_refs(inp, flair=True)
     flat = [item for k in keys for item in refs[k]]
+    if not any(i.ReferencedSOPInstanceUID in {f.SOPInstanceUID for f in inp.flair_sources} for i in flat):
+        flat += [_ref_item(f) for f in _flair_further(inp)[:1]]  # FLAIR oblique to DWI: cite the series
     _sc_common(sc, inp, SERIES["summary"][1], flat)
     return sc
 
