@@ -243,6 +243,23 @@ def test_dashboard_watches_a_study_to_pacs_and_repushes(tmp_path, redis_url, mod
             _shot(page, "audit")
             page.goto(f"{service.url}/jobs/{job['id']}/delete")
             _shot(page, "delete_confirm")
+
+            # a viewer made with the CLI sees the same job with patient identifiers masked, no actions
+            r = subprocess.run([sys.executable, "-m", "cli.main", "users", "add", "nightnurse", "--role", "viewer"],
+                               input="viewer password 1\n", text=True, capture_output=True, env=service.env,
+                               cwd=REPO_ROOT, timeout=120)
+            assert r.returncode == 0, r.stderr
+            viewer = browser.new_context(viewport=VIEWPORT).new_page()
+            viewer.goto(service.url + "/login")
+            viewer.fill("input[name=username]", "nightnurse")
+            viewer.fill("input[name=password]", "viewer password 1")
+            viewer.click("button[type=submit]")
+            viewer.wait_for_url(service.url + "/")
+            row = viewer.inner_text(f"#job-rows tr[data-job='{job['id']}']")
+            assert "•••" in row and "PHANTOM" not in row, row
+            _shot(viewer, "jobs_viewer")
+            viewer.goto(f"{service.url}/jobs/{job['id']}")
+            assert viewer.query_selector("#btn-repush") is None
             browser.close()
     finally:
         service.stop()
