@@ -163,6 +163,11 @@ class DbRecorder:
         with session_scope(self.url) as s:
             job = self._job(s)
             attempts = s.scalars(select(Stage).where(Stage.job_id == self.job_id, Stage.name == name)).all()
+            for old in attempts:  # a previous worker died mid-stage (the task was redelivered)
+                if old.state == StageState.RUNNING:
+                    old.state = StageState.FAILED
+                    old.finished_at = now
+                    old.error = "worker lost during this stage; the stage was started again"
             st = Stage(job_id=self.job_id, name=name, state=StageState.RUNNING, attempt=len(attempts) + 1,
                        started_at=now, worker=worker_name(device)[:200], warnings=[])
             s.add(st)
@@ -249,6 +254,9 @@ def user_message(stage: str, exc: BaseException) -> str:
     """Words a user can act on: our errors carry them; anything else is named as a bug."""
     if isinstance(exc, SynthperfError):
         return f"{stage}: {exc}"
+    if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
+        return (f"{stage}: took longer than the task time limit; raise SYNTHPERF_TASK_TIME_LIMIT_S, lower "
+                "SYNTHPERF_DDIM_STEPS/SYNTHPERF_SAMPLES, or run the gpu worker on a GPU")
     return (f"{stage}: internal error {type(exc).__name__}: {exc}. This is a bug in synthperf; "
             "the log has the traceback. Re-run with: synthperf jobs retry (or the dashboard) once fixed")
 
