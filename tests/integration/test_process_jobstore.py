@@ -131,3 +131,17 @@ def test_full_run_then_retry_from_encode_keeps_uids(data_dir, model_ref):  # noq
     again = {p.name: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in dicom.glob("*.dcm")}
     assert again == first
     assert job.state == JobState.DONE
+
+
+@pytest.mark.slow
+def test_stage_left_running_by_a_lost_worker_is_closed_on_retry(data_dir):
+    settings = make_settings(data_dir)
+    job_id = spool_study(settings, with_flair=False)
+    with session_scope(settings.effective_database_url) as s:
+        s.add(Stage(job_id=job_id, name="classify", state=StageState.RUNNING, attempt=1, worker="gone:1"))
+    with pytest.raises(Exception, match="FLAIR"):
+        run_job(settings, job_id)
+    _, stages = job_and_stages(settings, job_id)
+    assert [(st.name, st.attempt, st.state) for st in stages] == [
+        ("classify", 1, StageState.FAILED), ("classify", 2, StageState.FAILED)]
+    assert "worker lost" in stages[0].error and "FLAIR" in stages[1].error
