@@ -210,6 +210,8 @@ class DbRecorder:
                     st.error = str(exc)[:4000]
             job = self._job(s)
             if isinstance(exc, Cancelled):
+                if job.state == JobState.SUPERSEDED:  # a follow-up job replaced it: keep saying so
+                    return
                 job.state = JobState.CANCELLED
             elif isinstance(exc, InputMissingError):
                 job.state = JobState.INPUT_MISSING
