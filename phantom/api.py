@@ -57,6 +57,7 @@ class PhantomCase:
     flair_motion: dict[str, Any]
     truth: dict[str, Any]
     tissue: np.ndarray | None = None  # uint8 tissue class per voxel (phantom.anatomy codes)
+    confounders: np.ndarray | None = None  # uint8: 1 WMH, 2 old-infarct gliotic rim, 3 old cavity
     dsc: np.ndarray | None = None  # (t, z, y, x) on the DWI grid, scanner units
     dsc_times_s: np.ndarray | None = None
     acquisition: dict[str, Any] = field(default_factory=dict)
@@ -220,6 +221,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         b0=d["b0"], dwi=d["dwi"], adc=d["adc"], flair_on_dwi=flair_on_dwi, tmax=m["tmax"],
         core=m["core"], brain=m["brain"], territory=m["territory"], fvh=m["fvh"],
         flair_grid=flair_grid, flair_motion=motion, truth=truth, tissue=m["cls"],
+        confounders=m["confounders"],
         acquisition={"dwi": dwi_acq, "flair": flair_acq, "dwi_snr": dwi_snr, "flair_snr": flair_snr},
     )
 
@@ -235,7 +237,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     def render_extra(g: Grid, kind: str) -> np.ndarray:
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7002, hash(kind) % 1000]))
         mx = head.render(g, pose)
-        rel = mx["t1"] if kind == "t1" else 0.5 * mx["t1"] + 0.5 * mx["s0"]
+        rel = mx["t1"] if kind == "t1" else 0.85 * mx["t1"] + 0.15 * mx["s0"]
         return signal.acquire(rng, rel, 40.0, np.ones(g.shape, np.float32), 0.4, _T1_SCALE, 0.7)
 
     case._lazy["render_flair"] = render_flair

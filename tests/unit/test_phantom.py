@@ -140,3 +140,18 @@ def test_geometry_like_a_clinical_protocol(stroke_case):
     m = c.flair_motion
     assert 0 < np.abs(m["rotation_deg_xyz"]).max() <= 3.0 and 0 < np.abs(m["translation_mm"]).max() <= 4.0
     assert c.flair_grid.shape != c.grid.shape
+
+
+def test_confounders_are_flair_bright_but_not_core():
+    # seed 78 carries moderate WMH and an old infarct; give it an acute stroke as well
+    c = make_case(78, scenario={**M1, "onset_h": 6.0})
+    assert c.truth["anatomy"]["old_infarct"] is not None and c.truth["anatomy"]["wmh_grade"] >= 2
+    wm = (c.tissue == WM) & (c.confounders == 0) & (c.tmax < 4) & c.brain
+    ref = np.median(c.flair_on_dwi[wm])
+    for code in (1, 2):  # WMH, gliotic rim
+        m = (c.confounders == code) & ~c.core
+        assert m.sum() > 20
+        assert np.median(c.flair_on_dwi[m]) > 1.3 * ref
+        assert np.median(c.adc[m]) > 900  # raised, not restricted
+        assert (c.adc[m] < 620).mean() < 0.02
+    assert not (c.core & (c.confounders >= 2)).any()
