@@ -15,12 +15,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from common.config import Settings, get_settings
 from common.jobstore.db import session_scope
+from common.jobstore.models import User
 from service.api import routes_api, routes_ops, routes_pages
 from service.api.actions import Enqueuer
 from service.api.auth import LoginLimiter, ensure_first_admin, session_secret
@@ -38,8 +40,12 @@ def _bootstrap(settings: Settings) -> None:
     try:
         with session_scope(settings.effective_database_url) as db:
             created = ensure_first_admin(db, settings)
+            no_users = settings.auth_mode == "local" and not db.scalar(select(func.count(User.id)))
         if created:
             log.info("created first admin user %r from SYNTHPERF_ADMIN_PASSWORD", created)
+        elif no_users:
+            log.warning("no dashboard account exists: create one with 'synthperf users add NAME --role admin' "
+                        "(password on stdin) or set SYNTHPERF_ADMIN_PASSWORD and restart")
     except (OperationalError, ProgrammingError) as exc:
         log.error("job store not initialised (run the migrations: synthperf serve does): %s", exc)
 

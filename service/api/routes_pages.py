@@ -12,8 +12,10 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import func, select
 
 from common.jobstore import dashboard_queries as dq
+from common.jobstore.models import User
 from service.api import actions
 from service.api.auth import (
     CSRF_FORM_FIELD,
@@ -58,11 +60,15 @@ def _safe_next(target: str | None) -> str:
 
 
 @router.get("/login")
-def login_form(request: Request, settings: SettingsDep, user: OptionalPrincipal,
+def login_form(request: Request, settings: SettingsDep, db: DbDep, user: OptionalPrincipal,
                next: Annotated[str | None, Query(max_length=500)] = None) -> Response:
     if settings.auth_mode == "proxy" or user is not None:
         return RedirectResponse(_safe_next(next), status_code=303)
-    return _render(request, "login.html", None, next=_safe_next(next), error=None)
+    return _render(request, "login.html", None, next=_safe_next(next), error=None, no_users=_no_users(db))
+
+
+def _no_users(db: Any) -> bool:
+    return not db.scalar(select(func.count(User.id)))
 
 
 @router.post("/login")

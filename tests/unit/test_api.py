@@ -191,6 +191,18 @@ def test_open_redirect_is_refused(env):
         assert r.headers["location"] == "/"
 
 
+def test_login_page_tells_how_to_make_the_first_admin(data_dir):
+    settings = make_settings(data_dir)
+    from tests.unit.test_api_fixtures import init_schema
+
+    init_schema(settings)
+    with _client(settings) as c:
+        assert "synthperf users add admin --role admin" in c.get("/login").text
+    populate(settings)
+    with _client(settings) as c:
+        assert "synthperf users add admin" not in c.get("/login").text
+
+
 def test_first_admin_from_environment(data_dir, monkeypatch):
     monkeypatch.setenv("SYNTHPERF_ADMIN_PASSWORD", "bootstrap password 1")
     from common.config import load_settings
