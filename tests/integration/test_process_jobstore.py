@@ -145,3 +145,15 @@ def test_stage_left_running_by_a_lost_worker_is_closed_on_retry(data_dir):
     assert [(st.name, st.attempt, st.state) for st in stages] == [
         ("classify", 1, StageState.FAILED), ("classify", 2, StageState.FAILED)]
     assert "worker lost" in stages[0].error and "FLAIR" in stages[1].error
+
+
+def test_cancel_requested_stops_before_the_next_stage(data_dir):
+    settings = make_settings(data_dir)
+    job_id = spool_study(settings)
+    with session_scope(settings.effective_database_url) as s:
+        s.get(Job, job_id).cancel_requested = True
+    with pytest.raises(Exception, match="cancelled"):
+        run_job(settings, job_id)
+    job, stages = job_and_stages(settings, job_id)
+    assert job.state == JobState.CANCELLED and "cancelled" in job.error
+    assert stages == []

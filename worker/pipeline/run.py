@@ -200,6 +200,8 @@ class DbRecorder:
                 job.warnings = [*(job.warnings or []), *[f"{name}: {w}" for w in out.warnings]]
 
     def fail(self, name: str, exc: BaseException) -> None:
+        if isinstance(exc, Cancelled):
+            self._stage_id = None  # cancelled between stages: no stage is running
         with session_scope(self.url) as s:
             if self._stage_id is not None:
                 st = s.get(Stage, self._stage_id)
@@ -524,7 +526,11 @@ def run_stages(ctx: Context, rec: Any, names: Sequence[str], from_stage: str | N
     for name in names:
         if STAGES.index(name) < rerun_from and name != "push" and rec.is_done(name):
             continue
-        rec.check_cancel()
+        try:
+            rec.check_cancel()
+        except Cancelled as exc:
+            rec.fail(name, exc)
+            raise
         rec.start(name, ctx.options.device if name in ("core", "synthesize") else "")
         try:
             out = STAGE_FUNCS[name](ctx, rec)
