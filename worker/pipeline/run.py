@@ -558,7 +558,7 @@ def job_context(settings: Settings, job_id: int, options: RunOptions | None = No
         paths = [settings.spool_dir / r[0] for r in rows]
         study_uid = job.study.study_uid
         version = job.version
-        job_dir = settings.output_dir / f"job_{job_id}"
+        job_dir = (settings.output_dir / f"job_{job_id}").resolve()
         if job.output_dir != str(job_dir):
             job.output_dir = str(job_dir)
     return Context(settings=settings, job_dir=job_dir, input_paths=paths, study_uid=study_uid,
