@@ -15,6 +15,7 @@ from common.config import Settings
 from common.jobstore.queries import init_db
 from service.heartbeat import Heartbeat
 from service.ingest.completion import CompletionLoop, Enqueue, celery_enqueuer
+from service.ingest.dataset import MalformedDatasetError
 from service.ingest.receiver import Receiver
 from service.ingest.spool import Spool
 from service.scp.contexts import STORAGE_SOP_CLASSES
@@ -55,7 +56,13 @@ class Gateway:
             sop = path.name[: -len(".dcm")]
             if self.receiver._writer.find(sop) is not None:
                 continue
-            outcome = self.receiver.receive_file_bytes(path.read_bytes(), calling_aet=None)
+            try:
+                outcome = self.receiver.receive_file_bytes(path.read_bytes(), calling_aet=None)
+            except (MalformedDatasetError, OSError) as exc:
+                # Never acknowledged (no row) and not a complete data set: the sender will resend.
+                log.warning("recovery: removing incomplete unrecorded file %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+                continue
             recorded += int(outcome.status == 0 and not outcome.duplicate)
         if removed or recorded:
             log.warning("recovery: removed %d partial temp files, recorded %d unrecorded files", removed, recorded)

@@ -178,3 +178,24 @@ def test_series_declaration_is_recorded_and_completion_kicked(tmp_path: Path) ->
         assert len(kicks) == (1 if i == 2 else 0)
     with session_scope(url) as s:
         assert s.query(Series).one().expected_instances == 3
+
+
+def test_gateway_recovery_records_complete_leftovers_and_drops_broken_ones(tmp_path: Path) -> None:
+    from common.config import load_settings
+    from service.gateway import Gateway
+
+    settings = load_settings(data_dir=tmp_path / "d", disk_watermark_mb=0)
+    gw = Gateway(settings, lambda _job: None, host="127.0.0.1", port=0)
+    study, series = generate_uid(), generate_uid()
+    complete, broken = make_ds(study, series), make_ds(study, series)
+    for ds, cut in ((complete, None), (broken, -20)):
+        path = gw.spool.root / gw.spool.relpath(study, series, ds.SOPInstanceUID)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = R.file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), TS, "OLD") + encode(ds)
+        path.write_bytes(blob[:cut] if cut else blob)
+    (path.parent / f"{TEMP_PREFIX}zz").write_bytes(b"partial")
+    assert gw.recover() == {"temp_removed": 1, "recorded": 1}
+    files = sorted(p.name for p in gw.spool.root.rglob("*") if p.is_file())
+    assert files == [f"{complete.SOPInstanceUID}.dcm"]
+    with session_scope(gw.url) as s:
+        assert [i.sop_instance_uid for i in s.query(Instance)] == [complete.SOPInstanceUID]
