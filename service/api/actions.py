@@ -47,7 +47,10 @@ class Enqueuer:
             return self._app
 
     def send(self, task: str, args: list[Any], kwargs: dict[str, Any] | None = None) -> None:
-        self.celery().send_task(task, args=args, kwargs=kwargs or {})
+        # a short retry: an admin waiting on a button should hear "broker down" within a second or two
+        self.celery().send_task(task, args=args, kwargs=kwargs or {}, retry=True,
+                                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.3,
+                                              "interval_max": 0.5})
 
 
 def audit(db: Session, principal: Principal | None, action: str, target: str | None,
@@ -113,7 +116,9 @@ def repush(db: Session, enqueuer: Enqueuer, principal: Principal, job_id: int, i
     if only_unsent:
         q = q.where(Delivery.state != DeliveryState.SENT)
     count = db.execute(
-        q.values(state=DeliveryState.PENDING, next_attempt_at=datetime.now(UTC)).execution_options(
+        # created_at starts the retry period again (worker/pipeline/push.py dead-letters by it)
+        q.values(state=DeliveryState.PENDING, next_attempt_at=datetime.now(UTC), created_at=datetime.now(UTC),
+                 last_error=None).execution_options(
             synchronize_session=False)
     ).rowcount
     if not count:
@@ -187,7 +192,10 @@ def delete_job(db: Session, settings: Settings, principal: Principal, job_id: in
         raise ActionError(409, "another job of this study is running; cancel it first")
     outputs_removed = 0
     for j in jobs:
-        if j.output_dir and _remove_tree(Path(j.output_dir), settings.output_dir):
+        out = Path(j.output_dir) if j.output_dir else None
+        if out is not None and not out.is_absolute():
+            out = settings.output_dir / out
+        if out is not None and _remove_tree(out, settings.output_dir):
             outputs_removed += 1
     ids = [j.id for j in jobs]
     db.execute(update(Job).where(Job.supersedes_job_id.in_(ids)).values(supersedes_job_id=None)

@@ -84,6 +84,7 @@ def system_view(db: Session, settings: Settings, celery_app: Any = None) -> dict
             for key, value in b["info"].items():
                 if "model" in key and key not in model:
                     model[key] = value
+    queues = queue_depths(settings)
     versions = dq.latest_versions(db)
     if versions:
         model["last_job_versions"] = versions
@@ -96,13 +97,13 @@ def system_view(db: Session, settings: Settings, celery_app: Any = None) -> dict
         "other_processes": others,
         "recent_rejections": dq.recent_scp_events(db, kinds=("rejected",), limit=20),
         "recent_events": dq.recent_scp_events(db, limit=20),
-        "queues": queue_depths(settings),
+        "queues": queues,
         "disk": disk_status(settings),
         "jobs_by_state": dq.jobs_by_state(db),
         "deliveries_by_state": dq.deliveries_by_state(db),
         "software": software_versions(),
         "model": model,
-        "celery_workers": celery_workers(settings, celery_app) if celery_app is not None else None,
+        "celery_workers": celery_workers(settings, celery_app) if celery_app is not None and not queues["error"] else None,
         "recent_stage_workers": dq.recent_stage_workers(db, datetime.now(UTC) - timedelta(minutes=30)),
         "destinations": [f"{d.ae_title}@{d.host}:{d.port}" + (" (TLS)" if d.tls else "") for d in settings.destinations],
     }

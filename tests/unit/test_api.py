@@ -24,6 +24,8 @@ from tests.unit.test_api_fixtures import (
     VIEWER,
     Populated,
     cheap_hasher,
+    checkpoint,
+    clone,
     make_settings,
     populate,
 )
@@ -42,11 +44,28 @@ def _fast_argon2(monkeypatch):
     monkeypatch.setattr(auth, "_hasher", cheap_hasher())
 
 
+@pytest.fixture(scope="module")
+def _template(tmp_path_factory):
+    """One populated job store per module, copied for each test (populating costs seconds)."""
+    import service.api.auth as auth
+
+    original, auth._hasher = auth._hasher, cheap_hasher()
+    try:
+        folder = tmp_path_factory.mktemp("template") / "data"
+        folder.mkdir()
+        settings = make_settings(folder)
+        rows = populate(settings)
+        checkpoint(settings)
+    finally:
+        auth._hasher = original
+    return folder, rows
+
+
 @pytest.fixture
-def env(data_dir: Path):
-    settings = make_settings(data_dir)
-    rows = populate(settings)
-    return settings, rows
+def env(data_dir: Path, _template):
+    folder, rows = _template
+    clone(folder, data_dir)
+    return make_settings(data_dir), rows
 
 
 def _client(settings) -> TestClient:

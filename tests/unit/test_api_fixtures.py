@@ -217,7 +217,7 @@ def add_job(db: Session, settings: Settings, study: Study, state: str, *, upto: 
             _write_work_arrays(out / "work")
         else:
             _write_previews(out / "previews")
-        job.output_dir = str(out)
+        job.output_dir = out.name  # relative to settings.output_dir (absolute paths work too)
         for dest, dstate in (deliveries or {}).items():
             for k, sop_class in enumerate(("1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
                                            "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.33")):
@@ -274,3 +274,27 @@ def populate(settings: Settings) -> Populated:
             Heartbeat(component="worker", instance="old:300", at=now - timedelta(hours=2), info={"device": "cpu"}),
         ])
     return out
+
+
+def clone(template: Path, data_dir: Path) -> None:
+    """Copy a populated data dir (job store, spool, outputs) and make its heartbeats fresh."""
+    import shutil
+
+    from sqlalchemy import update
+
+    shutil.copytree(template, data_dir, dirs_exist_ok=True)
+    settings = make_settings(data_dir)
+    with session_scope(settings.effective_database_url) as db:
+        db.execute(update(Heartbeat).where(Heartbeat.instance != "old:300").values(at=datetime.now(UTC)))
+
+
+def checkpoint(settings: Settings) -> None:
+    """Fold SQLite's WAL into the main file and drop the pooled connections, so a copy is complete."""
+    from sqlalchemy import text
+
+    from common.jobstore.db import get_engine
+
+    engine = get_engine(settings.effective_database_url)
+    with engine.connect() as conn:
+        conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    engine.dispose()
