@@ -40,7 +40,7 @@ def send_paths(paths: list[Path], host: str, port: int, called_aet: str = "SYNTH
     """Send every DICOM file under ``paths``; return counts {sent, failed, skipped}."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
-    from pynetdicom import AE
+    from pynetdicom import _config
 
     plan: dict[tuple[str, str], list[Path]] = defaultdict(list)
     skipped = 0
@@ -52,7 +52,21 @@ def send_paths(paths: list[Path], host: str, port: int, called_aet: str = "SYNTH
             print(f"skipped (not a DICOM file): {f}", file=sys.stderr)
             skipped += 1
     counts = {"sent": 0, "failed": 0, "skipped": skipped}
-    keys = list(plan)
+    # Send each file's data set bytes as stored (no decode/re-encode); the context proposed for
+    # each file is its own SOP class and transfer syntax, which this mode requires.
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        _send_plan(plan, list(plan), host, port, called_aet, calling_aet, timeout, counts)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return counts
+
+
+def _send_plan(plan: dict[tuple[str, str], list[Path]], keys: list[tuple[str, str]], host: str, port: int,
+               called_aet: str, calling_aet: str, timeout: float, counts: dict[str, int]) -> None:
+    from pynetdicom import AE
+
     # At most 128 presentation contexts per association.
     for start in range(0, len(keys), 120):
         chunk = keys[start:start + 120]
@@ -79,7 +93,6 @@ def send_paths(paths: list[Path], host: str, port: int, called_aet: str = "SYNTH
                         counts["failed"] += 1
         finally:
             assoc.release()
-    return counts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -288,6 +288,8 @@ class Association:
                 pos = 0
                 while pos + 6 <= len(body):
                     length = struct.unpack_from(">I", body, pos)[0]
+                    if length < 2 or pos + 4 + length > len(body):
+                        raise ProtocolError("malformed presentation data value item")
                     ctx_id, control = body[pos + 4], body[pos + 5]
                     fragment = body[pos + 6 : pos + 4 + length]
                     pos += 4 + length
