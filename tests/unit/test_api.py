@@ -720,3 +720,17 @@ def test_production_hasher_is_argon2id_with_strong_parameters():
     p = extract_parameters(h)
     assert p.memory_cost >= 19 * 1024 and p.time_cost >= 2
     assert auth.validate_password("long enough pw") and pytest.raises(ValueError, auth.validate_password, "short")
+
+
+def test_admin_reads_audit_status_fragment_and_delete_confirmation(env):
+    settings, rows = env
+    with _client(settings) as c:
+        login(c, ADMIN)
+        entries = c.get("/api/audit").json()
+        assert entries[0]["action"] == "login" and entries[0]["user"] == ADMIN[0]
+        assert c.get("/api/audit", params={"limit": 0}).status_code == 422
+        frag = c.get(f"/partials/jobs/{rows.failed}").text
+        assert "input missing" in frag and "no FLAIR" in frag and "<html" not in frag
+        page = c.get(f"/jobs/{rows.done}/delete").text
+        assert f"Type the job number <b>{rows.done}</b>" in page and 'name="purge_study"' in page
+        assert c.get("/jobs/999999/delete").status_code == 404
