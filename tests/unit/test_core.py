@@ -196,3 +196,21 @@ def test_world_axis_reads_the_direction() -> None:
     sagittal = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)  # columns: i->P, j->I, k->L
     assert world_axis(sagittal, 0) == (0, 1)
     assert world_axis(sagittal, 2) == (1, -1)
+
+
+def test_mirror_symmetric_pair_is_artefact_single_is_kept() -> None:
+    """Bilateral mirror-image low-ADC spots (petrous/sinus susceptibility) are dropped as a pair;
+    the same spot on one side only is kept."""
+    s = make_synth(7, lesion=False)
+    spot = np.zeros_like(s.brain)
+    spot[10:13, 30:35, 14:19] = True  # deep enough not to be an edge artefact
+    twin = spot[:, :, ::-1]  # the brain is centred: its centroid is the array centre
+    for region in (spot, twin):
+        s.adc[region], s.dwi[region] = 450.0, 200.0
+    r = segment_core(s.adc, s.dwi, s.brain, SPACING)
+    assert not (r.mask & (spot | twin)).any()
+    assert any("mirror-symmetric" in w for w in r.warnings)
+    one = make_synth(7, lesion=False)
+    one.adc[spot], one.dwi[spot] = 450.0, 200.0
+    r1 = segment_core(one.adc, one.dwi, one.brain, SPACING)
+    assert dice(r1.mask, spot) > 0.8

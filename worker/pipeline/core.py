@@ -55,10 +55,18 @@ class CoreParams:
 
     adc_threshold: float = 620.0
     min_component_ml: float = 0.1
-    dwi_ratio_min: float = 1.15  # DWI/reference needed to grow a core region
-    dwi_ratio_seed: float = 1.5  # ... and needed somewhere in it (hysteresis) so noise cannot start one
+    # DWI brightness, as DWI over the local normal-appearing reference, is judged against the noise
+    # of that ratio in normal parenchyma (sigma, robust): a region grows where the ratio exceeds
+    # 1 + grow_sigmas * sigma and must hold a seed voxel above 1 + seed_sigmas * sigma (hysteresis),
+    # each clipped to [floor, cap] so a very clean or very noisy scan stays within sane bounds.
+    dwi_ratio_min: float = 1.1  # floor of the grow level
+    dwi_ratio_grow_cap: float = 1.3
+    grow_sigmas: float = 2.0
+    dwi_ratio_seed: float = 1.2  # floor of the seed level
+    dwi_ratio_seed_cap: float = 1.6
+    seed_sigmas: float = 4.0
     csf_adc: float = 1500.0  # ADC above this (1e-6 mm^2/s) is treated as CSF-like
-    reference_sigma_mm: float = 25.0  # width of the local normal-appearing DWI reference
+    reference_sigma_mm: float = 20.0  # width of the local normal-appearing DWI reference
     adc_median_px: int = 1  # in-plane median filter of ADC against speckle; 1 = off
     ventricle_depth_mm: float = 15.0  # CSF deeper than this below the brain surface = ventricles
     rim_fraction_max: float = 0.6  # components mostly touching ventricular CSF are rims, dropped
@@ -66,6 +74,7 @@ class CoreParams:
     edge_mm: float = 5.0
     edge_fraction_max: float = 0.5  # at the skull base: components mostly on the brain edge dropped
     rim_edge_fraction_max: float = 0.85  # elsewhere: only components almost wholly on the edge
+    symmetric_overlap_min: float = 0.3  # a component mirrored onto another one this much = bilateral artefact
     learned_weights: Path | None = None
     device: str = "auto"
 
@@ -78,6 +87,8 @@ class CoreParams:
             raise ValueError(f"dwi_ratio_min must be > 0, got {self.dwi_ratio_min}")
         if self.dwi_ratio_seed < self.dwi_ratio_min:
             raise ValueError(f"dwi_ratio_seed ({self.dwi_ratio_seed}) must be >= dwi_ratio_min ({self.dwi_ratio_min})")
+        if self.dwi_ratio_grow_cap < self.dwi_ratio_min or self.dwi_ratio_seed_cap < self.dwi_ratio_seed:
+            raise ValueError("dwi_ratio_grow_cap / dwi_ratio_seed_cap must be >= their floors")
         if self.csf_adc <= self.adc_threshold:
             raise ValueError(f"csf_adc ({self.csf_adc}) must exceed adc_threshold ({self.adc_threshold})")
         if self.adc_median_px < 1:
@@ -227,6 +238,11 @@ def _drop_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     return keep[lab]
 
 
+def _robust_sigma(values: np.ndarray) -> float:
+    med = float(np.median(values))
+    return 1.4826 * float(np.median(np.abs(values - med)))
+
+
 def _hysteresis(grow: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """Components of ``grow`` that contain at least one seed voxel."""
     if not seeds.any():
@@ -273,8 +289,12 @@ def segment_core_rule(
     ref = _local_reference(dwi, normal, spacing, params.reference_sigma_mm)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(ref > 0, dwi / ref, 0.0)
-    grow = low & (ratio >= params.dwi_ratio_min)
-    seeds = grow & (ratio >= params.dwi_ratio_seed) & (adc_u < params.adc_threshold)
+    sigma = _robust_sigma(ratio[normal]) if normal.any() else 0.1
+    grow_level = float(np.clip(1 + params.grow_sigmas * sigma, params.dwi_ratio_min, params.dwi_ratio_grow_cap))
+    seed_level = float(np.clip(1 + params.seed_sigmas * sigma, params.dwi_ratio_seed, params.dwi_ratio_seed_cap))
+    seed_level = max(seed_level, grow_level)
+    grow = low & (ratio >= grow_level)
+    seeds = grow & (ratio >= seed_level) & (adc_u < params.adc_threshold)
     cand = _hysteresis(grow, seeds)
 
     # Fill pinholes slice by slice: a core voxel whose ADC noise crossed the threshold.
@@ -284,11 +304,12 @@ def segment_core_rule(
             filled[z] = ndi.binary_fill_holes(cand[z])
         cand = filled & valid & (adc_f < params.csf_adc)
 
+    # Small components go first so that noise specks cannot pair up with a lesion as "symmetric".
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    cand = _drop_small(cand, params.min_component_ml / voxel_ml)
     if cand.any():
         cand = _drop_artefacts(cand, valid, csf, brain, spacing, params, direction, warnings)
-    mask = _drop_small(cand, params.min_component_ml / voxel_ml)
-    return mask, warnings
+    return cand, warnings
 
 
 def _drop_artefacts(
@@ -324,6 +345,7 @@ def _drop_artefacts(
     keep[0] = False
     objs = ndi.find_objects(lab)
     n_rim = n_edge = 0
+    n_sym = _drop_symmetric_pairs(lab, n, keep, brain, direction, params.symmetric_overlap_min)
     for i, sl in enumerate(objs, start=1):
         comp = lab[sl] == i
         size = comp.sum()
@@ -338,9 +360,46 @@ def _drop_artefacts(
             n_edge += 1
     if n_rim:
         warnings.append(f"{n_rim} low-ADC rim(s) along the ventricles ignored as artefact")
+    if n_sym:
+        warnings.append(f"{n_sym} mirror-symmetric low-ADC region(s) in both hemispheres ignored as artefact")
     if n_edge:
         warnings.append(f"{n_edge} low-ADC region(s) on the brain edge (susceptibility) ignored as artefact")
     return keep[lab]
+
+
+def _drop_symmetric_pairs(
+    lab: np.ndarray, n: int, keep: np.ndarray, brain: np.ndarray, direction: Any | None, min_overlap: float
+) -> int:
+    """Mark as dropped the pairs of components that are mirror images across the midline.
+
+    Susceptibility artefacts (petrous bone, sinuses) and coil artefacts come in left-right pairs;
+    an infarct almost never has a mirror twin. A component mirrored onto *another* component with
+    overlap >= ``min_overlap`` (of the smaller one) drops both. Midline = the brain's centroid.
+    """
+    if n < 2 or min_overlap >= 1.0:
+        return 0
+    lr, _ = world_axis(direction, 0)
+    profile = brain.sum(axis=tuple(a for a in range(3) if a != lr)).astype(float)
+    mid = float((profile * np.arange(profile.size)).sum() / profile.sum())
+    idx = np.nonzero(lab)
+    labels = lab[idx]
+    mirrored = list(idx)
+    mirrored[lr] = np.rint(2 * mid - idx[lr]).astype(np.intp)
+    ok = (mirrored[lr] >= 0) & (mirrored[lr] < lab.shape[lr])
+    # Dilate the target by one voxel: a mirror image is never exact to the voxel.
+    grown = ndi.grey_dilation(lab, size=(1, 3, 3))
+    hits = grown[tuple(m[ok] for m in mirrored)]
+    src = labels[ok]
+    sizes = np.bincount(labels, minlength=n + 1)
+    pairs = np.zeros((n + 1, n + 1), np.int64)
+    np.add.at(pairs, (src, hits), 1)
+    dropped = 0
+    for a in range(1, n + 1):
+        for b in np.flatnonzero(pairs[a, 1:]) + 1:
+            if b != a and pairs[a, b] >= min_overlap * min(sizes[a], sizes[b]) and keep[a]:
+                keep[a] = False
+                dropped += 1
+    return dropped
 
 
 # ------------------------------------------------------------------------------------------- learned
