@@ -262,7 +262,7 @@ def user_message(stage: str, exc: BaseException) -> str:
         return (f"{stage}: took longer than the task time limit; raise SYNTHPERF_TASK_TIME_LIMIT_S, lower "
                 "SYNTHPERF_DDIM_STEPS/SYNTHPERF_SAMPLES, or run the gpu worker on a GPU")
     return (f"{stage}: internal error {type(exc).__name__}: {exc}. This is a bug in synthperf; "
-            "the log has the traceback. Re-run with: synthperf jobs retry (or the dashboard) once fixed")
+            "the worker log has the traceback. Once fixed, retry the job from this stage on the dashboard")
 
 
 def _jsonable(value: Any) -> Any:
