@@ -95,7 +95,7 @@ class ThreadTuner:
         k = step % self.period
         if k < self.probe * len(self.cands):
             self.phase = self.cands[k // self.probe]
-            if k % self.probe == 0:
+            if k % self.probe == 0 or self.phase not in self.times:
                 self.times[self.phase] = []
             self._set(self.phase)
         elif self.phase is not None:
@@ -149,7 +149,7 @@ def train(
     threads = ThreadTuner(tc.num_threads)
     dev = _device(device)
 
-    cache = build_cache(data_dir, mc.grid, run / "cache" / f"cases_{mc.grid}.pt", progress=progress)
+    cache = build_cache(data_dir, mc.grid, run / "cache" / f"grid{mc.grid}", progress=progress)
     bank = SliceBank(cache, mc.inputs, mc.slices, tc)
 
     net = build_network(mc).to(dev)

@@ -74,8 +74,8 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, loss weighting, augmentation and checkpointing."""
 
-    steps: int = 9000
-    batch_size: int = 32
+    steps: int = 16000
+    batch_size: int = 16
     lr: float = 4e-4
     lr_warmup: int = 200
     weight_decay: float = 0.0

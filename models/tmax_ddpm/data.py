@@ -92,28 +92,30 @@ def case_to_grid(case: Case, grid: int) -> dict[str, torch.Tensor]:
     return {"cond": cond.half(), "tmax": tmax.half(), "brain": brain_g}
 
 
-def build_cache(root: str | Path, grid: int, cache_file: str | Path, progress: bool = True) -> dict:
-    """Preprocess every case once (normalise + resample) and save; reused on resume."""
-    cache_file = Path(cache_file)
+def build_cache(root: str | Path, grid: int, cache_dir: str | Path, progress: bool = True) -> dict:
+    """Preprocess every case once (normalise + resample), one file per case, reused on resume and
+    when cases are added to the data folder."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     cases = list_cases(root)
-    if cache_file.exists():
-        cached = torch.load(cache_file, weights_only=False)
-        if cached.get("grid") == grid and cached.get("ids") == [c.name for c in cases]:
-            return cached
-    items = []
     it = cases
     if progress:
         from tqdm import tqdm
 
         it = tqdm(cases, desc="preparing cases", unit="case")
+    items = []
     for d in it:
-        items.append(case_to_grid(load_case(d, REQUIRED + tuple(n for n in ("adc",) if (d / "adc.nii.gz").exists())), grid))
-    out = {"grid": grid, "ids": [c.name for c in cases], "items": items}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    torch.save(out, tmp)
-    tmp.replace(cache_file)
-    return out
+        f = cache_dir / f"{d.name}.pt"
+        if f.exists():
+            items.append(torch.load(f, weights_only=False))
+            continue
+        names = REQUIRED + tuple(n for n in ("adc",) if (d / f"{n}.nii.gz").exists())
+        item = case_to_grid(load_case(d, names), grid)
+        tmp = f.with_suffix(".tmp")
+        torch.save(item, tmp)
+        tmp.replace(f)
+        items.append(item)
+    return {"grid": grid, "ids": [c.name for c in cases], "items": items}
 
 
 class SliceBank:

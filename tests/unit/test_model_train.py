@@ -54,7 +54,7 @@ def test_data_loading_orientation_and_cache(cases: Path, tmp_path: Path):
     case = load_case(ids[0])
     np.testing.assert_allclose(case.images["tmax"], synthetic_arrays(0)["tmax"], rtol=1e-6)
     assert case.spacing_zyx == pytest.approx((5.0, 1.8, 1.8))
-    cache = build_cache(cases, 32, tmp_path / "c.pt", progress=False)
+    cache = build_cache(cases, 32, tmp_path / "c", progress=False)
     bank = SliceBank(cache, ("dwi", "flair", "core"), 5, tiny_train_config(1).train)
     cond, x0 = bank.batch([0, 1, 2], torch.Generator().manual_seed(0))
     assert cond.shape == (3, 15, 32, 32) and x0.shape == (3, 1, 32, 32)
@@ -67,7 +67,7 @@ def test_few_training_steps_lower_the_loss(cases: Path, tmp_path: Path):
     """Fixed batch, fixed timesteps: 25 optimiser steps must reduce the perfusion-weighted loss."""
     torch.manual_seed(0)
     cfg = tiny_train_config(40)
-    cache = build_cache(cases, 32, tmp_path / "c.pt", progress=False)
+    cache = build_cache(cases, 32, tmp_path / "c", progress=False)
     bank = SliceBank(cache, cfg.model.inputs, cfg.model.slices, cfg.train)
     g = torch.Generator().manual_seed(0)
     cond, x0 = bank.batch(list(range(8)), g, augment=False)
@@ -200,3 +200,23 @@ def test_evaluate_writes_table_and_plots(cases: Path, tmp_path: Path):
     assert s["territory"]["dice6_mean"] >= s["core"]["dice6_mean"]
     assert (tmp_path / "eval" / "bland_altman.png").stat().st_size > 0
     assert len((tmp_path / "eval" / "per_case.csv").read_text().strip().splitlines()) == 5
+
+
+def test_thread_tuner_probes_and_keeps_the_faster(monkeypatch):
+    from models import train as train_mod
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    tuner = train_mod.ThreadTuner(0, period=10, probe=2)
+    assert tuner.cands == [1, 2]
+    fake = {1: 0.5, 2: 3.0}  # one thread is faster on a busy machine
+    for step in range(5):
+        tuner.before(step)
+        tuner.after(fake[torch.get_num_threads()])
+    assert tuner.current == 1 and torch.get_num_threads() == 1
+    fixed = train_mod.ThreadTuner(1)
+    fixed.before(0)
+    assert fixed.cands == [1]
+    # resuming mid-probe (step not at a probe boundary) must not fail
+    late = train_mod.ThreadTuner(0, period=10, probe=2)
+    late.before(3)
+    late.after(1.0)
