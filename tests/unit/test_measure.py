@@ -214,3 +214,13 @@ def test_bad_arguments_named(brain: np.ndarray) -> None:
         MeasureThresholds(tmax_severe_s=4.0)
     with pytest.raises(ValueError, match="defuse3_ratio_min"):
         MeasureThresholds(defuse3_ratio_min=-1.0)
+
+
+def test_flair_ratio_robust_to_a_few_bright_vessels(brain: np.ndarray) -> None:
+    flair = np.full(SHAPE, 100.0, np.float32)
+    flair[CORE] = 104.0
+    idx = np.argwhere(CORE)[:4]  # 4 of 30 core voxels hold a very bright vessel (FVH)
+    flair[tuple(idx.T)] = 400.0
+    m = compute_measures(CORE, tmax_with([]), brain, ML, flair=flair)
+    assert m.flair_ratio == pytest.approx(1.04)
+    assert m.dwi_flair_mismatch is True

@@ -14,8 +14,9 @@ Conventions (written out because vendors differ):
   core is empty), relative to the brain's centroid along the patient left-right axis. The axis and
   its sense come from ``direction`` (SimpleITK direction, LPS; identity = axial grid whose x index
   runs to patient *left*, which a radiological display shows on the image *right*).
-* DWI-FLAIR mismatch: mean FLAIR in the core over mean FLAIR in the core mirrored across the
-  midline (brain voxels only, core voxels excluded). A ratio below ``flair_mismatch_ratio_max``
+* DWI-FLAIR mismatch: median FLAIR in the core over median FLAIR in the core mirrored across the
+  midline (brain voxels only, core voxels excluded); medians, so bright sulcal vessels (FVH) and
+  CSF partial volume at the lesion's edge do not tip it. A ratio below ``flair_mismatch_ratio_max``
   (default 1.15) means the lesion is not yet FLAIR-bright: the WAKE-UP trial's sign of an onset
   likely within 4.5 h. It is an indicator only, reported with the word "indicator" downstream.
 """
@@ -201,7 +202,7 @@ def _flair_ratio(
     ok_core = core & np.isfinite(flair)
     if not mirror.any() or not ok_core.any():
         return None
-    reference = float(flair[mirror].mean())
+    reference = float(np.median(flair[mirror]))
     if reference <= 0:
         return None
-    return float(flair[ok_core].mean()) / reference
+    return float(np.median(flair[ok_core])) / reference
