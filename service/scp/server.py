@@ -209,8 +209,8 @@ class ScpServer:
     # ------------------------------------------------------------------ pynetdicom handlers
     def _refuse(self, event: evt.Event, refusal: Refusal, calling: str) -> None:
         rq = event.assoc.requestor
-        event.assoc.acse.send_reject(*refusal.rsd)
         self.association_refused(refusal, calling.strip(), f"{rq.address}:{rq.port}")
+        event.assoc.acse.send_reject(*refusal.rsd)
         # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (as pynetdicom does
         # for its own rejections); otherwise the socket may be shut before the PDU leaves.
         event.assoc.kill()

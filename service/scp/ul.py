@@ -235,8 +235,9 @@ class Association:
 
     def _reject(self, refusal: Refusal) -> None:
         result, source, reason = refusal.rsd
-        self._send_pdu(0x03, bytes([0, result, source, reason]))
+        # Account for the refusal first, so that whoever sees the RJ also sees it recorded.
         self.engine.hooks.association_refused(refusal, self.calling_aet, self.peer)
+        self._send_pdu(0x03, bytes([0, result, source, reason]))
         # Give the peer a moment to read the RJ and close first (PS3.8: it releases the connection).
         try:
             self.sock.settimeout(2.0)
