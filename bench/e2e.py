@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from common.jobstore.db import session_scope
     from common.jobstore.models import Delivery, Job, JobState, Stage
-    from tests.integration.test_e2e import OrthancServer, Service, storescu, wait_job
+    from tests.integration.test_e2e import OrthancServer, PrivateRedis, Service, storescu, wait_job
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
     try:
@@ -78,10 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
             import httpx
 
             httpx.delete(f"{orthanc.url}/instances/{oid}", timeout=10)
-        service = Service(tmp / "svc", args.redis, orthanc, model, ddim_steps=args.steps, samples=args.samples,
+        broker = PrivateRedis(tmp / "redis", args.redis)
+        service = Service(tmp / "svc", broker.start(), orthanc, model, ddim_steps=args.steps, samples=args.samples,
                           stable_age_s=args.stable_age)
         service.start()
         try:
+            # steady state: the worker child has loaded the model (worker_process_init) before we send
+            deadline = time.monotonic() + 180
+            while "model loaded" not in (service.folder / "worker.log").read_text() and time.monotonic() < deadline:
+                time.sleep(0.5)
             storescu(study, service.scp_port)
             from datetime import datetime
 
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             service.stop()
             orthanc.stop()
+            broker.stop()
 
         def aware(d):
             return d if d.tzinfo else d.replace(tzinfo=UTC)

@@ -101,6 +101,49 @@ class OrthancServer:
                 return n
 
 
+class PrivateRedis:
+    """A real redis-server of our own on a free loopback port.
+
+    Several test suites (and helpers' dev runs) share the Redis of the redis_url fixture and the
+    fixed queue names "cpu"/"gpu": a worker of one run would take another run's tasks. A private
+    server keeps this run's broker traffic to itself. Falls back to the shared one when the
+    redis-server program is not installed.
+    """
+
+    def __init__(self, folder: Path, fallback_url: str) -> None:
+        self.folder = folder
+        self.fallback_url = fallback_url
+        self.proc: subprocess.Popen | None = None
+        self.url = fallback_url
+
+    def start(self) -> str:
+        import redis
+
+        exe = shutil.which("redis-server")
+        if not exe:
+            return self.url
+        self.folder.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.folder)],
+                                     stdout=(self.folder / "redis.log").open("ab"), stderr=subprocess.STDOUT)
+        self.url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
+                return self.url
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
 class Service:
     """``synthperf serve`` (SCP + completion, no API) and a Celery worker on Redis, as processes."""
 
@@ -132,9 +175,6 @@ class Service:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        import redis
-
-        redis.Redis.from_url(yaml.safe_load(self.config.read_text())["broker_url"]).flushdb()
         synthperf = [sys.executable, "-m", "cli.main"]
         self.procs.append(subprocess.Popen(
             [*synthperf, "serve", "--config", str(self.config), "--no-api", "--no-worker"], env=self.env,
@@ -218,7 +258,8 @@ def test_study_in_results_out_through_a_pacs_outage(tmp_path, redis_url, model_r
 
     case, study_dir = write_phantom(tmp_path / "phantom", seed=5, vendor="siemens", matrix=64)
     orthanc = OrthancServer(tmp_path / "orthanc")
-    service = Service(tmp_path / "svc", redis_url, orthanc, model_ref)
+    broker = PrivateRedis(tmp_path / "redis", redis_url)
+    service = Service(tmp_path / "svc", broker.start(), orthanc, model_ref)
     try:
         orthanc.start()
         orthanc.stop()  # the PACS is down when the results are ready
@@ -265,6 +306,7 @@ def test_study_in_results_out_through_a_pacs_outage(tmp_path, redis_url, model_r
     finally:
         service.stop()
         orthanc.stop()
+        broker.stop()
 
 
 def _attempts(settings, job_id: int) -> int:
