@@ -55,7 +55,8 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 class ScpServer:
-    """Runs the AE in pynetdicom's server threads; ``start()`` returns once it listens."""
+    """The storage SCP: policy hooks shared by both engines; ``start()`` returns once it listens
+    (port 0 picks a free port, read it back from ``.port``)."""
 
     def __init__(
         self,
