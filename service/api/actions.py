@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from common.config import Settings
@@ -54,9 +55,11 @@ class Enqueuer:
 
 
 def audit(db: Session, principal: Principal | None, action: str, target: str | None,
-          detail: dict[str, Any] | None = None, ip: str | None = None) -> None:
-    db.add(AuditEntry(user=principal.username if principal else None, action=action, target=target,
-                      detail=detail, ip=ip))
+          detail: dict[str, Any] | None = None, ip: str | None = None) -> AuditEntry:
+    entry = AuditEntry(user=principal.username if principal else None, action=action, target=target,
+                       detail=detail, ip=ip)
+    db.add(entry)
+    return entry
 
 
 def deny_unless_admin(db: Session, principal: Principal, action: str, target: str, ip: str) -> None:
@@ -75,13 +78,23 @@ def _job(db: Session, job_id: int) -> Job:
     return job
 
 
-def _send_or_rollback(db: Session, enqueuer: Enqueuer, task: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+def _commit_then_send(db: Session, enqueuer: Enqueuer, task: str, args: list[Any], kwargs: dict[str, Any],
+                      undo: Callable[[], None]) -> None:
+    """Commit the job-store change first, then queue the task.
+
+    The order matters: a worker may run the task the instant it is queued, and it must see the
+    new rows (pending deliveries, queued job). If queueing fails, ``undo`` restores what was
+    there before and the admin is told to check the broker.
+    """
+    db.commit()
     try:
-        db.flush()
         enqueuer.send(task, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any broker failure means "not queued"
         db.rollback()
-        raise ActionError(503, f"could not queue the task: {exc}. Check the broker (Redis) on the system page") from exc
+        undo()
+        db.commit()
+        raise ActionError(503, f"could not queue the task: {exc}. Nothing was changed; check the broker (Redis) "
+                               "on the system page and try again") from exc
 
 
 def retry_from_stage(db: Session, enqueuer: Enqueuer, principal: Principal, job_id: int, stage: str,
@@ -93,45 +106,70 @@ def retry_from_stage(db: Session, enqueuer: Enqueuer, principal: Principal, job_
         raise ActionError(409, f"job {job_id} is running; cancel it first, then retry")
     if job.state == JobState.SUPERSEDED:
         raise ActionError(409, f"job {job_id} was superseded by a newer job of the same study; retry that one")
-    previous = job.state
+    before = {k: getattr(job, k) for k in ("state", "error", "cancel_requested", "finished_at")}
     job.state = JobState.QUEUED
     job.error = None
     job.cancel_requested = False
     job.finished_at = None
-    audit(db, principal, "retry", f"job:{job_id}", {"from_stage": stage, "previous_state": previous}, ip)
-    _send_or_rollback(db, enqueuer, TASK_PIPELINE, [job_id], {"from_stage": stage})
-    db.commit()
+    entry = audit(db, principal, "retry", f"job:{job_id}", {"from_stage": stage, "previous_state": before["state"]}, ip)
+
+    def undo() -> None:
+        j = _job(db, job_id)
+        for k, v in before.items():
+            setattr(j, k, v)
+        db.execute(delete(AuditEntry).where(AuditEntry.id == entry.id))
+
+    db.flush()
+    _commit_then_send(db, enqueuer, TASK_PIPELINE, [job_id], {"from_stage": stage}, undo)
     return job
+
+
+_DELIVERY_FIELDS = ("state", "next_attempt_at", "created_at", "last_error")
 
 
 def repush(db: Session, enqueuer: Enqueuer, principal: Principal, job_id: int, ip: str,
            only_unsent: bool = False) -> int:
-    """Mark the job's deliveries pending now and queue the push task; returns rows re-queued."""
+    """Mark the job's deliveries pending and due now, with a fresh retry period, then queue the push
+    task; returns the rows re-queued. The stored files are sent as they are, never re-encoded."""
     job = _job(db, job_id)
     if job.state in (JobState.QUEUED, JobState.RUNNING):
         raise ActionError(409, f"job {job_id} is still {job.state}; its outputs are not written yet")
     if job.state == JobState.SUPERSEDED:
         raise ActionError(409, f"job {job_id} was superseded by a newer job of the same study; re-push that one")
-    q = update(Delivery).where(Delivery.job_id == job_id)
+    q = select(Delivery).where(Delivery.job_id == job_id)
     if only_unsent:
         q = q.where(Delivery.state != DeliveryState.SENT)
-    count = db.execute(
-        # created_at starts the retry period again (worker/pipeline/push.py dead-letters by it)
-        q.values(state=DeliveryState.PENDING, next_attempt_at=datetime.now(UTC), created_at=datetime.now(UTC),
-                 last_error=None).execution_options(
-            synchronize_session=False)
-    ).rowcount
-    if not count:
+    rows = list(db.scalars(q))
+    if not rows:
         raise ActionError(409, f"job {job_id} has no {'unsent ' if only_unsent else ''}objects to push")
-    previous = job.state
+    before_rows = {r.id: {k: getattr(r, k) for k in _DELIVERY_FIELDS} for r in rows}
+    before_job = {k: getattr(job, k) for k in ("state", "error", "finished_at")}
+    now = datetime.now(UTC)
+    for r in rows:
+        r.state = DeliveryState.PENDING
+        r.next_attempt_at = now
+        r.created_at = now  # the retry period starts again (worker/pipeline/push.py dead-letters by it)
+        r.last_error = None
     job.state = JobState.DELIVERING
+    job.error = None
     job.finished_at = None
-    audit(db, principal, "repush", f"job:{job_id}",
-          {"objects": count, "only_unsent": only_unsent, "previous_state": previous}, ip)
-    _send_or_rollback(db, enqueuer, TASK_PUSH, [job_id], {})
-    db.commit()
-    db.expire_all()
-    return count
+    entry = audit(db, principal, "repush", f"job:{job_id}",
+                  {"objects": len(rows), "only_unsent": only_unsent, "previous_state": before_job["state"]}, ip)
+
+    def undo() -> None:
+        for rid, values in before_rows.items():
+            row = db.get(Delivery, rid)
+            if row is not None:
+                for k, v in values.items():
+                    setattr(row, k, v)
+        j = _job(db, job_id)
+        for k, v in before_job.items():
+            setattr(j, k, v)
+        db.execute(delete(AuditEntry).where(AuditEntry.id == entry.id))
+
+    db.flush()
+    _commit_then_send(db, enqueuer, TASK_PUSH, [job_id], {}, undo)
+    return len(rows)
 
 
 def cancel(db: Session, principal: Principal, job_id: int, ip: str) -> Job:
