@@ -734,3 +734,25 @@ def test_admin_reads_audit_status_fragment_and_delete_confirmation(env):
         page = c.get(f"/jobs/{rows.done}/delete").text
         assert f"Type the job number <b>{rows.done}</b>" in page and 'name="purge_study"' in page
         assert c.get("/jobs/999999/delete").status_code == 404
+
+
+def test_task_is_queued_only_after_the_change_is_committed(env):
+    """A worker may run the task the instant it is queued: what it reads then must be the new rows."""
+    from service.api.actions import Enqueuer
+
+    settings, rows = env
+    seen: list[tuple[str, set[str]]] = []
+
+    class Observing(Enqueuer):
+        def send(self, task, args, kwargs=None):
+            with session_scope(settings.effective_database_url) as db:  # another connection, like a worker
+                job = db.get(Job, args[0])
+                seen.append((job.state, {d.state for d in job.deliveries}))
+            super().send(task, args, kwargs)
+
+    with _client(settings) as c:
+        c.app.state.enqueuer = Observing(settings)
+        h = {"X-CSRF-Token": login(c, ADMIN)}
+        assert c.post(f"/api/jobs/{rows.done}/repush", headers=h).status_code == 200
+        assert c.post(f"/api/jobs/{rows.failed}/retry", json={"stage": "classify"}, headers=h).status_code == 200
+    assert seen == [("delivering", {"pending"}), ("queued", set())]
