@@ -6,9 +6,13 @@ susceptibility pile-up at the skull base, so a voxel is core only when it is als
 
 * inside the brain mask, with finite, positive ADC and DWI,
 * DWI-bright relative to *normal-appearing* brain nearby (a smooth local reference computed from
-  parenchyma with normal ADC, so acute lesions and CSF do not pull the reference),
-* not part of a thin rim on the ventricles (deep CSF) and not an edge artefact at the skull base,
-* in a connected component of at least ``min_component_ml``.
+  parenchyma with normal ADC, so acute lesions and CSF do not pull the reference), with hysteresis:
+  a region grows over voxels 2 noise-sigmas bright and must contain a voxel 4 sigmas bright, sigma
+  being the scan's own spread of that ratio in normal parenchyma,
+* in a connected component of at least ``min_component_ml``,
+* not a thin rim on the ventricles (deep CSF), not lying (almost) wholly on the brain edge (more
+  strictly at the skull base), and not one of a mirror-symmetric left/right pair (susceptibility
+  artefacts from the petrous bones and sinuses are bilateral; infarcts almost never are).
 
 Chronic infarcts and white-matter hyperintensities have *raised* ADC (T2 shine-through makes them
 DWI-bright), so the ADC criterion keeps them out; the DWI criterion keeps low-ADC, DWI-dark voxels
