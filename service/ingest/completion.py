@@ -78,6 +78,7 @@ class CompletionLoop:
         self._unsent: list[int] = []  # job ids whose enqueue failed; retried every pass
         self.jobs_created = 0
         self.last_pass_at: float | None = None
+        self.next_due_s: float | None = None  # seconds until the earliest pending study can fire
 
     @classmethod
     def from_settings(cls, settings: Settings, enqueue: Enqueue) -> CompletionLoop:
@@ -97,13 +98,20 @@ class CompletionLoop:
         """One pass: create and enqueue the jobs that are due; return their ids."""
         now = now or datetime.now(UTC)
         created: list[tuple[int, str, str, int]] = []
+        next_due: float | None = None
         with session_scope(self.database_url) as s:
             for p in queries.studies_with_pending_instances(s):
                 trigger = decide(p, now, self.stable_age_s, self.ceiling_s)
                 if trigger is None:
+                    due = min(
+                        self.stable_age_s - (now - p.last_received_at).total_seconds(),
+                        self.ceiling_s - (now - p.first_pending_at).total_seconds(),
+                    )
+                    next_due = due if next_due is None else min(next_due, due)
                     continue
                 job = queries.create_job(s, p.study_id, trigger, p.instance_count)
                 created.append((job.id, p.study_uid, trigger, p.instance_count))
+        self.next_due_s = next_due
         ids = []
         for job_id, study_uid, trigger, count in created:
             self.jobs_created += 1
@@ -126,6 +134,21 @@ class CompletionLoop:
                 still.append(job_id)
         self._unsent = still
 
+    def _sleep_s(self) -> float:
+        """Until the earliest study can fire, but at least ``poll_s`` and at most ``idle_s``.
+
+        Arrivals only push a study's stable_age further out, so waking at the computed time is
+        never late for known studies; the ``idle_s`` cap bounds the delay for studies first seen
+        after this pass (and for instances recorded by other processes). A declared series that
+        completes wakes the loop at once through ``kick()``.
+        """
+        idle_s = max(self.poll_s, min(1.0, self.stable_age_s))
+        if self._unsent:
+            return self.poll_s
+        if self.next_due_s is None:
+            return idle_s
+        return min(idle_s, max(self.poll_s / 4, self.next_due_s))
+
     def info(self) -> dict[str, object]:
         return {"jobs_created": self.jobs_created, "unsent": len(self._unsent), "last_pass_at": self.last_pass_at}
 
@@ -138,7 +161,7 @@ class CompletionLoop:
                 self.last_pass_at = time.time()
             except Exception:  # noqa: BLE001
                 log.exception("completion pass failed")
-            self._wake.wait(self.poll_s)
+            self._wake.wait(self._sleep_s())
             self._wake.clear()
 
     def start(self) -> None:
