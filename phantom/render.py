@@ -13,7 +13,7 @@ from phantom.fields import Sampler, model_points
 from phantom.geometry import Grid, RigidPose
 
 #: Sulcal-vessel density threshold per collateral grade (lower = denser FVH with better collaterals).
-_FVH_THRESHOLD = {"good": -0.8, "moderate": -0.4, "poor": 0.0}
+_FVH_THRESHOLD = {"good": -0.3, "moderate": 0.0, "poor": 0.35}
 
 
 class HeadModel:
