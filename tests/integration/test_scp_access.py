@@ -184,3 +184,25 @@ def test_both_engines_store_echo_and_refuse(engine: str, tmp_path: Path, realdat
         assert len(rows) == len(dicom_files(folder))
         assert {r.transfer_syntax_uid for r in rows} == {"1.2.840.10008.1.2.4.80"}
     assert len(_events(settings.effective_database_url, "rejected")) == 1
+
+
+def test_mutual_tls_requires_a_client_certificate_signed_by_tls_ca(tmp_path: Path) -> None:
+    openssl = require_tool("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60, cwd=tmp_path)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=synthperf test CA")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'localhost' if name == 'server' else 'modality'}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1")
+    settings = gateway_settings(tmp_path / "d", tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key",
+                                tls_ca=tmp_path / "ca.pem")
+    with running_gateway(settings) as gw:
+        ok = echoscu(gw.scp.port, "+tls", str(tmp_path / "client.key"), str(tmp_path / "client.pem"),
+                     "+cf", str(tmp_path / "ca.pem"))
+        assert ok.returncode == 0, ok.stderr
+        assert echoscu(gw.scp.port, "+tla", "-ic").returncode != 0  # no client certificate
