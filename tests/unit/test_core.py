@@ -39,8 +39,14 @@ def _ellipsoid(shape: tuple[int, int, int], centre_mm: tuple[float, ...], radii_
     return d <= 1.0
 
 
-def make_synth(seed: int = 0, lesion: bool = True, shape: tuple[int, int, int] = (36, 96, 80)) -> Synth:
-    """A small head: 144 x 192 x 160 mm field of view at 4 x 2 x 2 mm."""
+def make_synth(
+    seed: int = 0,
+    lesion: bool = True,
+    shape: tuple[int, int, int] = (36, 96, 80),
+    noise: float = 0.07,
+    acute_dwi: float = 190.0,
+) -> Synth:
+    """A small head: 144 x 192 x 160 mm field of view at 4 x 2 x 2 mm. ``noise``: relative DWI noise."""
     rng = np.random.default_rng(seed)
     zc, yc, xc = (n * s / 2 for n, s in zip(shape, SPACING, strict=True))
     brain = _ellipsoid(shape, (zc, yc, xc), (66, 88, 70))
@@ -52,7 +58,7 @@ def make_synth(seed: int = 0, lesion: bool = True, shape: tuple[int, int, int] =
     dwi[vent] = 25.0
     none = np.zeros(shape, bool)
     acute = _ellipsoid(shape, (zc + 4, yc - 10, xc + 34), (16, 18, 14)) & brain & ~vent if lesion else none
-    adc[acute], dwi[acute] = 430.0, 190.0
+    adc[acute], dwi[acute] = 430.0, acute_dwi
     chronic = _ellipsoid(shape, (zc + 8, yc + 40, xc - 38), (12, 14, 12)) & brain
     adc[chronic], dwi[chronic] = 1900.0, 60.0
     wmh = (
@@ -74,7 +80,7 @@ def make_synth(seed: int = 0, lesion: bool = True, shape: tuple[int, int, int] =
     adc[streak], dwi[streak] = 380.0, 260.0
     # Noise and a smooth coil gradient (40 % across the head) on DWI.
     adc = adc * (1 + 0.08 * rng.standard_normal(shape))
-    dwi = dwi * (1 + 0.07 * rng.standard_normal(shape))
+    dwi = dwi * (1 + noise * rng.standard_normal(shape))
     dwi *= np.linspace(0.8, 1.2, shape[1])[None, :, None]
     adc[~brain] = 0.0
     dwi[~brain] = 0.0
@@ -214,3 +220,23 @@ def test_mirror_symmetric_pair_is_artefact_single_is_kept() -> None:
     one.adc[spot], one.dwi[spot] = 450.0, 200.0
     r1 = segment_core(one.adc, one.dwi, one.brain, SPACING)
     assert dice(r1.mask, spot) > 0.8
+
+
+def test_dwi_evidence_scales_with_the_scan_noise() -> None:
+    """A faint early core (DWI only ~1.3x normal) is found on a clean scan; on a noisy scan the
+    seed level rises with the noise, so patches of low ADC in normal-brightness tissue are not
+    made core by voxels that are bright by chance -- which fixed low levels would do."""
+    clean = make_synth(8, noise=0.02, acute_dwi=135.0)
+    r = segment_core(clean.adc, clean.dwi, clean.brain, SPACING)
+    assert dice(r.mask, clean.acute) > 0.85
+    noisy = make_synth(9, lesion=False, noise=0.2)
+    rng = np.random.default_rng(1)
+    patches = np.zeros_like(noisy.brain)
+    for z, y, x in zip(rng.integers(4, 32, 150), rng.integers(10, 86, 150), rng.integers(10, 70, 150), strict=True):
+        patches[z : z + 2, y : y + 3, x : x + 3] = True
+    patches &= noisy.brain & (noisy.adc < 1000)
+    noisy.adc[patches] = 560.0
+    assert patches.sum() > 1000
+    assert segment_core(noisy.adc, noisy.dwi, noisy.brain, SPACING).mask.sum() == 0
+    fixed_low = CoreParams(seed_sigmas=1, grow_sigmas=0.5, dwi_ratio_seed_cap=1.2, dwi_ratio_grow_cap=1.1)
+    assert segment_core(noisy.adc, noisy.dwi, noisy.brain, SPACING, fixed_low).mask.sum() > 50

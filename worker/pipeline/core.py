@@ -395,14 +395,14 @@ def _drop_symmetric_pairs(
     hits = grown[tuple(m[ok] for m in mirrored)]
     src = labels[ok]
     sizes = np.bincount(labels, minlength=n + 1)
-    pairs = np.zeros((n + 1, n + 1), np.int64)
-    np.add.at(pairs, (src, hits), 1)
+    cross = (hits > 0) & (hits != src)  # mirrored onto a different component
+    keys, counts = np.unique(src[cross].astype(np.int64) * (n + 1) + hits[cross], return_counts=True)
     dropped = 0
-    for a in range(1, n + 1):
-        for b in np.flatnonzero(pairs[a, 1:]) + 1:
-            if b != a and pairs[a, b] >= min_overlap * min(sizes[a], sizes[b]) and keep[a]:
-                keep[a] = False
-                dropped += 1
+    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
+        a, b = divmod(key, n + 1)
+        if count >= min_overlap * min(sizes[a], sizes[b]) and keep[a]:
+            keep[a] = False
+            dropped += 1
     return dropped
 
 
