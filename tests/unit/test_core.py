@@ -229,6 +229,8 @@ def test_dwi_evidence_scales_with_the_scan_noise() -> None:
     clean = make_synth(8, noise=0.02, acute_dwi=135.0)
     r = segment_core(clean.adc, clean.dwi, clean.brain, SPACING)
     assert dice(r.mask, clean.acute) > 0.85
+    fixed_high = CoreParams(dwi_ratio_seed=1.5, dwi_ratio_seed_cap=1.5)
+    assert dice(segment_core(clean.adc, clean.dwi, clean.brain, SPACING, fixed_high).mask, clean.acute) < 0.5
     noisy = make_synth(9, lesion=False, noise=0.2)
     rng = np.random.default_rng(1)
     patches = np.zeros_like(noisy.brain)
