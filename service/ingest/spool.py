@@ -71,15 +71,16 @@ class Spool:
         directory = final.parent
         self._ensure_dir(directory)
         tmp = directory / f"{TEMP_PREFIX}{final.name}.{secrets.token_hex(4)}"
-        size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    size += n
+            total = sum(len(c) for c in chunks)
+            written = os.writev(fd, chunks)  # one system call in the common case
+            if written < total:  # short write: finish the rest piece by piece
+                rest = memoryview(b"".join(chunks))[written:]
+                while rest:
+                    n = os.write(fd, rest)
+                    rest = rest[n:]
+            size = total
             if self.fsync:
                 os.fsync(fd)
         except BaseException:

@@ -170,23 +170,20 @@ class Association:
         self.engine = engine
         self.calling_aet = ""
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
-        self._buf = bytearray()
+        self._rfile = sock.makefile("rb", buffering=1 << 18)
 
     # -------------------------------------------------------------- transport
     def _recv_exact(self, n: int) -> bytes:
-        chunks = []
-        while n:
-            try:
-                chunk = self.sock.recv(min(n, 1 << 20))
-            except TimeoutError as exc:
-                raise PeerGone("timeout") from exc
-            except (ConnectionError, OSError, ssl.SSLError) as exc:
-                raise PeerGone(str(exc)) from exc
-            if not chunk:
-                raise PeerGone("connection closed")
-            chunks.append(chunk)
-            n -= len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # A buffered reader turns the header/body reads of each PDU into few large recv calls.
+        try:
+            data = self._rfile.read(n)
+        except TimeoutError as exc:
+            raise PeerGone("timeout") from exc
+        except (ConnectionError, OSError, ssl.SSLError, ValueError) as exc:
+            raise PeerGone(str(exc)) from exc
+        if data is None or len(data) < n:
+            raise PeerGone("connection closed")
+        return data
 
     def _read_pdu(self) -> tuple[int, bytes]:
         header = self._recv_exact(6)
