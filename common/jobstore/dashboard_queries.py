@@ -108,21 +108,17 @@ def _study_dict(study: Study) -> dict[str, Any]:
     }
 
 
-def _delivery_summary(rows: list[Delivery]) -> list[dict[str, Any]]:
+def _delivery_summary(counts: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Per destination: counts by state and one overall state, from (destination, state, n) triples."""
     per: dict[str, dict[str, int]] = defaultdict(lambda: {"pending": 0, "sent": 0, "dead": 0, "total": 0})
-    for d in rows:
-        counts = per[d.destination]
-        counts[d.state if d.state in (DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.DEAD) else "pending"] += 1
-        counts["total"] += 1
+    for dest, state, n in counts:
+        c = per[dest]
+        c[state if state in (DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.DEAD) else "pending"] += n
+        c["total"] += n
     out = []
-    for dest, counts in sorted(per.items()):
-        if counts["dead"]:
-            state = "dead"
-        elif counts["pending"]:
-            state = "pending"
-        else:
-            state = "sent"
-        out.append({"destination": dest, "state": state, **counts})
+    for dest, c in sorted(per.items()):
+        state = "dead" if c["dead"] else "pending" if c["pending"] else "sent"
+        out.append({"destination": dest, "state": state, **c})
     return out
 
 
@@ -145,7 +141,7 @@ def _stage_strip(stages: list[Stage], now: datetime) -> list[dict[str, Any]]:
     return strip
 
 
-def _summary(job: Job, stages: list[Stage], deliveries: list[Delivery], now: datetime) -> dict[str, Any]:
+def _summary(job: Job, stages: list[Stage], deliveries: list[tuple[str, str, int]], now: datetime) -> dict[str, Any]:
     return {
         "id": job.id,
         "version": job.version,
@@ -193,12 +189,16 @@ def list_jobs(session: Session, flt: JobFilter, now: datetime | None = None) -> 
     )
     ids = [j.id for j in jobs]
     stages: dict[int, list[Stage]] = defaultdict(list)
-    deliveries: dict[int, list[Delivery]] = defaultdict(list)
+    deliveries: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
     if ids:
         for st in session.scalars(select(Stage).where(Stage.job_id.in_(ids)).order_by(Stage.id)):
             stages[st.job_id].append(st)
-        for d in session.scalars(select(Delivery).where(Delivery.job_id.in_(ids)).order_by(Delivery.id)):
-            deliveries[d.job_id].append(d)
+        # counted in SQL: a job has dozens of objects per destination
+        for job_id, dest, state, n in session.execute(
+            select(Delivery.job_id, Delivery.destination, Delivery.state, func.count(Delivery.id))
+            .where(Delivery.job_id.in_(ids)).group_by(Delivery.job_id, Delivery.destination, Delivery.state)
+        ):
+            deliveries[job_id].append((dest, state, int(n)))
     return total, [_summary(j, stages[j.id], deliveries[j.id], now) for j in jobs]
 
 
@@ -292,7 +292,7 @@ def job_detail(session: Session, job_id: int, now: datetime | None = None) -> di
         return None
     stages = list(job.stages)
     deliveries = list(job.deliveries)
-    base = _summary(job, stages, deliveries, now)
+    base = _summary(job, stages, [(d.destination, d.state, 1) for d in deliveries], now)
 
     classify_detail = None
     for st in stages:
@@ -479,29 +479,28 @@ def receiving_studies(session: Session, window_s: float, now: datetime | None = 
     all of them yet (no job, or the newest job counted fewer instances)."""
     now = now or datetime.now(UTC)
     since = now - timedelta(seconds=window_s)
-    counts = (
-        select(Series.study_id.label("study_id"), func.count(Instance.id).label("n"),
-               func.count(func.distinct(Series.id)).label("series"))
-        .join(Instance, Instance.series_id == Series.id)
-        .group_by(Series.study_id)
-        .subquery()
-    )
-    latest = (
-        select(Job.study_id.label("study_id"), func.max(Job.instance_count).label("covered"))
-        .group_by(Job.study_id)
-        .subquery()
-    )
-    q = (
-        select(Study, counts.c.n, counts.c.series, latest.c.covered)
-        .join(counts, counts.c.study_id == Study.id)
-        .outerjoin(latest, latest.c.study_id == Study.id)
-        .where(Study.last_received_at >= since)
-        .order_by(Study.last_received_at.desc())
-    )
+    recent = list(session.scalars(select(Study).where(Study.last_received_at >= since)
+                                  .order_by(Study.last_received_at.desc()).limit(100)))
+    if not recent:
+        return []
+    ids = [st.id for st in recent]
+    counts = {
+        sid: (int(n), int(ns))
+        for sid, n, ns in session.execute(
+            select(Series.study_id, func.count(Instance.id), func.count(func.distinct(Series.id)))
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id.in_(ids))
+            .group_by(Series.study_id)
+        )
+    }
+    covered = dict(session.execute(
+        select(Job.study_id, func.max(Job.instance_count)).where(Job.study_id.in_(ids)).group_by(Job.study_id)
+    ).all())
     out = []
-    for study, n, n_series, covered in session.execute(q):
-        if covered is not None and covered >= n:
+    for study in recent:
+        n, n_series = counts.get(study.id, (0, 0))
+        if n == 0 or (covered.get(study.id) is not None and covered[study.id] >= n):
             continue
-        out.append({"study": _study_dict(study), "instances": int(n), "series": int(n_series),
+        out.append({"study": _study_dict(study), "instances": n, "series": n_series,
                     "quiet_s": _elapsed(study.last_received_at, now, now)})
     return out
