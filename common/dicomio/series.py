@@ -1,8 +1,9 @@
 """Find DICOM files under paths and group them into series.
 
-A series is keyed by (folder, SeriesInstanceUID, SeriesNumber): real archives re-use one
-SeriesInstanceUID for copies in different transfer syntaxes (dcm_qa_ts, dicom2nifti) that must not be
-pooled, while a spool folder holds exactly one series. Duplicate SOP instances are dropped.
+A series is keyed by (SeriesInstanceUID, SeriesNumber), so one series split over folders or
+associations is whole again. Real archives re-use one SeriesInstanceUID for copies of the same images
+in different transfer syntaxes (dcm_qa_ts differ in SeriesNumber; dicom2nifti's generic_compressed_*
+share it too): when the same SOP instance sits in several folders, each folder stays its own series.
 """
 
 from __future__ import annotations
@@ -65,23 +66,42 @@ def read_header(path: Path) -> Dataset | None:
 
 
 def group_series(paths: Iterable[str | Path]) -> list[SeriesFiles]:
-    """Read headers of every DICOM file under ``paths`` and group them; order is stable (folder, number)."""
-    series: dict[tuple[str, str, int | None], SeriesFiles] = {}
-    seen: set[tuple[str, str]] = set()
+    """Read headers of every DICOM file under ``paths`` and group them into series.
+
+    Files are grouped by (SeriesInstanceUID, SeriesNumber), so a series that arrived in several
+    folders or associations is one series. Exception: when the same SOP instance appears in several
+    folders, the folders hold copies (e.g. one series saved in several transfer syntaxes) and each
+    folder stays its own series. Duplicate SOP instances inside a folder are dropped. The order is
+    stable (folder, SeriesNumber, UID).
+    """
+    groups: dict[tuple[str, int | None], list[tuple[Path, Dataset]]] = {}
     for path in iter_files(paths):
         ds = read_header(path)
         if ds is None or "Rows" not in ds:
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
-        sop = str(ds.get("SOPInstanceUID", "") or "")
         num = ds.get("SeriesNumber")
         num = int(num) if num not in (None, "") else None
-        key = (str(path.parent), uid, num)
-        if (str(path.parent), sop) in seen and sop:
-            continue
-        seen.add((str(path.parent), sop))
-        s = series.setdefault(key, SeriesFiles(folder=path.parent, series_uid=uid, series_number=num))
-        s.headers.append(ds)
-        s.paths.append(path)
-        s.frames.extend(frames_of(ds, path))
-    return sorted(series.values(), key=lambda s: (str(s.folder), s.series_number or 0, s.series_uid))
+        groups.setdefault((uid, num), []).append((path, ds))
+    series: list[SeriesFiles] = []
+    for (uid, num), items in groups.items():
+        folders_of: dict[str, set[Path]] = {}
+        for path, ds in items:
+            folders_of.setdefault(str(ds.get("SOPInstanceUID", "")), set()).add(path.parent)
+        copies = any(len(f) > 1 for f in folders_of.values())
+        parts: dict[Path | None, list[tuple[Path, Dataset]]] = {}
+        for path, ds in items:
+            parts.setdefault(path.parent if copies else None, []).append((path, ds))
+        for part in parts.values():
+            s = SeriesFiles(folder=part[0][0].parent, series_uid=uid, series_number=num)
+            seen: set[str] = set()
+            for path, ds in part:
+                sop = str(ds.get("SOPInstanceUID", "") or "")
+                if sop and sop in seen:
+                    continue
+                seen.add(sop)
+                s.headers.append(ds)
+                s.paths.append(path)
+                s.frames.extend(frames_of(ds, path))
+            series.append(s)
+    return sorted(series, key=lambda s: (str(s.folder), s.series_number or 0, s.series_uid))
