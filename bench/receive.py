@@ -211,11 +211,15 @@ def main() -> int:
         print("\n| receiver | instances/s (median) | runs |\n|---|---|---|")
         for k, v in med.items():
             print(f"| {k} | {v:.0f} | {', '.join(f'{x:.0f}' for x in rates[k])} |")
-        ours, ours_nofsync = med["synthperf (fsync on, default)"], med["synthperf (spool_fsync off)"]
-        print(f"\nratio ours/storescp: {ours / med['DCMTK storescp']:.2f}x (target >= 1.2x); "
-              f"with spool_fsync off {ours_nofsync / med['DCMTK storescp']:.2f}x")
-        print(f"ratio ours/Orthanc:  {ours / med['Orthanc']:.2f}x (target >= 1.0x); "
-              f"with spool_fsync off {ours_nofsync / med['Orthanc']:.2f}x")
+        # Ratios paired within each round (the load on a shared machine drifts between rounds),
+        # then the median over rounds.
+        def ratio(a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+
+        on, off = "synthperf (fsync on, default)", "synthperf (spool_fsync off)"
+        for ref, target in (("DCMTK storescp", 1.2), ("Orthanc", 1.0)):
+            print(f"ratio ours/{ref}: {ratio(on, ref):.2f}x (target >= {target}x); "
+                  f"with spool_fsync off {ratio(off, ref):.2f}x  [median of per-round ratios]")
         lat = completion_latency(root, 100, args.stable_age)
         print(f"\ncompletion latency after the last instance (100-instance series, stable_age {args.stable_age} s):")
         print(f"  declared size (ImagesInAcquisition): {lat['declared']:.3f} s (target < 0.5 s)")

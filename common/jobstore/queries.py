@@ -120,14 +120,6 @@ def find_instance(session: Session, sop_instance_uid: str) -> tuple[int, str, st
     return None if row is None else (row[0], row[1], row[2])
 
 
-def insert_instance(session: Session, study_id: int, **values: Any) -> None:
-    """Insert one instance row and touch its series and study receive times (three statements)."""
-    now = values.setdefault("received_at", utcnow())
-    session.execute(insert(Instance).values(**values))
-    session.execute(update(Series).where(Series.id == values["series_id"]).values(last_received_at=now))
-    session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
-
-
 def series_counts(session: Session, series_id: int) -> tuple[int | None, int]:
     """(declared images or None, images received: frames of multi-frame objects count singly)."""
     expected = session.execute(select(Series.expected_instances).where(Series.id == series_id)).scalar()
