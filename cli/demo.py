@@ -17,7 +17,7 @@ from typing import Any
 
 log = logging.getLogger("synthperf.demo")
 
-DEMO_SEED = 20250101
+DEMO_SEED = 7  # a small core (~10 mL) with a large Tmax>6 s region: a DEFUSE-3 target profile
 DEMO_MATRIX = 128
 DEMO_VENDOR = "siemens"
 
