@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # noqa: F401 - registers verification for the SCP
+from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from common.config import load_settings
@@ -50,6 +50,7 @@ class CountingSCP:
     def start(self) -> None:
         ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
 
