@@ -225,10 +225,12 @@ class Association:
             log.exception("association with %s failed", self.peer)
             self._abort()
         finally:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            # The buffered reader holds a reference on the socket: close both, or the fd lingers.
+            for closable in (self._rfile, self.sock):
+                try:
+                    closable.close()
+                except OSError:
+                    pass
 
     def _reject(self, refusal: Refusal) -> None:
         result, source, reason = refusal.rsd
