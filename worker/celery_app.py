@@ -38,6 +38,9 @@ def _note_queues(sender, instance, conf, **_kwargs):  # type: ignore[no-untyped-
 
 @worker_process_init.connect
 def _load_model(**_kwargs):  # type: ignore[no-untyped-def]
+    from worker.pipeline.encode import warm_up
+
+    warm_up()
     if not _consumes_gpu:
         return
     from worker.pipeline.synthesize import get_synthesizer

@@ -738,3 +738,19 @@ def encode_outputs(inp: EncodeInput, out_dir: str | Path) -> EncodeResult:
     result.timings_s["total"] = time.perf_counter() - t0
     (out / "manifest.json").write_text(json.dumps(result.manifest(), indent=1))
     return result
+
+
+def warm_up() -> None:
+    """Load once per process what the first encode would otherwise pay for (~1 s): highdicom's
+    tables of the standard, the fonts and the colour table. Called after a worker forks."""
+    try:
+        from highdicom import _standard_utils as std  # private, so guarded: a cache warm-up only
+
+        for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+            getattr(std, name, lambda: None)()
+    except Exception:  # noqa: BLE001 - the first encode just pays for it
+        pass
+    render.tmax_lut()
+    for size in (13, 14, 15, 17, 19, 20, 24):
+        render.font(size)
+        render.font(size, bold=True)
