@@ -180,9 +180,10 @@ def match_resolution(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
     fixed resolution, and a 4x smaller image is cheaper to smooth, shrink and interpolate."""
     fs = min(fixed.GetSpacing()[:2])
     ms = moving.GetSpacing()
-    factor = int(fs / max(ms[:2]) + 1e-6)
-    if fs / max(ms[:2]) < 1.5 or factor < 2:
+    ratio = fs / max(ms[:2])
+    if ratio < 1.5:
         return moving
+    factor = max(2, int(round(ratio)))
     sigma = 0.5 * factor * max(ms[:2])
     smooth = sitk.DiscreteGaussian(moving, [sigma**2, sigma**2, 0.0], 32, 0.01, True)
     size = [max(1, moving.GetSize()[0] // factor), max(1, moving.GetSize()[1] // factor), moving.GetSize()[2]]
@@ -276,8 +277,12 @@ def _vol(frames, what: str, combine, cache: PixelCache) -> Volume:
     return build_volume(frames, what, combine, cache)
 
 
-def load_study(selection: Selection, *, register: bool = True, seed: int = 0) -> LoadedStudy:
+def load_study(selection: Selection, *, register: bool = True, seed: int = 0,
+               registration_options: dict[str, Any] | None = None) -> LoadedStudy:
     """Build every input volume on the DWI grid (see :class:`LoadedStudy`).
+
+    ``registration_options`` are passed to :func:`register_rigid` (the benchmark uses them for its
+    single-resolution baseline); ``register=False`` keeps the scanner geometry.
 
     Raises :class:`common.errors.InvalidInputError` for unusable geometry or pixel data.
     """
@@ -335,7 +340,7 @@ def load_study(selection: Selection, *, register: bool = True, seed: int = 0) ->
     sources["flair"] = fl_v.slices
     if register:
         try:
-            transform, reg = register_rigid(b0, fl_v.image, seed=seed)
+            transform, reg = register_rigid(b0, fl_v.image, seed=seed, **(registration_options or {}))
         except RuntimeError as exc:
             if "overlap" not in str(exc):
                 raise
