@@ -16,12 +16,17 @@ from celery.signals import celeryd_after_setup, worker_process_init, worker_read
 from common.config import get_settings
 from common.errors import ModelError
 from common.queue import QUEUE_GPU, make_celery
+from worker.rules import load_rules
 
 log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
+
+# Series-classification rules are validated at start-up (issue 5): a broken site rules file stops the
+# worker here with a RulesError naming the file and the bad rule, instead of failing every job later.
+load_rules(settings.rules_file)
 
 _consumes_gpu = False
 
