@@ -90,3 +90,22 @@ def test_celery_enqueuer_sends_the_job_id_by_task_name(tmp_path: Path) -> None:
     body = json.loads(messages[0].read_text())
     assert body["headers"]["task"] == TASK_PIPELINE
     assert "[42]" in body["headers"]["argsrepr"] and body["properties"]["delivery_info"]["routing_key"] == "cpu"
+
+
+def test_jobs_command_lists_jobs_as_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    data = tmp_path / "data"
+    url = load_settings(data_dir=data).effective_database_url
+    assert main(["jobs", "--data-dir", str(data)]) == 1  # no job store yet: says so
+    queries.init_db(url)
+    study_id, series_id = _series(url)
+    queries.InstanceWriter(url).add(_values(series_id, "1.2.3.4.8"), study_id, touch=True)
+    with session_scope(url) as s:
+        queries.create_job(s, study_id, "expected_count", 1)
+    capsys.readouterr()
+    assert main(["jobs", "--data-dir", str(data), "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["study_uid"] == "1.2.3" and row["state"] == "queued" and row["trigger"] == "expected_count"
+    assert main(["jobs", "--data-dir", str(data)]) == 0
+    assert "expected_count" in capsys.readouterr().out
