@@ -235,3 +235,24 @@ def test_push_over_tls(data_dir, encoded_files, tmp_path):
         scp.stop()
     assert report.complete and report.sent == 3, report.errors
     assert sorted(scp.received) == sorted(uid for uid, _, _ in encoded_files[:3])
+
+
+def test_repush_cli_resends_dead_objects_as_stored(setup, encoded_files, monkeypatch, capsys):
+    """`synthperf repush JOB --now` revives dead deliveries and sends the stored files again."""
+    import json as _json
+
+    from cli.main import main as cli_main
+
+    settings, job_id, scp = setup
+    push_due(settings, job_id)
+    push_due(settings, job_id, now=utcnow() + timedelta(seconds=settings.push_retry_period_s + 1))
+    assert _job(settings, job_id).state == JobState.FAILED
+    monkeypatch.setenv("SYNTHPERF_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("SYNTHPERF_DESTINATIONS", _json.dumps(
+        [{"ae_title": d.ae_title, "host": d.host, "port": d.port} for d in settings.destinations]))
+    scp.start()
+    assert cli_main(["repush", str(job_id), "--now"]) == 0
+    assert f"job {job_id}: {len(encoded_files)} sent, 0 pending, 0 dead" in capsys.readouterr().out
+    assert sorted(scp.received) == sorted(uid for uid, _, _ in encoded_files)
+    assert _job(settings, job_id).state == JobState.DONE
+    assert cli_main(["repush", "999", "--now"]) == 2
