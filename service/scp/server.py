@@ -68,12 +68,14 @@ class ScpServer:
         ssl_context: ssl.SSLContext | None = None,
         disk_ok: Callable[[], bool] | None = None,
         engine: str | None = None,
+        spill_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.settings = settings
         self.engine = engine or settings.scp_engine
         if self.engine not in ("fast", "pynetdicom"):
             raise ValueError(f"engine must be 'fast' or 'pynetdicom', got {self.engine!r}")
         self.receiver = receiver
+        self.spill_bytes = spill_bytes  # fast engine: larger data sets wait on disk, not in memory
         self.host = host if host is not None else settings.scp_host
         self.port = port if port is not None else settings.scp_port
         self.ssl_context = ssl_context if ssl_context is not None else make_ssl_context(settings)
@@ -106,6 +108,7 @@ class ScpServer:
             self._server = UpperLayerServer(
                 self, self.host, self.port, ssl_context=self.ssl_context, max_associations=s.max_associations,
                 max_pdu=s.max_pdu, acse_timeout=s.acse_timeout_s, network_timeout=s.network_timeout_s,
+                spill_dir=self.receiver.spool.root, spill_bytes=self.spill_bytes,
             )
             self._server.start()
             self.port = self._server.port

@@ -17,15 +17,21 @@ the same hooks serve the pynetdicom engine, which remains selectable (``scp_engi
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from service.scp.access import RJ_LIMIT, Refusal
 
 log = logging.getLogger("synthperf.scp.ul")
+
+Buffer = bytes | mmap.mmap  # a received data set: in memory, or mapped from its spill file
 
 IMPLEMENTATION_CLASS_UID = b"1.2.826.0.1.3680043.10.1460.1"
 IMPLEMENTATION_VERSION = b"SYNTHPERF_01"
@@ -65,7 +71,7 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    data: bytes
+    data: Buffer  # bytes, or a read-only mmap of a spilled large object (valid during the call)
     calling_aet: str
     peer: str
 
@@ -280,6 +286,8 @@ class Association:
     def _serve(self) -> None:
         command = bytearray()
         data_parts: list[bytes] = []
+        held = 0
+        spill: Any = None
         cmd: dict[int, bytes] | None = None
         ctx_of_cmd = 0
         while True:
@@ -305,10 +313,27 @@ class Association:
                     else:
                         if cmd is None:
                             raise ProtocolError("data set fragment without a command")
-                        data_parts.append(fragment)
+                        if spill is not None:
+                            spill.write(fragment)
+                        else:
+                            data_parts.append(fragment)
+                            held += len(fragment)
+                            if held > self.engine.spill_bytes and self.engine.spill_dir is not None:
+                                # A large object: keep it on disk, not in memory, until stored.
+                                spill = tempfile.TemporaryFile(dir=self.engine.spill_dir, prefix=".tmp-rx-")
+                                spill.write(b"".join(data_parts))
+                                data_parts.clear()
                         if control & 2:
-                            self._dispatch(cmd, ctx_of_cmd, b"".join(data_parts))
+                            if spill is not None:
+                                spill.flush()
+                                with mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                                    self._dispatch(cmd, ctx_of_cmd, view)
+                                spill.close()
+                                spill = None
+                            else:
+                                self._dispatch(cmd, ctx_of_cmd, b"".join(data_parts))
                             data_parts.clear()
+                            held = 0
                             cmd = None
             elif pdu_type == 0x05:
                 self._send_pdu(0x06, b"\x00\x00\x00\x00")
@@ -324,7 +349,7 @@ class Association:
         pdv = struct.pack(">I", len(command) + 2) + bytes([ctx_id, 0x03]) + command
         self._send_pdu(0x04, pdv)
 
-    def _dispatch(self, cmd: dict[int, bytes], ctx_id: int, data: bytes | None) -> None:
+    def _dispatch(self, cmd: dict[int, bytes], ctx_id: int, data: Buffer | None) -> None:
         field_ = struct.unpack("<H", cmd.get(0x0100, b"\x00\x00"))[0]
         msg_id = cmd.get(0x0110, b"\x00\x00")
         sop_class = _uid(cmd.get(0x0002, b""))
@@ -362,8 +387,12 @@ class UpperLayerServer:
         max_pdu: int = 0,
         acse_timeout: float = 30.0,
         network_timeout: float = 60.0,
+        spill_dir: Path | None = None,
+        spill_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.hooks = hooks
+        self.spill_dir = spill_dir  # where data sets above spill_bytes wait (same volume as the spool)
+        self.spill_bytes = spill_bytes
         self.ssl_context = ssl_context
         self.max_associations = max_associations
         self.max_pdu = max_pdu

@@ -103,3 +103,46 @@ def test_pdv_length_lies_are_aborted(tmp_path: Path) -> None:
         assert assoc.is_aborted
         ok, msg = echo("127.0.0.1", gw.scp.port, called_aet="SYNTHPERF")
         assert ok, msg
+
+
+def test_large_data_sets_spill_to_disk_and_arrive_intact(
+    tmp_path: Path, realdata: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above spill_bytes the fast engine keeps the incoming data set in an unnamed file on the
+    spool volume (memory stays bounded); what is stored is still the exact bytes sent."""
+    import tempfile
+
+    import service.scp.ul as ul
+    from service.gateway import Gateway
+
+    spills: list[str] = []
+    real_tempfile = tempfile.TemporaryFile
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        spills.append(str(kwargs.get("dir")))
+        return real_tempfile(*args, **kwargs)
+
+    monkeypatch.setattr(ul.tempfile, "TemporaryFile", counting)
+
+    settings = gateway_settings(tmp_path / "d")
+    gw = Gateway(settings, lambda _job: None, host="127.0.0.1", port=0)
+    gw.scp.spill_bytes = 64 * 1024  # every enhanced XA30 file (~0.8 MB) spills
+    gw.start()
+    folder = realdata / "dcm_qa_xa30" / "10_DWI_b0_b2500"
+    try:
+        counts = send_paths([folder], "127.0.0.1", gw.scp.port, called_aet="SYNTHPERF")
+    finally:
+        gw.stop()
+    files = dicom_files(folder)
+    assert counts["sent"] == len(files) and counts["failed"] == 0
+    assert len(spills) == len(files) and set(spills) == {str(settings.spool_dir)}
+    with session_scope(settings.effective_database_url) as s:
+        paths = [i.path for i in s.query(Instance)]
+    assert len(paths) == len(files)
+
+    def dataset_bytes(blob: bytes) -> bytes:
+        return blob[split_part10(blob)[1]:]
+
+    stored = {dataset_bytes((settings.spool_dir / p).read_bytes()) for p in paths}
+    assert stored == {dataset_bytes(f.read_bytes()) for f in files}
+    assert not [p for p in settings.spool_dir.rglob(".tmp-*")]
