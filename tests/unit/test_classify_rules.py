@@ -19,8 +19,11 @@ from worker.rules import DEFAULT_RULES, RulesError, load_rules, parse_rules
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
-def write_mr(folder: Path, n_slices: int = 3, n_times: int = 1, series_uid: str | None = None, **attrs) -> Path:
-    """Write a tiny classic MR series (n_slices x n_times files) with the given attributes."""
+def write_mr(folder: Path, n_slices: int = 3, n_times: int = 1, series_uid: str | None = None,
+             signal=None, **attrs) -> Path:
+    """Write a tiny classic MR series (n_slices x n_times files) with the given attributes.
+
+    ``signal(t)`` scales the pixel values of time point t (default constant)."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
     k = 0
@@ -49,7 +52,8 @@ def write_mr(folder: Path, n_slices: int = 3, n_times: int = 1, series_uid: str 
             ds.BitsAllocated = ds.BitsStored = 16
             ds.HighBit = 15
             ds.PixelRepresentation = 0
-            ds.PixelData = np.full((8, 8), 100 + z, np.uint16).tobytes()
+            scale = 1.0 if signal is None else float(signal(t))
+            ds.PixelData = np.full((8, 8), round((1000 + 10 * z) * scale), np.uint16).tobytes()
             if n_times > 1:
                 ds.TemporalPositionIdentifier = t + 1
                 ds.NumberOfTemporalPositions = n_times
@@ -68,9 +72,13 @@ GRE_EPI = {"ScanningSequence": ["GR", "EP"], "SequenceVariant": "SK", "EchoTime"
     [
         ({**GRE_EPI, "ContrastBolusAgent": "Gadobutrol"}, 12, "DSC", "dsc-contrast-agent"),
         ({**GRE_EPI, "ImageType": ["ORIGINAL", "PRIMARY", "PERFUSION", "NONE"]}, 12, "DSC", "dsc-perfusion-image-type"),
-        ({**GRE_EPI, "SeriesDescription": "ep2d_perf"}, 12, "DSC", "description-dsc"),
-        ({**GRE_EPI, "SeriesDescription": "ep2d_bold_rest"}, 12, "OTHER", "description-bold"),
-        (GRE_EPI, 12, "OTHER", "epi-without-diffusion-or-contrast"),  # no evidence of contrast: not DSC
+        # Only 3 of 40 time points arrived: no contrast timing to read, so the description decides.
+        ({**GRE_EPI, "SeriesDescription": "ep2d_perf", "NumberOfTemporalPositions": 40}, 3, "DSC", "description-dsc"),
+        ({**GRE_EPI, "SeriesDescription": "ep2d_bold_rest", "NumberOfTemporalPositions": 40}, 3, "OTHER",
+         "description-bold"),
+        ({**GRE_EPI, "NumberOfTemporalPositions": 40}, 3, "OTHER", "epi-without-diffusion-or-contrast"),
+        # The whole time series arrived: its signal over time decides DSC vs BOLD (flat = BOLD).
+        ({**GRE_EPI, "SeriesDescription": "ep2d_perf"}, 12, "OTHER", "bold-no-bolus"),
         ({"ScanningSequence": ["GR", "IR"], "EchoTime": 2.5, "InversionTime": 900, "RepetitionTime": 2300},
          1, "OTHER", "t1-or-stir-inversion-recovery"),
         ({"ScanningSequence": ["SE", "IR"], "EchoTime": 90, "InversionTime": 2500, "RepetitionTime": 9000},
@@ -82,13 +90,29 @@ GRE_EPI = {"ScanningSequence": ["GR", "EP"], "SequenceVariant": "SK", "EchoTime"
         ({"ScanningSequence": ["SE", "EP"], "DiffusionBValue": 1000.0, "SeriesDescription": "FLAIR"},
          1, "DWI", "diffusion-b-standard"),
     ],
-    ids=["dsc-agent", "dsc-imagetype", "dsc-description", "bold-description", "gre-epi-no-contrast",
+    ids=["dsc-agent", "dsc-imagetype", "dsc-description", "bold-description", "gre-epi-no-contrast", "flat-curve",
          "t1-mprage", "flair-ir", "localizer", "tirm-description", "ax-t2-flair", "b0.001-only", "desc-lies"],
 )
 def test_synthetic_headers(tmp_path: Path, attrs, n_times, role, rule):
     write_mr(tmp_path / "s", n_times=n_times, **attrs)
     (c,) = classify_folder(tmp_path)
     assert (c.role, c.rule) == (role, rule), c.evidence
+
+
+def _bolus(t: int) -> float:
+    """A first-pass drop of 25 % around time point 8 of 20, then recovery."""
+    return 1.0 - 0.25 * np.exp(-0.5 * ((t - 8) / 2.0) ** 2)
+
+
+def test_contrast_timing_tells_dsc_from_bold(tmp_path: Path):
+    write_mr(tmp_path / "dsc", n_times=20, signal=_bolus, **GRE_EPI)  # no agent tag, no description
+    write_mr(tmp_path / "bold", n_times=20, signal=lambda t: 1.0 + 0.01 * np.sin(t), **GRE_EPI)
+    got = {Path(c.folder).name: c for c in classify_folder(tmp_path)}
+    dsc, bold = got["dsc"], got["bold"]
+    assert (dsc.role, dsc.rule) == ("DSC", "dsc-bolus-signal-drop")
+    assert dsc.features["bolus_drop"] == pytest.approx(0.25, abs=0.03)
+    assert (bold.role, bold.rule) == ("OTHER", "bold-no-bolus")
+    assert bold.features["bolus_drop"] < 0.03
 
 
 def test_description_that_contradicts_headers_lowers_confidence(tmp_path: Path):

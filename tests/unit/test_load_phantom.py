@@ -50,8 +50,8 @@ CLASSIC = {
         "dwi": ("diffusion-b-standard", "DiffusionBValue 0/1000 and (2001,1003)"),
         "dwi_b0": ("diffusion-b0-philips", "ScanningSequence SE (no EP), (2001,1003)=0, no IR"),
         "flair": ("flair-inversion-recovery", "SE\\IR, TI 2300-2500, TE 85-95"),
-        "dsc": ("description-dsc", "GRE-EPI time series with no contrast/PERFUSION tag: only the "
-                "description 'PERFUSION_DSC' tells DSC from BOLD"),
+        "dsc": ("dsc-bolus-signal-drop", "EP\\GR time series with no contrast agent or PERFUSION tag: the "
+                "first-pass signal drop of the central slice (contrast timing) tells DSC from BOLD"),
     },
 }
 ENHANCED = {

@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.dicomio import headers as h
 from common.dicomio.frames import FrameInfo
 from common.dicomio.geometry import cluster_positions, normal_of
+from common.dicomio.pixels import PixelCache
 from common.dicomio.series import SeriesFiles, group_series
-from common.errors import InputMissingError
+from common.errors import InputMissingError, InvalidInputError
 from worker.rules import RuleSet, load_rules
 
 Evidence = tuple[str, str, str]  # (rule, field, observed value)
@@ -218,6 +221,9 @@ def series_features(s: SeriesFiles, b0_max: float = 50.0) -> dict[str, Any]:
     bn_std, bn_sie = _norm_b(b_std, b0_max), _norm_b(b_sie, b0_max)
     bn_ge, bn_phi = _norm_b(b_ge, b0_max), _norm_b(b_phi, b0_max)
     all_b = bn_std + bn_sie + bn_ge + bn_phi
+    drop = None
+    if epi_flag and temporal >= BOLUS_MIN_POINTS and not any(b > b0_max for b in all_b) and not asl:
+        drop = bolus_drop(s)
     return {
         "modality": str(hs[0].get("Modality", "")) if hs else "",
         "sop_class": sop,
@@ -249,9 +255,48 @@ def series_features(s: SeriesFiles, b0_max: float = 50.0) -> dict[str, Any]:
         "temporal_positions": temporal,
         "volumes_per_position": per_position,
         "asl": asl,
+        "bolus_drop": drop,
         "contrast_agent": agent or None,
         "description": description,
     }
+
+
+BOLUS_MIN_POINTS = 10
+
+
+def bolus_drop(s: SeriesFiles) -> float | None:
+    """Contrast timing from pixels: the first-pass signal drop of a time series, as a fraction.
+
+    DSC shows a T2* signal drop of tens of percent while the gadolinium bolus passes and then recovers;
+    BOLD fMRI fluctuates by a few percent. Reads only the central slice position over time (one
+    frame per time point). None when fewer than ``BOLUS_MIN_POINTS`` time points are present.
+    """
+    fr = [f for f in s.frames if f.position is not None and f.orientation is not None]
+    if len(fr) < BOLUS_MIN_POINTS:
+        return None
+    n = normal_of(fr[0].orientation)  # type: ignore[arg-type]
+    groups = cluster_positions([sum(p * c for p, c in zip(f.position, n, strict=True)) for f in fr])  # type: ignore[arg-type]
+    mid = groups[len(groups) // 2]
+    if len(mid) < BOLUS_MIN_POINTS:
+        return None
+    frames = sorted((fr[i] for i in mid), key=lambda f: (f.temporal_index or 0, f.acquisition_number or 0,
+                                                          f.instance_number or 0, f.frame or 0))
+    cache = PixelCache()
+    try:
+        planes = [cache.frame(f.path, f.frame, f.rescale) for f in frames]
+    except InvalidInputError:
+        return None
+    mean_img = np.mean(planes, axis=0)
+    tissue = mean_img >= np.percentile(mean_img, 60)
+    if not tissue.any():
+        return None
+    curve = np.array([float(p[tissue].mean()) for p in planes])
+    # 3-point running median: one corrupt or moved frame is not a bolus
+    curve = np.array([float(np.median(curve[max(0, i - 1): i + 2])) for i in range(len(curve))])
+    base = float(np.median(curve[: max(3, len(curve) // 10)]))
+    if base <= 0:
+        return None
+    return round(max(0.0, 1.0 - float(curve.min()) / base), 4)
 
 
 # ------------------------------------------------------------------------------------ the engine

@@ -51,6 +51,7 @@ FEATURES: dict[str, str] = {
     "temporal_positions": "number",
     "volumes_per_position": "number",
     "asl": "bool",
+    "bolus_drop": "number",
     "contrast_agent": "text",
     "description": "text",
 }
