@@ -152,3 +152,30 @@ def test_frames_of_reads_no_pixels(realdata: Path):
     frames = frames_of(ds, f)
     assert len(frames) == 39 and {fr.b_value for fr in frames} == {2500.0}
     assert all(fr.directionality == "ISOTROPIC" for fr in frames)
+
+
+def test_series_split_over_folders_is_whole_again(realdata: Path, tmp_path: Path):
+    """A series that arrived in two associations (two folders) is one series; copies stay apart."""
+    import shutil
+
+    src = sorted((realdata / "dcm_qa_xa30i/11001_DWI_b0_b2500").iterdir())
+    for i, f in enumerate(src):
+        d = tmp_path / ("assoc1" if i % 2 else "assoc2")
+        d.mkdir(exist_ok=True)
+        shutil.copy(f, d / f.name)
+    (s,) = group_series([tmp_path])
+    assert len(s.paths) == 10 and s.series_number == 11001
+    # Copies of the same SOP instances in two folders (dicom2nifti generic_compressed_*) stay apart.
+    copies = group_series(sorted((realdata / "dicom2nifti").glob("generic_compressed_*")))
+    assert len(copies) == 4 and len({c.series_uid for c in copies}) == 1
+
+
+def test_selection_pickles(realdata: Path):
+    """The worker pickles the Selection between stages."""
+    import pickle
+
+    from worker.pipeline.classify import classify_folder, select_inputs
+
+    sel = select_inputs(classify_folder([realdata / "dcm_qa_xa30i", realdata / "dicom2nifti/siemens_anatomical_001"]))
+    again = pickle.loads(pickle.dumps(sel))
+    assert again.b_high == sel.b_high and len(again.high_b_frames()) == len(sel.high_b_frames())
