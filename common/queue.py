@@ -48,13 +48,15 @@ def make_celery(settings: Settings) -> Celery:
     }
     if broker.startswith("filesystem://"):
         folder = settings.broker_dir
-        for sub in ("in", "processed"):
+        for sub in ("in", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "in"),
             "data_folder_out": str(folder / "in"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            # Exchange tables; kombu's default is ./control in the working directory.
+            "control_folder": str(folder / "control"),
         }
     app.conf.update(conf)
     return app
