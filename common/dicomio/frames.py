@@ -104,6 +104,9 @@ def classic_frames(ds: Dataset, path: Path) -> list[FrameInfo]:
     if item is not None:
         directionality = item.get("DiffusionDirectionality")
     directionality = directionality or h.private_text(ds, h.SIEMENS_DIRECTIONALITY)
+    if not directionality:
+        pdir = (h.private_text(ds, h.PHILIPS_DIRECTIONALITY) or "").upper()
+        directionality = {"I": "ISOTROPIC", "N": "NONE"}.get(pdir, "DIRECTIONAL" if pdir else None)
     pos = _vec(ds.get("ImagePositionPatient"), 3)
     ori = _vec(ds.get("ImageOrientationPatient"), 6)
     ps = _vec(ds.get("PixelSpacing"), 2)

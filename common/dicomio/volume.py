@@ -75,6 +75,11 @@ def build_volume(
             f"{what}: {len(missing)} image(s) lack ImagePositionPatient/ImageOrientationPatient "
             f"(e.g. {missing[0].path.name}); cannot place them in space"
         )
+    if any("MOSAIC" in f.frame_type for f in frames):
+        raise InvalidInputError(
+            f"{what}: Siemens mosaic images (all slices tiled in one image) are not supported; "
+            "send the series as one image per slice (mosaic off / 'interoperability' export)"
+        )
     orientation = check_orientations([f.orientation for f in frames], what)
     n = normal_of(orientation)
     dist = [float(np.asarray(f.position) @ n) for f in frames]

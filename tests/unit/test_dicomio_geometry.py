@@ -179,3 +179,9 @@ def test_selection_pickles(realdata: Path):
     sel = select_inputs(classify_folder([realdata / "dcm_qa_xa30i", realdata / "dicom2nifti/siemens_anatomical_001"]))
     again = pickle.loads(pickle.dumps(sel))
     assert again.b_high == sel.b_high and len(again.high_b_frames()) == len(sel.high_b_frames())
+
+
+def test_mosaic_is_refused_with_a_reason(realdata: Path):
+    (s,) = group_series([realdata / "dcm_qa_ts/ts1_explicit_le"])
+    with pytest.raises(InvalidInputError, match="mosaic"):
+        build_volume(s.frames, "EPI")

@@ -6,6 +6,7 @@ computed as ln(S0/S)/b from its own b0 and high-b images must agree with it voxe
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,13 @@ from worker.pipeline.load import compute_adc, load_study, same_grid
 FLAIR = "dicom2nifti/siemens_anatomical_001"
 
 
-def _load(realdata: Path, *folders: str, register: bool = False):
+def _load(realdata: Path, *folders: str, register: bool = False, same_study_flair: bool = True):
+    """Classify and load. No real FLAIR in the pack overlaps a real DWI (different subjects), so by
+    default the FLAIR slot is filled with a series of the DWI's own study (its ADC, else the DWI) -
+    loading then runs as for a real study; the real FLAIR still proves classification/selection."""
     sel = select_inputs(classify_folder([realdata / f for f in folders]))
+    if same_study_flair:
+        sel = dataclasses.replace(sel, flair=sel.adc or sel.dwi)
     return sel, load_study(sel, register=register)
 
 
@@ -97,4 +103,17 @@ def test_flair_that_does_not_overlap_the_dwi_is_a_clear_error(realdata: Path):
     from common.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="do not overlap"):
-        _load(realdata, "dcm_qa_canon_61", "dicom2nifti/philips_anatomical_001", register=True)
+        _load(realdata, "dcm_qa_canon_61", "dicom2nifti/philips_anatomical_001", register=True,
+              same_study_flair=False)
+
+
+def test_registration_of_a_same_acquisition_series_stays_at_identity(realdata: Path):
+    """Real data, known answer: the scanner's ADC map was computed from these very DWI images, so
+    registering it (in the FLAIR slot) onto the b0 must find (almost) no motion, and report quality."""
+    _, st = _load(realdata, "dcm_qa_xa30/10_DWI_b0_b2500", "dcm_qa_xa30/11_DWI_ADC", FLAIR, register=True)
+    reg = st.registration
+    assert reg["rotation_deg"] < 1.0
+    m = np.asarray(reg["matrix_dwi_to_flair"])
+    centre = np.asarray(reg["center_lps"])
+    assert np.linalg.norm(m[:3, :3] @ centre + m[:3, 3] - centre) < 1.0
+    assert reg["metric_after"] <= reg["metric_before"] + 1e-3

@@ -402,7 +402,11 @@ class Selection:
     warnings: list[str] = field(default_factory=list)
 
     def high_b_frames(self) -> list[FrameInfo]:
-        return [f for f in self.dwi.frames if f.b_value is not None and _near(f.b_value, self.b_high, self.b0_max)]
+        """Frames at ``b_high``; when the series mixes directional and scanner-computed isotropic
+        (trace) images at that b, only the trace images (Philips stores both in one series)."""
+        frames = [f for f in self.dwi.frames if f.b_value is not None and _near(f.b_value, self.b_high, self.b0_max)]
+        iso = [f for f in frames if (f.directionality or "").upper() == "ISOTROPIC"]
+        return iso if iso and len(iso) < len(frames) else frames
 
     def b0_frames(self) -> list[FrameInfo]:
         if self.b0 is None:

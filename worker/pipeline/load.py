@@ -174,6 +174,25 @@ def _metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, ma
     return float(r.MetricEvaluate(fixed, moving))
 
 
+def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, stride: int = 4) -> float:
+    """Fraction of fixed-image voxel centres (sub-sampled) that fall inside the moving image's volume."""
+    size = np.array(fixed.GetSize())
+    axes = [np.arange(0, n, stride if n > stride else 1) for n in size]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).astype(float)
+
+    def index_to_world(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+        m = np.asarray(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+        return m, np.asarray(img.GetOrigin())
+
+    fm, fo = index_to_world(fixed)
+    mm, mo = index_to_world(moving)
+    pts = idx @ fm.T + fo
+    cont = (pts - mo) @ np.linalg.inv(mm).T
+    msize = np.array(moving.GetSize())
+    inside = np.all((cont >= -0.5) & (cont <= msize - 0.5), axis=1)
+    return float(inside.mean())
+
+
 def match_resolution(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
     """Downsample ``moving`` in-plane (own orientation, Gaussian anti-aliasing) to about the fixed
     image's in-plane spacing when it is more than 1.5x finer: the metric only ever samples it at the
@@ -244,6 +263,11 @@ def register_rigid(
     r.SetInitialTransform(final, inPlace=True)
     r.Execute(f, m)
     after = _metric(f, m, final, fixed_mask, bins)
+    kept = after > before
+    if kept:
+        # The optimum found is worse than where we started (images already aligned, sampling noise):
+        # never return a worse alignment than the scanner geometry by our own measure.
+        final, after = sitk.Euler3DTransform(init), before
     rot = np.asarray(final.GetMatrix()).reshape(3, 3)
     trans = np.asarray(final.GetTranslation())
     c = np.asarray(final.GetCenter())
@@ -256,7 +280,8 @@ def register_rigid(
         "metric": "MattesMutualInformation (negative; lower is better)",
         "metric_before": before,
         "metric_after": after,
-        "improved": after <= before,
+        "improved": after < before,
+        "kept_scanner_geometry": kept,
         "angles_rad_xyz": [final.GetAngleX(), final.GetAngleY(), final.GetAngleZ()],
         "translation_param_mm": trans.tolist(),
         "center_lps": c.tolist(),
@@ -338,6 +363,15 @@ def load_study(selection: Selection, *, register: bool = True, seed: int = 0,
     fl_v = _vol(selection.flair.frames, "FLAIR", "mean", cache)
     warnings += fl_v.warnings
     sources["flair"] = fl_v.slices
+    overlap = overlap_fraction(b0, fl_v.image)
+    if overlap < 0.2:
+        raise InvalidInputError(
+            f"FLAIR and DWI do not overlap in patient space (FLAIR covers {overlap:.0%} of the DWI volume), so "
+            "the FLAIR cannot be registered to the DWI; check both series come from the same patient and "
+            "study (Frame of Reference)"
+        )
+    if overlap < 0.6:
+        warnings.append(f"FLAIR covers only {overlap:.0%} of the DWI volume; regions outside it are empty")
     if register:
         try:
             transform, reg = register_rigid(b0, fl_v.image, seed=seed, **(registration_options or {}))
@@ -348,10 +382,10 @@ def load_study(selection: Selection, *, register: bool = True, seed: int = 0,
                 "FLAIR and DWI do not overlap in patient space, so the FLAIR cannot be registered to the "
                 "DWI; check both series come from the same patient and study (Frame of Reference)"
             ) from exc
-        if not reg["improved"]:
+        if reg["kept_scanner_geometry"]:
             warnings.append(
-                f"FLAIR registration did not improve the metric ({reg['metric_before']:.4f} -> "
-                f"{reg['metric_after']:.4f}); check the FLAIR matches the DWI study"
+                f"FLAIR registration found no better alignment than the scanner geometry (metric "
+                f"{reg['metric_before']:.4f}); kept it. If the FLAIR looks shifted, check it belongs to this study"
             )
         if reg["rotation_deg"] > 15 or reg["translation_mm"] > 30:
             warnings.append(
