@@ -86,6 +86,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
 
 
 def start_ours(work: Path, port: int, fsync: bool) -> tuple[subprocess.Popen, str]:
+    work.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **NODELAY, SYNTHPERF_DISK_WATERMARK_MB="0", SYNTHPERF_SPOOL_FSYNC=str(fsync).lower(),
                SYNTHPERF_LOG_LEVEL="WARNING")
     proc = subprocess.Popen(
@@ -136,7 +137,20 @@ def time_storescu(port: int, aec: str, files: list[Path]) -> float:
     return dt
 
 
-def throughput(files: list[Path], rounds: int, root: Path) -> dict[str, list[float]]:
+def time_parallel(port: int, aec: str, files: list[Path], k: int) -> float:
+    """k storescu processes at once, each sending its share over its own association."""
+    shares = [files[i::k] for i in range(k)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, share)], env=NODELAY,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for share in shares]
+    errors = [p.communicate()[1] for p in procs]
+    dt = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"parallel storescu to {aec} failed: {errors}")
+    return dt
+
+
+def throughput(files: list[Path], rounds: int, root: Path, parallel: int = 1) -> dict[str, list[float]]:
     targets: dict[str, Callable[[Path, int], tuple[subprocess.Popen, str]]] = {
         "synthperf (fsync on, default)": lambda w, p: start_ours(w, p, True),
         "synthperf (spool_fsync off)": lambda w, p: start_ours(w, p, False),
@@ -154,11 +168,12 @@ def throughput(files: list[Path], rounds: int, root: Path) -> dict[str, list[flo
             try:
                 wait_port(port, proc)
                 time.sleep(0.3)
-                dt = time_storescu(port, aec, files)
+                dt = time_storescu(port, aec, files) if parallel == 1 else time_parallel(port, aec, files, parallel)
             finally:
                 stop(proc)
             rates[name].append(len(files) / dt)
-            print(f"  round {r + 1} {name:<30} {len(files) / dt:8.1f} instances/s ({dt:.2f} s)", flush=True)
+            print(f"  round {r + 1} {name:<30} {len(files) / dt:8.1f} instances/s ({dt:.2f} s)"
+                  f"{'' if parallel == 1 else f' [{parallel} associations]'}", flush=True)
             shutil.rmtree(work, ignore_errors=True)
     return rates
 
@@ -196,6 +211,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--stable-age", type=float, default=2.0)
+    ap.add_argument("--parallel", type=int, default=4, help="also time this many associations at once (1: skip)")
     args = ap.parse_args()
     for tool in ("storescu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
@@ -220,6 +236,11 @@ def main() -> int:
         for ref, target in (("DCMTK storescp", 1.2), ("Orthanc", 1.0)):
             print(f"ratio ours/{ref}: {ratio(on, ref):.2f}x (target >= {target}x); "
                   f"with spool_fsync off {ratio(off, ref):.2f}x  [median of per-round ratios]")
+        if args.parallel > 1:
+            print(f"\nextra: {args.parallel} associations at once (storescu processes), one round", flush=True)
+            prates = throughput(files, 1, root / "parallel", parallel=args.parallel)
+            for k, v in prates.items():
+                print(f"| {k}, {args.parallel} associations | {v[0]:.0f} |")
         lat = completion_latency(root, 100, args.stable_age)
         print(f"\ncompletion latency after the last instance (100-instance series, stable_age {args.stable_age} s):")
         print(f"  declared size (ImagesInAcquisition): {lat['declared']:.3f} s (target < 0.5 s)")

@@ -92,24 +92,36 @@ def init_db(url: str) -> str | None:
 
 
 def get_or_create_study(session: Session, study_uid: str, **attrs: Any) -> int:
-    """Id of the study row for ``study_uid``, inserting it (with ``attrs``) when new."""
+    """Id of the study row for ``study_uid``, inserting it (with ``attrs``) when new.
+
+    Safe against a concurrent writer inserting the same UID (savepoint, then read back).
+    """
     row = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar()
     if row is not None:
         return row
-    study = Study(study_uid=study_uid, **{k: v for k, v in attrs.items() if v is not None})
-    session.add(study)
-    session.flush()
-    return study.id
+    try:
+        with session.begin_nested():
+            study = Study(study_uid=study_uid, **{k: v for k, v in attrs.items() if v is not None})
+            session.add(study)
+        return study.id
+    except IntegrityError:
+        return session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one()
 
 
 def get_or_create_series(session: Session, study_id: int, series_uid: str, **attrs: Any) -> int:
+    """Id of the series row for ``series_uid`` (inserted when new; concurrency-safe like studies)."""
     row = session.execute(select(Series.id).where(Series.series_uid == series_uid)).scalar()
     if row is not None:
         return row
-    series = Series(study_id=study_id, series_uid=series_uid, **{k: v for k, v in attrs.items() if v is not None})
-    session.add(series)
-    session.flush()
-    return series.id
+    try:
+        with session.begin_nested():
+            series = Series(
+                study_id=study_id, series_uid=series_uid, **{k: v for k, v in attrs.items() if v is not None}
+            )
+            session.add(series)
+        return series.id
+    except IntegrityError:
+        return session.execute(select(Series.id).where(Series.series_uid == series_uid)).scalar_one()
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> tuple[int, str, str] | None:

@@ -129,6 +129,7 @@ class Receiver:
         self._study_ids: dict[str, int] = {}
         self._series: dict[str, list[Any]] = {}  # uid -> [id, expected, images received, study id]
         self._cache_lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self._uid_locks = [threading.Lock() for _ in range(64)]
         self.stats = ReceiverStats()
         self._stats_lock = threading.Lock()
@@ -254,6 +255,14 @@ class Receiver:
     def _series_entry(self, h: Header, calling_aet: str | None, declared: int | None) -> list[Any]:
         """Cached [series id, expected images, images received, study id, last touch], creating
         the study and series rows on first sight (one extra transaction per new series)."""
+        assert h.study_instance_uid and h.series_instance_uid
+        entry = self._series.get(h.series_instance_uid)
+        if entry is not None and (declared is None or (entry[1] is not None and entry[1] >= declared)):
+            return entry
+        with self._create_lock:  # parallel associations often start the same series together
+            return self._series_entry_locked(h, calling_aet, declared)
+
+    def _series_entry_locked(self, h: Header, calling_aet: str | None, declared: int | None) -> list[Any]:
         assert h.study_instance_uid and h.series_instance_uid
         entry = self._series.get(h.series_instance_uid)
         if entry is not None and (declared is None or (entry[1] is not None and entry[1] >= declared)):

@@ -199,3 +199,35 @@ def test_gateway_recovery_records_complete_leftovers_and_drops_broken_ones(tmp_p
     assert files == [f"{complete.SOPInstanceUID}.dcm"]
     with session_scope(gw.url) as s:
         assert [i.sop_instance_uid for i in s.query(Instance)] == [complete.SOPInstanceUID]
+
+
+def test_parallel_associations_starting_the_same_series(tmp_path: Path) -> None:
+    """Several senders (threads here; two receivers stand for two processes) start one new series
+    at the same moment: every instance is stored, one study row, one series row."""
+    import threading
+
+    from common.jobstore.models import Study
+
+    url = f"sqlite:///{tmp_path / 'js.db'}"
+    init_db(url)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receivers = [R.Receiver(url, spool), R.Receiver(url, spool)]
+    study, series = generate_uid(), generate_uid()
+    batches = [[make_ds(study, series, InstanceNumber=10 * t + i) for i in range(10)] for t in range(6)]
+    statuses: list[int] = []
+    barrier = threading.Barrier(len(batches))
+
+    def send(t: int) -> None:
+        barrier.wait()
+        for ds in batches[t]:
+            statuses.append(_send(receivers[t % 2], ds).status)
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(len(batches))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert statuses == [R.SUCCESS] * 60
+    with session_scope(url) as s:
+        assert s.query(Instance).count() == 60
+        assert s.query(Study).count() == 1 and s.query(Series).count() == 1
