@@ -117,3 +117,20 @@ def test_registration_of_a_same_acquisition_series_stays_at_identity(realdata: P
     centre = np.asarray(reg["center_lps"])
     assert np.linalg.norm(m[:3, :3] @ centre + m[:3, 3] - centre) < 1.0
     assert reg["metric_after"] <= reg["metric_before"] + 1e-3
+
+
+@pytest.mark.parametrize("folders", [("dcm_qa_xa30/10_DWI_b0_b2500", "dcm_qa_xa30/11_DWI_ADC", FLAIR),
+                                     ("dcm_qa_philips_dwi", "dicom2nifti/philips_anatomical_001")],
+                         ids=["siemens-39-slices", "philips-32-slices"])
+def test_brain_mask_on_real_heads(realdata: Path, folders):
+    """On real whole-brain b0 the mask is one head-shaped blob: inside the brain, off the image edge,
+    tissue brighter inside than in the excluded rim."""
+    _, st = _load(realdata, *folders)
+    m = sitk.GetArrayFromImage(st.brain) > 0
+    b0 = sitk.GetArrayFromImage(st.b0)
+    assert 0.12 < m.mean() < 0.6
+    assert not m[:, 0, :].any() and not m[:, -1, :].any() and not m[:, :, 0].any() and not m[:, :, -1].any()
+    from scipy import ndimage
+
+    assert ndimage.label(m)[1] == 1
+    assert np.median(b0[m]) > 5 * np.median(b0[~m])
