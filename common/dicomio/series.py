@@ -60,7 +60,7 @@ def read_header(path: Path) -> Dataset | None:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError):
         return None
-    if "SOPClassUID" not in ds or "PixelData" in ds.get("DirectoryRecordSequence", []):
+    if "SOPClassUID" not in ds or "DirectoryRecordSequence" in ds:
         return None
     return ds
 
