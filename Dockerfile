@@ -64,6 +64,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 RUN pip install --no-cache-dir torch==${TORCH_VERSION} --index-url ${TORCH_CUDA_INDEX}
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# The weights travel as files (verified by sha256 at load); the registry accepts a folder path.
+COPY models/weights /opt/synthperf/weights
+ENV SYNTHPERF_MODEL_NAME=/opt/synthperf/weights/demo
 USER synthperf
 WORKDIR /data
 VOLUME ["/data"]
