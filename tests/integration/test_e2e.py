@@ -57,7 +57,8 @@ class OrthancServer:
     def start(self, timeout: float = 30.0) -> None:
         exe = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")
         env = {**os.environ, "TCP_NODELAY": "1"}
-        self.proc = subprocess.Popen([exe, str(self.config)], env=env, stdout=self.log.open("ab"),
+        # --verbose: Orthanc logs every C-STORE ("Incoming Store request") and duplicates ("Already stored")
+        self.proc = subprocess.Popen([exe, "--verbose", str(self.config)], env=env, stdout=self.log.open("ab"),
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -89,6 +90,11 @@ class OrthancServer:
 
         data = httpx.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30).content
         return pydicom.dcmread(BytesIO(data))
+
+    def store_requests(self, calling_aet: str) -> tuple[int, int]:
+        """(C-STORE requests from ``calling_aet``, duplicates) as Orthanc logged them."""
+        text = self.log.read_text(errors="replace")
+        return text.count(f"Incoming Store request from AET {calling_aet} "), text.count("Already stored")
 
     def changes_new_instances(self) -> int:
         """How many NewInstance events Orthanc logged (a duplicate store adds none)."""
@@ -294,6 +300,7 @@ def test_study_in_results_out_through_a_pacs_outage(tmp_path, redis_url, model_r
             in_pacs[tags["SOPInstanceUID"]] = oid
         assert set(in_pacs) == set(ours)
         assert orthanc.changes_new_instances() == len(ours)
+        assert orthanc.store_requests(settings.push_calling_aet) == (len(ours), 0)  # each C-STORE'd once
         # the Tmax map read back through Orthanc equals ours
         tmax_path = output_dir / "dicom" / "tmax.dcm"
         mine = pydicom.dcmread(tmax_path)
