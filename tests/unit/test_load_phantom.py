@@ -127,3 +127,22 @@ def test_phantom_study(tmp_path: Path, cases, vendor: str, enhanced: bool, split
     assert st.registration["metric_after"] < st.registration["metric_before"]
     mask = sitk.GetArrayFromImage(st.brain) > 0
     assert 2 * (mask & brain).sum() / (mask.sum() + brain.sum()) > 0.85
+
+
+DSC_CLASSIC = ["philips"] if small_scale() else ["siemens", "ge", "philips"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vendor", DSC_CLASSIC)
+def test_classic_dsc_series(tmp_path: Path, cases, vendor: str):
+    """Classic DSC (one file per slice and time point). Philips style carries no contrast agent and no
+    PERFUSION token, so contrast timing from the pixels decides - not the description."""
+    out = phantom_api.write_dicom_study(cases[True], tmp_path / "study", vendor, enhanced=False, split_b=False)
+    manifest = json.loads((Path(out) / "study.json").read_text())
+    (dsc_folder,) = [s["folder"] for s in manifest["series"] if s["role"] == "dsc"]
+    (c,) = [c for c in classify_folder(Path(out) / dsc_folder)]
+    assert (c.role, c.rule) == ("DSC", expected_rule(vendor, False, "dsc")), c.evidence
+    assert c.features["temporal_positions"] >= 40
+    if vendor == "philips":
+        assert c.features["contrast_agent"] is None and "PERFUSION" not in c.features["image_type"]
+        assert c.features["bolus_drop"] >= 0.06
