@@ -12,8 +12,8 @@ import logging
 from typing import Any
 
 from common.config import Settings
+from common.heartbeat import Heartbeat
 from common.jobstore.queries import init_db
-from service.heartbeat import Heartbeat
 from service.ingest.completion import CompletionLoop, Enqueue, celery_enqueuer
 from service.ingest.dataset import MalformedDatasetError
 from service.ingest.receiver import Receiver

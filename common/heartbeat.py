@@ -1,4 +1,4 @@
-"""A thread that upserts this process's Heartbeat rows every few seconds."""
+"""A thread that upserts this process's Heartbeat rows every few seconds (SCP, completion, worker)."""
 
 from __future__ import annotations
 
