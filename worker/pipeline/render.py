@@ -271,6 +271,7 @@ def summary_rows(measures: Mapping[str, object]) -> list[tuple[str, str, bool]]:
         ("Hypoperfusion intensity ratio", "n/a" if hir is None else f"{hir:.2f}", False),
         ("DEFUSE-3 target mismatch", flag("defuse3"), bool(measures.get("defuse3"))),
         ("EXTEND mismatch", flag("extend"), bool(measures.get("extend"))),
+        ("DWI-FLAIR mismatch (indicator)", flag("dwi_flair_mismatch"), False),
     ]
 
 
@@ -304,7 +305,7 @@ def render_summary(
     y += 6
     criteria = [
         "DEFUSE-3: core < 70 mL, ratio >= 1.8, mismatch >= 15 mL",
-        "EXTEND: core < 70 mL, ratio >= 1.2, mismatch >= 10 mL",
+        "EXTEND: core < 70 mL, ratio > 1.2, mismatch > 10 mL",
         "Mismatch = Tmax>6 s minus core; HIR = Tmax>10 s / Tmax>6 s",
     ]
     for line in criteria:
@@ -312,7 +313,7 @@ def render_summary(
         y += 19
     side = measures.get("side")
     if side:
-        draw.text((24, y + 6), f"Hypoperfused hemisphere: {side}", font=font(15), fill=(225, 225, 225))
+        draw.text((24, y + 6), f"Affected side (core): {side}", font=font(15), fill=(225, 225, 225))
     # key slices, 2 x 2
     tile, gap, x0, y0 = 230, 10, 466, banner + 52
     for i, (layers, caption) in enumerate(key_tiles[:4]):
