@@ -136,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
     api = None if args.no_api else _start_api(settings)
     worker = None if args.no_worker else _start_worker(settings, child_env)
     if args.demo:
+        from cli.demo import ensure_demo_admin
+
+        try:
+            ensure_demo_admin(settings)
+        except Exception as exc:  # noqa: BLE001 - the demo must never take the service down
+            log.warning("demo admin account not created: %s", exc)
         threading.Thread(target=send_demo_study, args=(settings, port), name="demo", daemon=True).start()
 
     try:

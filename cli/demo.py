@@ -43,6 +43,45 @@ def _say(text: str) -> None:
     print(f"synthperf demo: {text}", flush=True)
 
 
+def _say_login(settings: Any) -> None:
+    secret_file = Path(settings.data_dir) / "demo" / "admin-password.txt"
+    if secret_file.is_file():
+        _say(f"  dashboard login: user '{settings.admin_user}', password in {secret_file.resolve()}")
+
+
+def ensure_demo_admin(settings: Any) -> tuple[str, Path] | None:
+    """Give a newcomer a way into the dashboard: when no account exists (and none is configured
+    through SYNTHPERF_ADMIN_PASSWORD), create ``admin_user`` with a random password, keep it in a
+    file only root can read, and return (user, file). Production never runs with --demo."""
+    if settings.auth_mode != "local" or settings.admin_password is not None:
+        return None
+    import os
+    import secrets
+
+    from sqlalchemy import func, select
+
+    from common.jobstore.db import session_scope
+    from common.jobstore.models import AuditEntry, User, UserRole
+    from common.jobstore.queries import init_db
+    from service.api.auth import create_user
+
+    url = settings.effective_database_url
+    init_db(url)
+    secret_file = Path(settings.data_dir) / "demo" / "admin-password.txt"
+    with session_scope(url) as session:
+        if session.scalar(select(func.count(User.id))):
+            return (settings.admin_user, secret_file) if secret_file.is_file() else None
+        password = secrets.token_urlsafe(12)
+        create_user(session, settings.admin_user, password, UserRole.ADMIN)
+        session.add(AuditEntry(user="system", action="bootstrap_admin", target=f"user:{settings.admin_user}",
+                               detail="demo mode: random password written to data_dir/demo"))
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+    return settings.admin_user, secret_file
+
+
 def send_demo_study(settings: Any, port: int) -> Path | None:
     """Generate (once) and send the demo phantom study to our own SCP; print where to look."""
     demo_dir = Path(settings.data_dir) / "demo"
@@ -50,7 +89,8 @@ def send_demo_study(settings: Any, port: int) -> Path | None:
     api = f"http://{'127.0.0.1' if settings.api_host in ('0.0.0.0', '::') else settings.api_host}:{settings.api_port}"
     if marker.is_file():
         _say(f"demo study already sent on {json.loads(marker.read_text()).get('sent_at')}; "
-             f"see {api}/ (delete {demo_dir} to send it again)")
+             f"see {api}/ (delete {demo_dir}/sent.json to send it again)")
+        _say_login(settings)
         return None
     try:
         from phantom.api import make_case, write_dicom_study
@@ -79,6 +119,7 @@ def send_demo_study(settings: Any, port: int) -> Path | None:
                                   "counts": counts}))
     _say(f"sent {counts.get('sent', 0)} instances of a phantom stroke study (study {case.case_id}).")
     _say(f"  watch the job:   {api}/   (or: synthperf jobs --data-dir {settings.data_dir})")
+    _say_login(settings)
     _say(f"  results (DICOM): {Path(settings.output_dir).resolve()}/job_<id>/dicom   "
          "(summary.dcm is the one-page overview)")
     if settings.destinations:
