@@ -43,7 +43,8 @@ CLASSIC = {
         "dwi": ("diffusion-b-ge", "(0043,1039) slop_int_6 = 1000, no DiffusionBValue"),
         "dwi_b0": ("diffusion-b0-se-epi", "EP\\SE, no IR, (0043,1039) b=0 only"),
         "flair": ("flair-inversion-recovery", "SE\\IR, TI 2300-2500, TE 85-95"),
-        "dsc": ("dsc-perfusion-image-type", "EP GRE time series, ImageType PERFUSION"),
+        "dsc": ("dsc-bolus-signal-drop", "EP\\GR time series, ImageType ORIGINAL\\PRIMARY\\OTHER, no "
+                "contrast agent: the first-pass signal drop (contrast timing) decides"),
     },
     "philips": {
         "localizer": ("localizer-three-planes", "SURVEY: one series, three orientations"),
