@@ -39,7 +39,8 @@ class LoadedStudy:
     onto the DWI grid), ``brain`` (uint8 0/1). ``sources[role]`` lists, per slice of that role's own
     volume in slice order, a :class:`SliceRef` (file path, 0-based frame for multi-frame, SOP Instance
     UID, position, all contributing frames). ``sources["dwi"]`` matches the DWI grid slice for slice and
-    is what the encoder references; ``sources["flair"]`` is in the FLAIR's own (pre-registration) order.
+    is what the encoder references; ``sources["flair"]`` is in the FLAIR's own (pre-registration) order;
+    ``sources["b0"]`` / ``sources["adc"]`` exist only when those series arrived (not when computed).
     ``registration`` holds metric_before/metric_after (Mattes MI, lower is better), the Euler3D
     parameters, rotation_deg, translation_mm and the 4x4 matrix mapping DWI points to FLAIR points.
     """
@@ -394,6 +395,7 @@ def load_study(selection: Selection, *, register: bool = True, seed: int = 0,
             )
     else:
         transform, reg = sitk.Euler3DTransform(), {"method": "none (scanner geometry)"}
+    reg["flair_overlap_fraction"] = round(overlap, 3)
     flair = resample_to(fl_v.image, dwi, transform)
     t["flair"] = time.perf_counter()
     timings = {
