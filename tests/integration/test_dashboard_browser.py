@@ -12,7 +12,6 @@ Chromium is Debian's /usr/bin/chromium driven by Playwright (never ``playwright 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, free_port, require_tool
+from tests.integration.harness import ProcessGroup
 from tests.integration.test_e2e import OrthancServer, storescu
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 
@@ -35,7 +35,7 @@ ADMIN_PASSWORD = "browser test admin pw"
 VIEWPORT = {"width": 1440, "height": 900}
 
 
-class DashboardService:
+class DashboardService(ProcessGroup):
     """``synthperf serve`` with the dashboard, plus a Celery worker, as process groups."""
 
     def __init__(self, folder: Path, redis_url: str, orthanc: OrthancServer, model: str) -> None:
@@ -109,19 +109,6 @@ class DashboardService:
         if not (api_up and scp_up):
             raise RuntimeError(f"service did not come up (api {api_up}, scp {scp_up}):\n{self.logs()}")
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in self.folder.glob("*.log"))
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
 
 
 def _launch(playwright):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, free_port, require_tool
+from tests.integration.harness import ProcessGroup
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -150,7 +150,7 @@ class PrivateRedis:
         self.proc = None
 
 
-class Service:
+class Service(ProcessGroup):
     """``synthperf serve`` (SCP + completion, no API) and a Celery worker on Redis, as processes."""
 
     def __init__(self, folder: Path, redis_url: str, orthanc: OrthancServer, model: str, **settings) -> None:
@@ -205,19 +205,6 @@ class Service:
             time.sleep(0.3)
         raise RuntimeError(f"SCP or worker not ready:\n{self.logs()}")
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in self.folder.glob("*.log"))
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
 
     @property
     def settings(self):
