@@ -76,7 +76,8 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _isolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's SYNTHPERF_* settings, except the test-infrastructure ones."""
-    keep = {"SYNTHPERF_TEST_REDIS_URL", "SYNTHPERF_REQUIRE_TOOLS", "SYNTHPERF_SLOW_SCALE", "SYNTHPERF_REALDATA"}
+    keep = {"SYNTHPERF_TEST_REDIS_URL", "SYNTHPERF_REQUIRE_TOOLS", "SYNTHPERF_SLOW_SCALE", "SYNTHPERF_REALDATA",
+            "SYNTHPERF_SCREENSHOTS"}
     for key in list(os.environ):
         if key.startswith("SYNTHPERF_") and key not in keep:
             monkeypatch.delenv(key, raising=False)

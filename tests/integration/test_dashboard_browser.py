@@ -4,7 +4,9 @@
 the real Redis; a real Orthanc is the PACS. The test logs in as the admin created from
 SYNTHPERF_ADMIN_PASSWORD, sends a phantom stroke study with storescu, and watches the live jobs
 page go from "receiving" to "done" (delivered); it opens the job page, presses Re-push and sees
-the objects delivered again. A screenshot of each page goes to docs/screenshots/.
+the objects delivered again. A screenshot of each page is taken; with SYNTHPERF_SCREENSHOTS=1 they
+replace docs/screenshots/ (for a person to judge), otherwise they stay in the test's temp folder so
+that `make test` leaves the work tree clean.
 
 Chromium is Debian's /usr/bin/chromium driven by Playwright (never ``playwright install``).
 """
@@ -30,7 +32,7 @@ from tests.integration.test_process import model_ref, write_phantom  # noqa: F40
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHOTS = REPO_ROOT / "docs" / "screenshots"
+SHOTS = REPO_ROOT / "docs" / "screenshots"  # replaced by a temp folder unless SYNTHPERF_SCREENSHOTS=1
 ADMIN_PASSWORD = "browser test admin pw"
 VIEWPORT = {"width": 1440, "height": 900}
 
@@ -115,6 +117,12 @@ def _launch(playwright):
     if not Path(CHROMIUM).is_file():
         require_tool("chromium")
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+@pytest.fixture(autouse=True)
+def _screenshot_folder(tmp_path, monkeypatch):
+    if os.environ.get("SYNTHPERF_SCREENSHOTS") != "1":
+        monkeypatch.setattr(sys.modules[__name__], "SHOTS", tmp_path / "screenshots")
 
 
 def _shot(page, name: str) -> Path:
