@@ -97,8 +97,9 @@ class Settings(BaseSettings):
 
     # --- pipeline / model
     model_name: str = "demo"
-    ddim_steps: int = Field(default=20, ge=1, le=1000)
-    samples: int = Field(default=3, ge=1, le=64)
+    # None = the model's own defaults, chosen by its Dice-versus-steps benchmark (docs/model-card.md).
+    ddim_steps: int | None = Field(default=None, ge=1, le=1000)
+    samples: int | None = Field(default=None, ge=1, le=64)
     seed: int = 0
     device: str = Field(default="auto", description="auto, cpu or cuda")
     rules_file: Path | None = None

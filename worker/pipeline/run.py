@@ -69,8 +69,8 @@ class Cancelled(SynthperfError):
 
 @dataclass
 class RunOptions:
-    steps: int
-    samples: int
+    steps: int | None  # None: the model's benchmark-chosen default
+    samples: int | None
     seed: int
     model_name: str
     device: str
@@ -81,7 +81,7 @@ class RunOptions:
                 "model_name": settings.model_name, "device": settings.device}
         base.update({k: v for k, v in overrides.items() if v is not None})
         opts = cls(**base)
-        if opts.steps < 1 or opts.samples < 1:
+        if (opts.steps is not None and opts.steps < 1) or (opts.samples is not None and opts.samples < 1):
             raise ValueError(f"steps ({opts.steps}) and samples ({opts.samples}) must be >= 1")
         return opts
 

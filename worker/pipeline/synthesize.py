@@ -76,8 +76,8 @@ def synthesize_tmax(
     brain: np.ndarray,
     adc: np.ndarray | None,
     spacing_zyx: tuple[float, float, float],
-    steps: int,
-    samples: int,
+    steps: int | None,
+    samples: int | None,
     seed: int,
     progress: Callable[[float], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
