@@ -13,27 +13,25 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from .config import ModelConfig
 
 
+def _schedule_kwargs(cfg: ModelConfig) -> dict:
+    """One noise schedule for training, ancestral and DDIM sampling: they must agree."""
+    return {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "schedule": cfg.schedule,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "prediction_type": cfg.prediction_type,
+        "clip_sample": True,
+    }
+
+
 def make_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     """The training (1000-step) scheduler; also drives the ancestral sampler."""
-    return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        schedule=cfg.schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type=cfg.prediction_type,
-        clip_sample=True,
-    )
+    return DDPMScheduler(**_schedule_kwargs(cfg))
 
 
 def make_ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
-    return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        schedule=cfg.schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type=cfg.prediction_type,
-        clip_sample=True,
-    )
+    return DDIMScheduler(**_schedule_kwargs(cfg))
 
 
 def training_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
