@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="JSON/YAML config overriding the defaults (model/train/sample sections, ablation)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start a new run from exported weights (a registry name such as demo, or a folder) "
+                        "and their step count; ignored when RUN_DIR already has a checkpoint")
     p.add_argument("--export", metavar="DIR", help="only export the run's latest EMA weights to DIR and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = train(args.data, run_dir, cfg, device=args.device, max_minutes=args.max_minutes,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, init_from=args.init_from)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,12 +114,49 @@ class ThreadTuner:
             self.current = n
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warm-up then cosine decay to 10 %."""
+def lr_at(step: int, cfg, restart: int = 0) -> float:
+    """Linear warm-up then cosine decay to 10 %.
+
+    ``restart`` is the step a warm start began at: its fresh optimiser gets its own short linear
+    warm-up (Adam's moment estimates are empty, and a full-size step on them would undo the weights).
+    """
     if step < cfg.lr_warmup:
         return cfg.lr * (step + 1) / cfg.lr_warmup
     p = min(1.0, (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    if restart and step - restart < cfg.lr_warmup:
+        lr *= (step - restart + 1) / cfg.lr_warmup
+    return lr
+
+
+def warm_start(init_from: str | Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Module) -> tuple[int, float]:
+    """Load exported EMA weights into the network and its EMA; return (step, train_seconds) they had.
+
+    Why: a run folder lives on one machine, but exported weights travel with the repository. Starting
+    a new run from them (the shipped demo weights, say) continues the training where it was exported
+    instead of from scratch; only the optimiser state is new. The model section of the config must
+    be the one the weights were trained with.
+    """
+    from models.registry import resolve
+    from models.tmax_ddpm.checkpoint import CheckpointError, load_weights, read_info
+    from models.tmax_ddpm.config import model_config_hash
+
+    src = resolve(init_from)
+    loaded, wcfg = load_weights(src)
+    if model_config_hash(wcfg.model) != model_config_hash(cfg.model):
+        raise CheckpointError(
+            f"--init-from {init_from}: the weights were trained with a different model config than this run's "
+            f"({src / 'config.json'}); start the run with that config (--config {src / 'config.json'})"
+        )
+    state = loaded.state_dict()
+    net.load_state_dict(state)
+    ema.load_state_dict(state)
+    info = read_info(src)
+    step = int(info.get("step", 0))
+    if step >= cfg.train.steps:
+        log.warning("--init-from %s: weights are at step %d >= %d target steps; nothing left to train",
+                    init_from, step, cfg.train.steps)
+    return step, float(info.get("train_seconds", 0.0))
 
 
 def train(
@@ -129,8 +166,13 @@ def train(
     device: str = "auto",
     max_minutes: float | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> dict:
-    """Train (or resume) a run. Returns a summary dict. Stops at cfg.train.steps or after max_minutes."""
+    """Train (or resume) a run. Returns a summary dict. Stops at cfg.train.steps or after max_minutes.
+
+    ``init_from`` (a registry name or a weights folder) starts a new run from exported weights and
+    their step count; it is ignored once the run has a checkpoint of its own (that resumes exactly).
+    """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     cfg_file = run / "config.json"
@@ -159,7 +201,7 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = make_scheduler(mc)
     gen = torch.Generator().manual_seed(tc.seed)
-    step, history, train_seconds = 0, [], 0.0
+    step, history, train_seconds, restart = 0, [], 0.0, 0
 
     ck = run / CKPT
     if ck.exists():
@@ -169,7 +211,14 @@ def train(
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+        restart = state.get("restart", 0)
         log.info("resumed %s at step %d", run, step)
+    elif init_from is not None:
+        step, train_seconds = warm_start(init_from, cfg, net, ema)
+        restart = step
+        # a different seed stream from a fresh run's, so the warm start does not replay its batches
+        gen.manual_seed(tc.seed + step)
+        log.info("warm start of %s from %s at step %d", run, init_from, step)
 
     use_cl = tc.channels_last and dev.type == "cpu"
     if use_cl:
@@ -187,6 +236,8 @@ def train(
             "parameters": count_parameters(net),
             "data": str(data_dir),
         }
+        if restart:
+            info["warm_start_step"] = restart
         export_weights(ema.state_dict(), cfg, run / "export", info=info)
 
     def checkpoint() -> None:
@@ -199,6 +250,7 @@ def train(
                 "step": step,
                 "history": history,
                 "train_seconds": train_seconds,
+                "restart": restart,
             },
             ck,
         )
@@ -243,7 +295,7 @@ def train(
         if use_cl:
             inp = inp.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
+            g["lr"] = lr_at(step, tc, restart)
         if amp_dtype is not None:
             with torch.autocast(device_type=dev.type, dtype=amp_dtype):
                 out = net(inp, t)
@@ -270,7 +322,7 @@ def train(
         if step % tc.log_every == 0 or step == tc.steps:
             history.append((step, acc / acc_n))
             if bar is not None:
-                bar.set_postfix(loss=f"{acc / acc_n:.4f}", lr=f"{lr_at(step, tc):.1e}", threads=threads.current)
+                bar.set_postfix(loss=f"{acc / acc_n:.4f}", lr=f"{lr_at(step, tc, restart):.1e}", threads=threads.current)
             acc, acc_n = 0.0, 0
         if bar is not None:
             bar.update(1)

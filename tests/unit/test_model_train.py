@@ -115,6 +115,30 @@ def test_train_resumes_and_exports(cases: Path, tmp_path: Path):
         assert torch.equal(v, ck["ema"][k].float()), k
 
 
+def test_warm_start_from_exported_weights(cases: Path, tmp_path: Path):
+    """A new run started from exported weights carries their step and tensors; a mismatched model is refused."""
+    first = tmp_path / "first"
+    train(cases, first, tiny_train_config(10), progress=False)
+    exported, _ = load_weights(first / "export")
+    # a zero-step budget beyond the export: the warm-started run must hold exactly the exported weights
+    second = tmp_path / "second"
+    s = train(cases, second, tiny_train_config(10), progress=False, init_from=first / "export")
+    assert s["step"] == 10
+    net, _ = load_weights(second / "export")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in exported.state_dict().items())
+    # with a larger budget it trains on from step 10, and the weights move
+    third = tmp_path / "third"
+    s = train(cases, third, tiny_train_config(14), progress=False, init_from=first / "export")
+    assert s["step"] == 14
+    assert json.loads((third / "export" / "info.json").read_text())["warm_start_step"] == 10
+    moved, _ = load_weights(third / "export")
+    assert any(not torch.equal(v, moved.state_dict()[k]) for k, v in exported.state_dict().items())
+    other = tiny_train_config(12)
+    other.model = type(other.model)(**{**other.model.__dict__, "slices": 3})
+    with pytest.raises(CheckpointError, match="different model config"):
+        train(cases, tmp_path / "fourth", other, progress=False, init_from=first / "export")
+
+
 def test_checkpoint_save_load_identity(tmp_path: Path):
     torch.manual_seed(1)
     cfg = tiny_config()
