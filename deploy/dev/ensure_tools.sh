@@ -10,6 +10,11 @@ command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)  # test certificates for the DICOM TLS tests
+# A docker client without the compose plugin: Debian's standalone docker-compose validates the
+# deployment file (no Docker engine is needed for `config`).
+if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+  command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+fi
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 echo "installing Debian packages: ${need[*]}"
 SUDO=""
