@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from common.jobstore.db import session_scope
     from common.jobstore.models import Delivery, Job, JobState, Stage
-    from tests.integration.test_e2e import OrthancServer, PrivateRedis, Service, storescu, wait_job
+    from tests.integration.harness import OrthancServer, PrivateRedis, storescu
+    from tests.integration.test_e2e import Service, wait_job
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
     try:

@@ -22,11 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.conftest import REPO_ROOT, free_port, require_tool
-from tests.integration.harness import ProcessGroup
-from tests.integration.test_e2e import OrthancServer, storescu
+from tests.integration.harness import OrthancServer, ServiceProcesses, service_config, storescu
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 
 CHROMIUM = "/usr/bin/chromium"
@@ -37,63 +35,29 @@ ADMIN_PASSWORD = "browser test admin pw"
 VIEWPORT = {"width": 1440, "height": 900}
 
 
-class DashboardService(ProcessGroup):
+class DashboardService(ServiceProcesses):
     """``synthperf serve`` with the dashboard, plus a Celery worker, as process groups."""
 
     def __init__(self, folder: Path, redis_url: str, orthanc: OrthancServer, model: str) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
         self.scp_port = free_port()
         self.api_port = free_port()
         self.redis_url = redis_url
-        cfg = {
-            "data_dir": str(folder / "data"),
-            "broker_url": redis_url,
-            "scp_host": "127.0.0.1",
-            "scp_port": self.scp_port,
-            "api_host": "127.0.0.1",
-            "api_port": self.api_port,
-            # long enough that the page sees the study "receiving" before its job starts
-            "stable_age_s": 8.0,
-            "completion_poll_s": 0.2,
-            "model_name": model,
-            "ddim_steps": 2,
-            "samples": 1,
-            "device": "cpu",
-            "destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}],
-            "push_backoff_initial_s": 1.0,
-            "push_backoff_max_s": 2.0,
-        }
-        self.config = folder / "synthperf.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHPERF_")}
-        self.env.update(SYNTHPERF_CONFIG=str(self.config), SYNTHPERF_ADMIN_PASSWORD=ADMIN_PASSWORD,
-                        PYTHONPATH=str(REPO_ROOT))
-        self.procs: list[subprocess.Popen] = []
+        cfg = service_config(folder, redis_url, orthanc, model, self.scp_port,
+                             api_host="127.0.0.1", api_port=self.api_port,
+                             # long enough that the page sees the study "receiving" before its job starts
+                             stable_age_s=8.0, completion_poll_s=0.2)
+        super().__init__(folder, cfg, SYNTHPERF_ADMIN_PASSWORD=ADMIN_PASSWORD)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    @property
-    def settings(self):
-        from common.config import load_settings
-
-        return load_settings(self.config)
-
     def start(self) -> None:
         import redis
 
         redis.Redis.from_url(self.redis_url).flushdb()
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--config", str(self.config), "--no-worker"],
-            env=self.env, cwd=REPO_ROOT, stdout=(self.folder / "serve.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True))
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "-Q", "cpu,gpu",
-             "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-            env=self.env, cwd=REPO_ROOT, stdout=(self.folder / "worker.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True))
+        self.spawn("serve", [sys.executable, "-m", "cli.main", "serve", "--config", str(self.config), "--no-worker"])
+        self.start_worker()
         echoscu = require_tool("echoscu")
         deadline = time.monotonic() + 90
         api_up = scp_up = False
@@ -110,7 +74,6 @@ class DashboardService(ProcessGroup):
             time.sleep(0.3)
         if not (api_up and scp_up):
             raise RuntimeError(f"service did not come up (api {api_up}, scp {scp_up}):\n{self.logs()}")
-
 
 
 def _launch(playwright):

@@ -7,9 +7,6 @@ backoff), Orthanc comes back, delivery completes — every object arrives, none 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,178 +16,23 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-import yaml
 
-from tests.conftest import REPO_ROOT, free_port, require_tool
-from tests.integration.harness import ProcessGroup
+from tests.conftest import free_port, require_tool
+from tests.integration.harness import OrthancServer, PrivateRedis, ServiceProcesses, service_config, storescu
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 
-ORTHANC = "/usr/sbin/Orthanc"
 
-
-class OrthancServer:
-    """A real Orthanc on loopback ports, its database in ``folder`` (kept across restarts)."""
-
-    def __init__(self, folder: Path, aet: str = "ORTHANC") -> None:
-        if not Path(ORTHANC).is_file() and not shutil.which("Orthanc"):
-            require_tool("Orthanc")
-        self.folder = folder
-        self.aet = aet
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.proc: subprocess.Popen | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps({
-            "Name": "synthperf-test", "DicomAet": aet, "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port, "HttpBindAddress": "127.0.0.1", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "StorageDirectory": str(folder / "db"),
-            "IndexDirectory": str(folder / "db"), "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
-            "Plugins": [], "StorageCompression": False, "OverwriteInstances": False,
-        }))
-        self.log = folder / "orthanc.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self, timeout: float = 30.0) -> None:
-        exe = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")
-        env = {**os.environ, "TCP_NODELAY": "1"}
-        # --verbose: Orthanc logs every C-STORE ("Incoming Store request") and duplicates ("Already stored")
-        self.proc = subprocess.Popen([exe, "--verbose", str(self.config)], env=env, stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("Orthanc did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def instances(self) -> list[str]:
-        return httpx.get(f"{self.url}/instances", timeout=10).json()
-
-    def instance_file(self, orthanc_id: str) -> pydicom.Dataset:
-        from io import BytesIO
-
-        data = httpx.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30).content
-        return pydicom.dcmread(BytesIO(data))
-
-    def store_requests(self, calling_aet: str) -> tuple[int, int]:
-        """(C-STORE requests from ``calling_aet``, duplicates) as Orthanc logged them."""
-        text = self.log.read_text(errors="replace")
-        return text.count(f"Incoming Store request from AET {calling_aet} "), text.count("Already stored")
-
-    def changes_new_instances(self) -> int:
-        """How many NewInstance events Orthanc logged (a duplicate store adds none)."""
-        n, since = 0, 0
-        while True:
-            page = httpx.get(f"{self.url}/changes", params={"since": since, "limit": 1000}, timeout=10).json()
-            n += sum(1 for c in page["Changes"] if c["ChangeType"] == "NewInstance")
-            since = page["Last"]
-            if page["Done"]:
-                return n
-
-
-class PrivateRedis:
-    """A real redis-server of our own on a free loopback port.
-
-    Several test suites (and helpers' dev runs) share the Redis of the redis_url fixture and the
-    fixed queue names "cpu"/"gpu": a worker of one run would take another run's tasks. A private
-    server keeps this run's broker traffic to itself. Falls back to the shared one when the
-    redis-server program is not installed.
-    """
-
-    def __init__(self, folder: Path, fallback_url: str) -> None:
-        self.folder = folder
-        self.fallback_url = fallback_url
-        self.proc: subprocess.Popen | None = None
-        self.url = fallback_url
-
-    def start(self) -> str:
-        import redis
-
-        exe = shutil.which("redis-server")
-        if not exe:
-            return self.url
-        self.folder.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        self.proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.folder)],
-                                     stdout=(self.folder / "redis.log").open("ab"), stderr=subprocess.STDOUT)
-        self.url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
-                return self.url
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-
-class Service(ProcessGroup):
+class Service(ServiceProcesses):
     """``synthperf serve`` (SCP + completion, no API) and a Celery worker on Redis, as processes."""
 
     def __init__(self, folder: Path, redis_url: str, orthanc: OrthancServer, model: str, **settings) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
         self.scp_port = free_port()
-        cfg = {
-            "data_dir": str(folder / "data"),
-            "broker_url": redis_url,
-            "scp_port": self.scp_port,
-            "scp_host": "127.0.0.1",
-            "stable_age_s": 2.0,
-            "completion_poll_s": 0.1,
-            "model_name": model,
-            "ddim_steps": 2,
-            "samples": 1,
-            "device": "cpu",
-            "destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}],
-            "push_backoff_initial_s": 1.0,
-            "push_backoff_max_s": 2.0,
-            **settings,
-        }
-        self.config = folder / "synthperf.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHPERF_")}
-        self.env["SYNTHPERF_CONFIG"] = str(self.config)
-        self.env["PYTHONPATH"] = str(REPO_ROOT)
-        self.procs: list[subprocess.Popen] = []
+        super().__init__(folder, service_config(folder, redis_url, orthanc, model, self.scp_port, **settings))
 
     def start(self) -> None:
-        synthperf = [sys.executable, "-m", "cli.main"]
-        self.procs.append(subprocess.Popen(
-            [*synthperf, "serve", "--config", str(self.config), "--no-api", "--no-worker"], env=self.env,
-            cwd=REPO_ROOT, stdout=(self.folder / "serve.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True))
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "-Q", "cpu,gpu",
-             "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-            env=self.env, cwd=REPO_ROOT, stdout=(self.folder / "worker.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True))
+        self.spawn("serve", [sys.executable, "-m", "cli.main", "serve", "--config", str(self.config), "--no-api",
+                             "--no-worker"])
+        self.start_worker()
         echoscu = require_tool("echoscu")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -204,21 +46,6 @@ class Service(ProcessGroup):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"SCP or worker not ready:\n{self.logs()}")
-
-
-    @property
-    def settings(self):
-        from common.config import load_settings
-
-        return load_settings(self.config)
-
-
-def storescu(study_dir: Path, port: int) -> None:
-    exe = require_tool("storescu")
-    files = [str(f) for f in sorted(study_dir.rglob("*")) if f.is_file() and not f.name.endswith((".json", ".gz"))]
-    r = subprocess.run([exe, "-aec", "SYNTHPERF", "-aet", "SCANNER", "127.0.0.1", str(port), *files],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def wait_job(settings, predicate, timeout: float, service: Service):
