@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common.jobstore.db import get_engine
-from common.jobstore.models import Heartbeat, Instance, Job, JobState, ScpEvent, Series, Study, utcnow
+from common.jobstore.models import Base, Heartbeat, Instance, Job, JobState, ScpEvent, Series, Study, utcnow
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_LOCK_KEY = 0x5379_6E74  # "Synt": advisory-lock key for concurrent migrations
@@ -91,6 +91,28 @@ def init_db(url: str) -> str | None:
 # The SCP calls these once per instance, so each is one or two statements, no ORM loading.
 
 
+def storable(model: type[Base], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` for columns of ``model`` as every database stores them alike: None values dropped,
+    NUL characters removed from strings and strings clipped to their column's length.
+
+    PostgreSQL refuses text longer than a VARCHAR column and any NUL character, where SQLite keeps
+    whatever it is given; a sender's over-long or NUL-padded description must neither fail a store
+    on one database only nor read back differently on the other.
+    """
+    columns = model.__table__.c
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, str):
+            value = value.replace("\x00", "")
+            length = getattr(columns[key].type, "length", None)
+            if length is not None and len(value) > length:
+                value = value[:length]
+            value = value or None
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def get_or_create_study(session: Session, study_uid: str, **attrs: Any) -> int:
     """Id of the study row for ``study_uid``, inserting it (with ``attrs``) when new.
 
@@ -101,7 +123,7 @@ def get_or_create_study(session: Session, study_uid: str, **attrs: Any) -> int:
         return row
     try:
         with session.begin_nested():
-            study = Study(study_uid=study_uid, **{k: v for k, v in attrs.items() if v is not None})
+            study = Study(study_uid=study_uid, **storable(Study, attrs))
             session.add(study)
         return study.id
     except IntegrityError:
@@ -115,9 +137,7 @@ def get_or_create_series(session: Session, study_id: int, series_uid: str, **att
         return row
     try:
         with session.begin_nested():
-            series = Series(
-                study_id=study_id, series_uid=series_uid, **{k: v for k, v in attrs.items() if v is not None}
-            )
+            series = Series(study_id=study_id, series_uid=series_uid, **storable(Series, attrs))
             session.add(series)
         return series.id
     except IntegrityError:
@@ -240,7 +260,8 @@ def raise_expected(session: Session, series_id: int, expected: int) -> None:
 
 
 def add_scp_event(session: Session, kind: str, calling_aet: str | None, peer: str | None, reason: str) -> None:
-    session.add(ScpEvent(kind=kind, calling_aet=calling_aet, peer=peer, reason=reason))
+    values = {"kind": kind, "calling_aet": calling_aet, "peer": peer, "reason": reason}
+    session.add(ScpEvent(**storable(ScpEvent, values)))
 
 
 def recent_scp_events(session: Session, limit: int = 50, kind: str | None = None) -> list[ScpEvent]:

@@ -56,6 +56,9 @@ _INT_FIELDS = {
 }
 
 
+IS_MIN, IS_MAX = -(2**31), 2**31 - 1  # the range of an Integer String (IS) value
+
+
 class MalformedDatasetError(ValueError):
     """The bytes are not a complete DICOM data set in the negotiated transfer syntax."""
 
@@ -163,9 +166,12 @@ def _decode(field: str, raw: bytes, charset: str) -> str | int | None:
     text = raw.rstrip(b"\x00 ").lstrip(b" ")
     if field in _INT_FIELDS:
         try:
-            return int(text.split(b"\\")[0].decode("ascii").strip())
+            value = int(text.split(b"\\")[0].decode("ascii").strip())
         except (ValueError, UnicodeDecodeError):
             return None
+        # IS holds -2**31 .. 2**31 - 1 (PS3.5 6.2); a larger number is not a value we can trust
+        # (and would not fit the job store's INTEGER columns on PostgreSQL).
+        return value if IS_MIN <= value <= IS_MAX else None
     return text.decode(charset, errors="replace") or None
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from common.jobstore import queries
 from common.jobstore.db import session_factory
 from common.jobstore.models import utcnow
-from service.ingest.dataset import Header, MalformedDatasetError, parse_dataset, split_part10
+from service.ingest.dataset import IS_MAX, Header, MalformedDatasetError, parse_dataset, split_part10
 from service.ingest.spool import Spool, sha256_of
 from service.ingest.uids import InvalidUIDError, check_uid
 
@@ -72,9 +72,9 @@ def declared_images(h: Header) -> int | None:
     """
     ntp = h.number_of_temporal_positions if (h.number_of_temporal_positions or 0) > 1 else 1
     if h.number_of_frames and h.number_of_frames > 0:
-        return h.number_of_frames * ntp
+        return min(h.number_of_frames * ntp, IS_MAX)  # the product must fit an INTEGER column too
     if h.images_in_acquisition and h.images_in_acquisition > 0:
-        return h.images_in_acquisition * ntp
+        return min(h.images_in_acquisition * ntp, IS_MAX)
     return None
 
 

@@ -1,4 +1,5 @@
-"""Completion rules: declared size, stable_age, ceiling, follow-up jobs that supersede."""
+"""Completion rules: declared size, stable_age, ceiling, follow-up jobs that supersede; on SQLite and
+on PostgreSQL (``jobstore_url`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from tests.unit.test_ingest_receiver import _send, make_ds
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> tuple[Receiver, CompletionLoop, list[int]]:
-    url = f"sqlite:///{tmp_path / 'js.db'}"
+def env(tmp_path: Path, jobstore_url: str) -> tuple[Receiver, CompletionLoop, list[int]]:
+    url = jobstore_url
     init_db(url)
     sent: list[int] = []
     loop = CompletionLoop(url, sent.append, stable_age_s=10, ceiling_s=60, poll_s=0.1)

@@ -1,4 +1,5 @@
-"""The receiver's statuses, duplicate handling and spool discipline, without a network."""
+"""The receiver's statuses, duplicate handling and spool discipline, without a network. The tests
+that record into the job store run on SQLite and on PostgreSQL (``jobstore_url`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from common.jobstore.db import session_scope
-from common.jobstore.models import Instance, ScpEvent, Series
+from common.jobstore.models import Instance, ScpEvent, Series, Study
 from common.jobstore.queries import init_db
 from service.ingest import receiver as R
 from service.ingest.dataset import Header
@@ -53,10 +54,9 @@ def encode(ds: Dataset) -> bytes:
 
 
 @pytest.fixture
-def rx(tmp_path: Path) -> R.Receiver:
-    url = f"sqlite:///{tmp_path / 'js.db'}"
-    init_db(url)
-    return R.Receiver(url, Spool(tmp_path / "spool", fsync=True), frozenset(STORAGE_SOP_CLASSES))
+def rx(tmp_path: Path, jobstore_url: str) -> R.Receiver:
+    init_db(jobstore_url)
+    return R.Receiver(jobstore_url, Spool(tmp_path / "spool", fsync=True), frozenset(STORAGE_SOP_CLASSES))
 
 
 def _final_files(rx: R.Receiver) -> list[Path]:
@@ -146,6 +146,76 @@ def test_bad_input_gets_a_failure_status_and_leaves_no_file(rx: R.Receiver, case
     assert _send(rx, good).status == R.SUCCESS
 
 
+def test_out_of_range_header_values_are_stored_alike_on_every_database(rx: R.Receiver) -> None:
+    """Senders break VR limits (descriptions longer than LO's 64 characters, NUL padding inside a
+    value, IS beyond 2**31 - 1). SQLite would keep anything, PostgreSQL refuses text longer than the
+    column, NUL characters and integers out of range: the instance must be stored either way, with
+    the same row on both."""
+    long = "Perfusion " * 40  # 400 characters; the text columns hold 200
+    ds = make_ds(generate_uid(), generate_uid())
+    data = encode(ds)
+    # Byte-level values pydicom would refuse to write: NUL inside, IS out of range, over-long strings.
+    extra = {
+        (0x0008, 0x0020): ("DA", b"20300102\x0020300103"),  # a NUL inside a value
+        (0x0008, 0x0050): ("SH", b"A" * 80),
+        (0x0008, 0x0060): ("CS", b"MR_WITH_A_LONG_CODE_STRING"),
+        (0x0008, 0x1030): ("LO", long.encode()),
+        (0x0008, 0x103E): ("LO", long.encode()),
+        (0x0010, 0x0010): ("PN", b"Doe^" + b"J" * 300),
+        (0x0010, 0x0020): ("LO", b"P" * 70 + b"\x00\x00X"),
+        (0x0020, 0x0011): ("IS", b"99999999999 "),  # > 2**31 - 1: not a valid IS
+        (0x0020, 0x0013): ("IS", b"2147483648"),  # 2**31
+        (0x0020, 0x1002): ("IS", b"2147483647"),  # declared size: fits, but its product must too
+        (0x0020, 0x0105): ("IS", b"4"),
+    }
+    data = _with_elements(data, extra)
+    out = _send(rx, ds, data)
+    assert out.status == R.SUCCESS, out.reason
+    with session_scope(rx.database_url) as s:
+        study = s.query(Study).one()
+        series = s.query(Series).one()
+        assert len(study.study_description) == 200 and study.study_description == long[:200]
+        assert study.patient_name == ("Doe^" + "J" * 300)[:200]
+        assert study.patient_id == ("P" * 70 + "X")[:64]
+        assert study.accession_number == "A" * 64
+        assert study.study_date == "2030010220300103"
+        assert series.modality == "MR_WITH_A_LONG_CODE_STRING"[:16]
+        assert series.series_description == long[:200]
+        assert series.series_number is None and series.expected_instances == 2**31 - 1
+        assert s.query(Instance).one().instance_number is None
+
+
+def _with_elements(data: bytes, elements: dict[tuple[int, int], tuple[str, bytes]]) -> bytes:
+    """Explicit VR little endian ``data`` with ``elements`` (tag -> VR, raw value) replaced or inserted
+    in tag order, their bytes written as given."""
+    import struct
+
+    out, pos, pending = b"", 0, sorted(elements.items())
+
+    def element(tag: tuple[int, int], vr: str, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b" "
+        return struct.pack("<HH", *tag) + vr.encode() + struct.pack("<H", len(value)) + value
+
+    while pos < len(data):
+        group, elem = struct.unpack_from("<HH", data, pos)
+        vr = data[pos + 4:pos + 6].decode()
+        if vr in ("OB", "OW", "OF", "SQ", "UT", "UN", "OD", "OL", "OV", "UC", "UR"):
+            length, head = struct.unpack_from("<I", data, pos + 8)[0], 12
+        else:
+            length, head = struct.unpack_from("<H", data, pos + 6)[0], 8
+        while pending and pending[0][0] < (group, elem):
+            out += element(pending[0][0], *pending.pop(0)[1])
+        if pending and pending[0][0] == (group, elem):
+            out += element(pending[0][0], *pending.pop(0)[1])
+        else:
+            out += data[pos:pos + head + length]
+        pos += head + length
+    for tag, (vr, value) in pending:
+        out += element(tag, vr, value)
+    return out
+
+
 def test_unrecorded_leftover_is_replaced_and_temp_files_removed(rx: R.Receiver) -> None:
     ds = make_ds(generate_uid(), generate_uid())
     rel = rx.spool.relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
@@ -165,10 +235,11 @@ def test_declared_images_rules() -> None:
     assert R.declared_images(Header(number_of_frames=39, number_of_temporal_positions=21)) == 819
     assert R.declared_images(Header(number_of_temporal_positions=21)) is None
     assert R.declared_images(Header()) is None
+    assert R.declared_images(Header(number_of_frames=2**31 - 1, number_of_temporal_positions=4)) == 2**31 - 1
 
 
-def test_series_declaration_is_recorded_and_completion_kicked(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'js.db'}"
+def test_series_declaration_is_recorded_and_completion_kicked(tmp_path: Path, jobstore_url: str) -> None:
+    url = jobstore_url
     init_db(url)
     kicks: list[int] = []
     rx = R.Receiver(url, Spool(tmp_path / "spool"), on_series_complete=lambda: kicks.append(1))
@@ -201,14 +272,12 @@ def test_gateway_recovery_records_complete_leftovers_and_drops_broken_ones(tmp_p
         assert [i.sop_instance_uid for i in s.query(Instance)] == [complete.SOPInstanceUID]
 
 
-def test_parallel_associations_starting_the_same_series(tmp_path: Path) -> None:
+def test_parallel_associations_starting_the_same_series(tmp_path: Path, jobstore_url: str) -> None:
     """Several senders (threads here; two receivers stand for two processes) start one new series
     at the same moment: every instance is stored, one study row, one series row."""
     import threading
 
-    from common.jobstore.models import Study
-
-    url = f"sqlite:///{tmp_path / 'js.db'}"
+    url = jobstore_url
     init_db(url)
     spool = Spool(tmp_path / "spool", fsync=False)
     receivers = [R.Receiver(url, spool), R.Receiver(url, spool)]

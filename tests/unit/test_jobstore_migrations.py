@@ -1,9 +1,9 @@
-"""The packaged Alembic migrations build exactly the tables of common/jobstore/models.py."""
+"""The packaged Alembic migrations build exactly the tables of common/jobstore/models.py, on SQLite
+and on PostgreSQL (each test runs once per database, see ``jobstore_url`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -14,8 +14,8 @@ from common.jobstore.models import Base
 from common.jobstore.queries import current_revision, head_revision, init_db
 
 
-def test_init_db_creates_every_model_table(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'js.db'}"
+def test_init_db_creates_every_model_table(jobstore_url: str) -> None:
+    url = jobstore_url
     assert init_db(url) == head_revision()
     tables = set(inspect(get_engine(url)).get_table_names())
     assert set(Base.metadata.tables) <= tables
@@ -24,8 +24,8 @@ def test_init_db_creates_every_model_table(tmp_path: Path) -> None:
     assert diffs == [], f"models.py and the migrations differ; add a revision: {diffs}"
 
 
-def test_init_db_is_idempotent_and_concurrency_safe(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'js.db'}"
+def test_init_db_is_idempotent_and_concurrency_safe(jobstore_url: str) -> None:
+    url = jobstore_url
     errors: list[BaseException] = []
 
     def run() -> None:

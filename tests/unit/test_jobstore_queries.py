@@ -1,5 +1,6 @@
 """Job-store queries the gateway relies on: the raw hot-path writer agrees with the ORM, duplicate
-UIDs are refused, heartbeats upsert, job versions chain."""
+UIDs are refused, heartbeats upsert, job versions chain. The job-store tests run on SQLite and on
+PostgreSQL (``jobstore_url`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from common.jobstore.models import Heartbeat, Instance, Job, JobState, Series, S
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    u = f"sqlite:///{tmp_path / 'js.db'}"
-    queries.init_db(u)
-    return u
+def url(jobstore_url: str) -> str:
+    queries.init_db(jobstore_url)
+    return jobstore_url
 
 
 def _series(url: str) -> tuple[int, int]:
@@ -49,7 +49,9 @@ def test_writer_rows_read_back_through_the_orm_and_duplicates_raise(url: str) ->
     assert w.find("1.2.3.4.5") is not None and w.find("9.9") is None
     with session_scope(url) as s:
         inst = s.query(Instance).filter_by(sop_instance_uid="1.2.3.4.5").one()
-        assert inst.received_at.replace(tzinfo=UTC) == datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+        # SQLite gives naive UTC back, PostgreSQL an aware time in the session's zone (not UTC in tests)
+        at = inst.received_at if inst.received_at.tzinfo else inst.received_at.replace(tzinfo=UTC)
+        assert at == datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
         assert s.get(Study, study_id).last_received_at.year == 2030
         assert s.get(Series, series_id).last_received_at.year == 2030
         assert queries.series_counts(s, series_id) == (None, 40)
