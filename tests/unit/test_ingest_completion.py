@@ -34,7 +34,6 @@ def _jobs(url: str) -> list[Job]:
 
 def test_declared_series_completes_at_once_others_wait_for_stable_age(env) -> None:  # type: ignore[no-untyped-def]
     rx, loop, sent = env
-    now = datetime.now(UTC)
     declared_study, open_study = generate_uid(), generate_uid()
     series = generate_uid()
     for i in range(4):
@@ -42,6 +41,7 @@ def test_declared_series_completes_at_once_others_wait_for_stable_age(env) -> No
     open_series = generate_uid()
     for i in range(3):
         _send(rx, make_ds(open_study, open_series, InstanceNumber=i + 1))
+    now = datetime.now(UTC)  # after the last receipt: on a loaded machine the sends may take seconds
     # Only the study whose every series declares its size and is complete fires now.
     ids = loop.run_once(now + timedelta(seconds=1))
     assert len(ids) == 1 and sent == ids
@@ -56,10 +56,10 @@ def test_declared_series_completes_at_once_others_wait_for_stable_age(env) -> No
 
 def test_incomplete_declared_series_waits_for_stable_age(env) -> None:  # type: ignore[no-untyped-def]
     rx, loop, _sent = env
-    now = datetime.now(UTC)
     study, series = generate_uid(), generate_uid()
     for i in range(3):
         _send(rx, make_ds(study, series, ImagesInAcquisition=5, InstanceNumber=i + 1))
+    now = datetime.now(UTC)  # after the last receipt
     assert loop.run_once(now + timedelta(seconds=2)) == []
     assert len(loop.run_once(now + timedelta(seconds=10.5))) == 1
 
