@@ -13,6 +13,19 @@ from service.ingest.spool import TEMP_PREFIX, Spool
 REL = "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
 
 
+def watch_directory_during_writes(monkeypatch: pytest.MonkeyPatch, directory: Path) -> list[list[str]]:
+    """The names in ``directory`` at each moment bytes are written: what a crash then would leave."""
+    seen: list[list[str]] = []
+    real_writev = os.writev
+
+    def watching_writev(fd: int, chunks):  # type: ignore[no-untyped-def]
+        seen.append(sorted(os.listdir(directory)))
+        return real_writev(fd, chunks)
+
+    monkeypatch.setattr(os, "writev", watching_writev)
+    return seen
+
+
 def test_store_creates_once_and_leaves_only_the_final_name(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     first = spool.store(REL, (b"head", b"body"))
@@ -28,14 +41,8 @@ def test_store_creates_once_and_leaves_only_the_final_name(tmp_path: Path) -> No
 def test_unnamed_temp_file_is_used_on_linux(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the bytes are written, no temp name exists in the directory."""
     spool = Spool(tmp_path / "spool")
-    seen: list[list[str]] = []
-    real_writev = os.writev
-
-    def watching_writev(fd: int, chunks):  # type: ignore[no-untyped-def]
-        seen.append(sorted(os.listdir(tmp_path / "spool" / "1.2.3" / "1.2.3.4")))
-        return real_writev(fd, chunks)
-
-    monkeypatch.setattr(os, "writev", watching_writev)
+    (tmp_path / "spool" / "1.2.3" / "1.2.3.4").mkdir(parents=True)
+    seen = watch_directory_during_writes(monkeypatch, tmp_path / "spool" / "1.2.3" / "1.2.3.4")
     assert spool.store(REL, (b"x" * 100,)).created
     assert seen == [[]]
     assert spool._unnamed
@@ -52,14 +59,8 @@ def test_falls_back_to_named_temp_files_when_unnamed_ones_fail(tmp_path: Path, m
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", no_tmpfile)
-    seen: list[list[str]] = []
-    real_writev = os.writev
-
-    def watching_writev(fd: int, chunks):  # type: ignore[no-untyped-def]
-        seen.append(sorted(os.listdir(tmp_path / "spool" / "1.2.3" / "1.2.3.4")))
-        return real_writev(fd, chunks)
-
-    monkeypatch.setattr(os, "writev", watching_writev)
+    (tmp_path / "spool" / "1.2.3" / "1.2.3.4").mkdir(parents=True)
+    seen = watch_directory_during_writes(monkeypatch, tmp_path / "spool" / "1.2.3" / "1.2.3.4")
     stored = spool.store(REL, (b"payload",))
     assert stored.created and stored.path.read_bytes() == b"payload"
     assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(TEMP_PREFIX)
