@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from models.tmax_ddpm.checkpoint import export_weights
-from models.tmax_ddpm.config import Config
+from models.registry import resolve
+from models.tmax_ddpm.checkpoint import CheckpointError, export_weights, load_weights, read_info
+from models.tmax_ddpm.config import Config, model_config_hash
 from models.tmax_ddpm.data import SliceBank, build_cache
 from models.tmax_ddpm.diffusion import make_scheduler, training_target
 from models.tmax_ddpm.loss import perfusion_weights, weighted_mse
@@ -137,10 +138,6 @@ def warm_start(init_from: str | Path, cfg: Config, net: torch.nn.Module, ema: to
     instead of from scratch; only the optimiser state is new. The model section of the config must
     be the one the weights were trained with.
     """
-    from models.registry import resolve
-    from models.tmax_ddpm.checkpoint import CheckpointError, load_weights, read_info
-    from models.tmax_ddpm.config import model_config_hash
-
     src = resolve(init_from)
     loaded, wcfg = load_weights(src)
     if model_config_hash(wcfg.model) != model_config_hash(cfg.model):

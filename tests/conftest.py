@@ -48,15 +48,19 @@ def port() -> int:
     return free_port()
 
 
+def _missing(msg: str) -> NoReturn:
+    """Fail under make test (SYNTHPERF_REQUIRE_TOOLS=1), skip otherwise."""
+    if os.environ.get("SYNTHPERF_REQUIRE_TOOLS") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def require_tool(name: str) -> str:
     """Path of an external program; fail under make test when missing, else skip."""
     path = shutil.which(name)
     if path:
         return path
-    msg = f"{name} is not installed (make test installs it from Debian packages)"
-    if os.environ.get("SYNTHPERF_REQUIRE_TOOLS") == "1":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    _missing(f"{name} is not installed (make test installs it from Debian packages)")
 
 
 @pytest.fixture(scope="session")
@@ -67,22 +71,12 @@ def redis_url() -> str:
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except Exception as exc:  # noqa: BLE001
-        msg = f"no Redis at {url}: {exc}"
-        if os.environ.get("SYNTHPERF_REQUIRE_TOOLS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _missing(f"no Redis at {url}: {exc}")
     return url
 
 
 POSTGRES_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 POSTGRES_TEST_TIMEZONE = "America/St_Johns"  # UTC-3:30/-2:30: a wrong zone assumption shows at once
-
-
-def _missing(msg: str) -> NoReturn:
-    """Fail under make test (SYNTHPERF_REQUIRE_TOOLS=1), skip otherwise."""
-    if os.environ.get("SYNTHPERF_REQUIRE_TOOLS") == "1":
-        pytest.fail(msg)
-    pytest.skip(msg)
 
 
 def _postgres_admin_engine(url: str):  # type: ignore[no-untyped-def]

@@ -27,8 +27,10 @@ from pathlib import Path
 from service.ingest.uids import check_uid
 
 TEMP_PREFIX = ".tmp-"
-# errors that mean "no unnamed temp files here" (old kernel, filesystem, no /proc): fall back for good
-_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV, errno.EPERM, errno.ENOSYS}
+# What opening an unnamed file answers when the kernel or filesystem has none, and what linking it
+# through /proc answers when /proc is missing or refuses: fall back to named temp files for good.
+_NO_TMPFILE_OPEN = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS}
+_NO_PROC_LINK = {errno.ENOENT, errno.EXDEV, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,8 @@ class Spool:
         directory = final.parent
         self._ensure_dir(directory)
         if self._unnamed:
-            try:
-                stored = self._store_unnamed(final, relpath, chunks)
-            except OSError as exc:
-                if exc.errno not in _NO_TMPFILE:
-                    raise
-                self._unnamed = False  # this filesystem cannot: named temp files from now on
-            else:
+            stored = self._store_unnamed(final, relpath, chunks)
+            if stored is not None:
                 if self.fsync and stored.created:
                     _fsync_dir(directory)
                 return stored
@@ -113,9 +110,19 @@ class Spool:
             _fsync_dir(directory)
         return StoredFile(final, relpath, size, created=True)
 
-    def _store_unnamed(self, final: Path, relpath: str, chunks: tuple[bytes, ...]) -> StoredFile:
-        """Write into an unnamed inode of the final directory, then link it to its name."""
-        fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o640)
+    def _store_unnamed(self, final: Path, relpath: str, chunks: tuple[bytes, ...]) -> StoredFile | None:
+        """Write into an unnamed inode of the final directory, then link it to its name.
+
+        None (and named temp files from then on) only when this platform cannot: write errors such
+        as a full disk are raised, never taken for a missing feature.
+        """
+        try:
+            fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o640)
+        except OSError as exc:
+            if exc.errno not in _NO_TMPFILE_OPEN:
+                raise
+            self._unnamed = False
+            return None
         try:
             size = self._write_all(fd, chunks)
             try:
@@ -124,6 +131,11 @@ class Spool:
                 os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
             except FileExistsError:
                 return StoredFile(final, relpath, final.stat().st_size, created=False)
+            except OSError as exc:
+                if exc.errno not in _NO_PROC_LINK:
+                    raise
+                self._unnamed = False
+                return None
         finally:
             os.close(fd)  # an unlinked inode simply vanishes
         return StoredFile(final, relpath, size, created=True)
