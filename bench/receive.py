@@ -2,10 +2,17 @@
 
 Throughput: DCMTK storescu sends the same 500 synthetic MR instances (128x128, 16 bit) over one
 association to (a) our SCP (``synthperf serve``, fsync on: the default), (b) our SCP with
-spool_fsync off, (c) DCMTK storescp, (d) Orthanc. Each server is started fresh, on a free
+spool_fsync off, (c) DCMTK storescp, (d) Orthanc, and (e) DCMTK storescp --ignore, which
+receives and answers but stores nothing: the fastest any receiver can be with this client on this
+machine, against which the storescp target is put in perspective (see ``floor``). Each server is started fresh, on a free
 loopback port with an empty store, for every round; the order rotates between rounds; every
 process gets TCP_NODELAY=1 (DCMTK and Orthanc are slow without it). Instances/s is the median
 over rounds of 500 / wall time of the storescu run.
+
+The floor: the spool's own durable write (``Spool.store`` of one 33 KiB instance, fsync on and
+off, in the bench's directory, i.e. on the same disk) timed in the same run, beside the round
+trips of storescp and of storescp --ignore, says how much of the storescp target any durable
+receiver could reach.
 
 Completion latency (in-process gateway): the time from the last stored instance to the job
 being enqueued, for a series that declares its size (ImagesInAcquisition) and for one that does
@@ -17,7 +24,6 @@ not (stable_age must pass first).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -34,8 +40,11 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from tests.integration.harness import OrthancServer
+
 REPO = Path(__file__).resolve().parents[1]
 NODELAY = {"TCP_NODELAY": "1"}
+IGNORE = "DCMTK storescp --ignore (stores nothing)"
 
 
 def free_port() -> int:
@@ -104,17 +113,19 @@ def start_storescp(work: Path, port: int) -> tuple[subprocess.Popen, str]:
     return proc, "ANY-SCP"
 
 
-def start_orthanc(work: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_storescp_ignore(work: Path, port: int) -> tuple[subprocess.Popen, str]:
     work.mkdir(parents=True)
-    cfg = {
-        "Name": "bench", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
-        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(), "RemoteAccessAllowed": False,
-        "DicomServerEnabled": True, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "Plugins": [],
-    }
-    (work / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], env=dict(os.environ, **NODELAY),
+    proc = subprocess.Popen(["storescp", "--ignore", str(port)], env=dict(os.environ, **NODELAY),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, "ORTHANC"
+    return proc, "ANY-SCP"
+
+
+def start_orthanc(work: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """The tests' Orthanc (loopback only, TCP_NODELAY=1), without --verbose, on ``port``."""
+    server = OrthancServer(work, verbose=False, dicom_port=port)
+    server.start()
+    assert server.proc is not None
+    return server.proc, server.aet
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -156,6 +167,7 @@ def throughput(files: list[Path], rounds: int, root: Path, parallel: int = 1) ->
         "synthperf (spool_fsync off)": lambda w, p: start_ours(w, p, False),
         "DCMTK storescp": start_storescp,
         "Orthanc": start_orthanc,
+        IGNORE: start_storescp_ignore,
     }
     names = list(targets)
     rates: dict[str, list[float]] = {n: [] for n in names}
@@ -176,6 +188,33 @@ def throughput(files: list[Path], rounds: int, root: Path, parallel: int = 1) ->
                   f"{'' if parallel == 1 else f' [{parallel} associations]'}", flush=True)
             shutil.rmtree(work, ignore_errors=True)
     return rates
+
+
+def spool_write_ms(root: Path, blob: bytes, fsync: bool, n: int = 300) -> float:
+    """Median ms for one ``Spool.store`` of ``blob`` (new file, as in a C-STORE), fsync on or off."""
+    sys.path.insert(0, str(REPO))
+    from service.ingest.spool import Spool
+
+    spool = Spool(root / f"spool-{'fsync' if fsync else 'nosync'}", fsync=fsync)
+    spool.store("1.2/1.3/1.4.0.dcm", (blob,))  # the directories exist from then on, as in a series
+    times = []
+    for i in range(1, n + 1):
+        t0 = time.perf_counter()
+        spool.store(f"1.2/1.3/1.4.{i}.dcm", (blob,))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def floor(rates: dict[str, list[float]], write_on: float, write_off: float) -> None:
+    """Print how the storescp target compares with a receiver that stores nothing."""
+    scp, ignore = statistics.median(rates["DCMTK storescp"]), statistics.median(rates[IGNORE])
+    rt_scp, rt_ignore, rt_target = 1000 / scp, 1000 / ignore, 1000 / (1.2 * scp)
+    print(f"\nfloor: storescp round trip {rt_scp:.3f} ms; 1.2x storescp needs {rt_target:.3f} ms per instance;"
+          f" storescp --ignore (stores nothing) takes {rt_ignore:.3f} ms, so a storing receiver has"
+          f" {rt_target - rt_ignore:+.3f} ms for everything it does.")
+    print(f"       the spool's durable write alone (file + directory fsync, new 33 KiB file) takes {write_on:.3f} ms"
+          f" ({write_off:.3f} ms without fsync); best any durable receiver could reach with it:"
+          f" {rt_scp / (rt_ignore + write_on):.2f}x storescp.")
 
 
 def completion_latency(root: Path, n: int, stable_age: float) -> dict[str, float]:
@@ -236,6 +275,8 @@ def main() -> int:
         for ref, target in (("DCMTK storescp", 1.2), ("Orthanc", 1.0)):
             print(f"ratio ours/{ref}: {ratio(on, ref):.2f}x (target >= {target}x); "
                   f"with spool_fsync off {ratio(off, ref):.2f}x  [median of per-round ratios]")
+        blob = files[0].read_bytes()
+        floor(rates, spool_write_ms(root, blob, True), spool_write_ms(root, blob, False))
         if args.parallel > 1:
             print(f"\nextra: {args.parallel} associations at once (storescu processes), one round", flush=True)
             prates = throughput(files, 1, root / "parallel", parallel=args.parallel)

@@ -59,12 +59,13 @@ class OrthancServer:
     loopback without it, which would distort both the tests' timeouts and the benchmark).
     """
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC") -> None:
+    def __init__(self, folder: Path, aet: str = "ORTHANC", verbose: bool = True, dicom_port: int | None = None) -> None:
         if not Path(ORTHANC).is_file() and not shutil.which("Orthanc"):
             require_tool("Orthanc")
         self.folder = folder
         self.aet = aet
-        self.dicom_port = free_port()
+        self.verbose = verbose  # tests read the per-C-STORE log lines; the receive benchmark must not pay for them
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,8 @@ class OrthancServer:
         exe = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")
         env = {**os.environ, "TCP_NODELAY": "1"}
         # --verbose: Orthanc logs every C-STORE ("Incoming Store request") and duplicates ("Already stored")
-        self.proc = subprocess.Popen([exe, "--verbose", str(self.config)], env=env, stdout=self.log.open("ab"),
+        flags = ["--verbose"] if self.verbose else []
+        self.proc = subprocess.Popen([exe, *flags, str(self.config)], env=env, stdout=self.log.open("ab"),
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
