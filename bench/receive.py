@@ -4,8 +4,8 @@ Throughput: DCMTK storescu sends the same 500 synthetic MR instances (128x128, 1
 association to (a) our SCP (``synthperf serve``, fsync on: the default), (b) our SCP with
 spool_fsync off, (c) DCMTK storescp, (d) Orthanc, and (e) DCMTK storescp --ignore, which
 receives and answers but stores nothing: the fastest any receiver can be with this client on this
-machine, against which the storescp target is put in perspective (see ``floor``). Each server is started fresh, on a free
-loopback port with an empty store, for every round; the order rotates between rounds; every
+machine, against which the storescp target is put in perspective (see ``floor``). Each server is
+started fresh, on a free loopback port with an empty store, for every round; the order rotates between rounds; every
 process gets TCP_NODELAY=1 (DCMTK and Orthanc are slow without it). Instances/s is the median
 over rounds of 500 / wall time of the storescu run.
 
@@ -40,17 +40,13 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from service.ingest.spool import Spool
+from tests.conftest import free_port
 from tests.integration.harness import OrthancServer
 
 REPO = Path(__file__).resolve().parents[1]
 NODELAY = {"TCP_NODELAY": "1"}
 IGNORE = "DCMTK storescp --ignore (stores nothing)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_series(folder: Path, n: int, declare: bool, seed: int = 0, size: int = 128) -> list[Path]:
@@ -106,16 +102,11 @@ def start_ours(work: Path, port: int, fsync: bool) -> tuple[subprocess.Popen, st
     return proc, "SYNTHPERF"
 
 
-def start_storescp(work: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_storescp(work: Path, port: int, store: bool = True) -> tuple[subprocess.Popen, str]:
+    """DCMTK storescp writing into ``work``, or with ``store=False`` receiving and discarding (--ignore)."""
     work.mkdir(parents=True)
-    proc = subprocess.Popen(["storescp", "-od", str(work), str(port)], env=dict(os.environ, **NODELAY),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, "ANY-SCP"
-
-
-def start_storescp_ignore(work: Path, port: int) -> tuple[subprocess.Popen, str]:
-    work.mkdir(parents=True)
-    proc = subprocess.Popen(["storescp", "--ignore", str(port)], env=dict(os.environ, **NODELAY),
+    args = ["-od", str(work)] if store else ["--ignore"]
+    proc = subprocess.Popen(["storescp", *args, str(port)], env=dict(os.environ, **NODELAY),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, "ANY-SCP"
 
@@ -167,7 +158,7 @@ def throughput(files: list[Path], rounds: int, root: Path, parallel: int = 1) ->
         "synthperf (spool_fsync off)": lambda w, p: start_ours(w, p, False),
         "DCMTK storescp": start_storescp,
         "Orthanc": start_orthanc,
-        IGNORE: start_storescp_ignore,
+        IGNORE: lambda w, p: start_storescp(w, p, store=False),
     }
     names = list(targets)
     rates: dict[str, list[float]] = {n: [] for n in names}
@@ -195,9 +186,6 @@ def throughput(files: list[Path], rounds: int, root: Path, parallel: int = 1) ->
 
 def spool_write_ms(root: Path, blob: bytes, fsync: bool, n: int = 300) -> float:
     """Median ms for one ``Spool.store`` of ``blob`` (new file, as in a C-STORE), fsync on or off."""
-    sys.path.insert(0, str(REPO))
-    from service.ingest.spool import Spool
-
     spool = Spool(root / f"spool-{'fsync' if fsync else 'nosync'}", fsync=fsync)
     spool.store("1.2/1.3/1.4.0.dcm", (blob,))  # the directories exist from then on, as in a series
     times = []
@@ -221,7 +209,6 @@ def floor(rates: dict[str, list[float]], write_on: float, write_off: float) -> N
 
 
 def completion_latency(root: Path, n: int, stable_age: float) -> dict[str, float]:
-    sys.path.insert(0, str(REPO))
     from common.config import load_settings
     from service.gateway import Gateway
 
