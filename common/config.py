@@ -134,7 +134,10 @@ class Settings(BaseSettings):
     admin_user: str = Field(default="admin", description="First admin created at API start-up when no admin exists.")
     admin_password: SecretStr | None = Field(default=None, description="Password for admin_user; unset = no auto-create.")
     session_max_age_s: int = Field(default=12 * 3600, ge=60, description="Dashboard login lifetime.")
-    login_max_failures: int = Field(default=5, ge=1, description="Failed logins per IP/user per window before 429.")
+    login_max_failures: int = Field(default=5, ge=1, description="Failed logins per account per window before 429.")
+    login_max_failures_per_ip: int = Field(
+        default=50, ge=1, description="Failed logins from one client IP (any accounts) per window before 429."
+    )
     login_window_s: float = Field(default=300.0, gt=0)
     log_json: bool = False
     log_level: str = "INFO"
@@ -194,6 +197,15 @@ class Settings(BaseSettings):
         if v not in {"local", "proxy"}:
             raise ValueError("must be 'local' or 'proxy'")
         return v
+
+    @model_validator(mode="after")
+    def _check_login_limits(self) -> Settings:
+        if self.login_max_failures_per_ip < self.login_max_failures:
+            raise ValueError(
+                f"login_max_failures_per_ip ({self.login_max_failures_per_ip}) must be at least "
+                f"login_max_failures ({self.login_max_failures}): many accounts share one IP"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:

@@ -73,7 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.dependency_overrides[get_settings] = lambda: settings
     app.state.settings = settings
     app.state.enqueuer = Enqueuer(settings)
-    app.state.login_limiter = LoginLimiter(settings.login_max_failures, settings.login_window_s)
+    app.state.login_limiter = LoginLimiter(settings.login_max_failures, settings.login_window_s,
+                                           settings.login_max_failures_per_ip)
     app.state.metrics_registry = make_registry(settings)
 
     app.add_middleware(

@@ -192,46 +192,67 @@ def csrf_ok(session_data: dict[str, Any], presented: str | None) -> bool:
 
 
 class LoginLimiter:
-    """Failed logins per client IP and per username in a sliding window (in memory, per process).
+    """Failed logins per account and per client IP in a sliding window (in memory, per process).
 
-    Once either key reaches ``max_failures`` within ``window_s`` seconds, further attempts are
-    refused with 429 until the oldest failure ages out — even with the right password.
+    The two keys have separate limits: an account is refused once it has ``max_failures`` failures
+    within ``window_s`` seconds (from any IP), a client IP once it has ``max_failures_per_ip``
+    (for any accounts). The per-IP limit is much larger because a ward workstation or a reverse
+    proxy puts many people behind one address: one person's typos lock out only their own
+    account, while guessing across many accounts from one address is still stopped. A refused
+    attempt gets 429 until the oldest counted failure ages out — even with the right password.
     """
 
-    def __init__(self, max_failures: int, window_s: float) -> None:
+    def __init__(self, max_failures: int, window_s: float, max_failures_per_ip: int | None = None) -> None:
         if max_failures < 1:
             raise ValueError(f"max_failures {max_failures} must be at least 1")
         if window_s <= 0:
             raise ValueError(f"window_s {window_s} must be positive")
+        per_ip = max_failures if max_failures_per_ip is None else max_failures_per_ip
+        if per_ip < max_failures:
+            raise ValueError(f"max_failures_per_ip {per_ip} must be at least max_failures ({max_failures})")
         self.max_failures = max_failures
+        self.max_failures_per_ip = per_ip
         self.window_s = window_s
         self._fails: dict[str, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
 
+    def _keys(self, ip: str, username: str) -> tuple[tuple[str, int], tuple[str, int]]:
+        return (f"ip:{ip}", self.max_failures_per_ip), (f"user:{username.lower()}", self.max_failures)
+
     def _prune(self, key: str, now: float) -> deque[float]:
-        q = self._fails[key]
+        """The key's failures within the window; keys with none are dropped, so that attempts
+        with many made-up usernames do not grow the table."""
+        q = self._fails.get(key)
+        if q is None:
+            return deque()
         while q and now - q[0] > self.window_s:
             q.popleft()
+        if not q:
+            del self._fails[key]
         return q
 
     def retry_after(self, ip: str, username: str) -> float:
-        """Seconds until a login may be tried again; 0 when allowed now."""
+        """Seconds until this account may be tried from this IP again; 0 when allowed now."""
         now = time.monotonic()
         wait = 0.0
         with self._lock:
-            for key in (f"ip:{ip}", f"user:{username.lower()}"):
+            for key, limit in self._keys(ip, username):
                 q = self._prune(key, now)
-                if len(q) >= self.max_failures:
-                    wait = max(wait, self.window_s - (now - q[0]))
+                if len(q) >= limit:
+                    # The oldest failures that keep the count at the limit must age out first.
+                    wait = max(wait, self.window_s - (now - q[len(q) - limit]))
         return wait
 
     def failed(self, ip: str, username: str) -> None:
         now = time.monotonic()
         with self._lock:
-            for key in (f"ip:{ip}", f"user:{username.lower()}"):
-                self._prune(key, now).append(now)
+            for key, _limit in self._keys(ip, username):
+                self._prune(key, now)
+                self._fails[key].append(now)
 
     def succeeded(self, username: str) -> None:
+        """A correct password clears its account's failures (not the IP's: a valid login must not
+        reset the counter that stops guessing other accounts from the same address)."""
         with self._lock:
             self._fails.pop(f"user:{username.lower()}", None)
 

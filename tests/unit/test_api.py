@@ -180,6 +180,36 @@ def test_login_rate_limit_blocks_even_the_right_password(data_dir):
     assert len(audit_rows(settings, "login_blocked")) == 1
 
 
+def test_login_limits_are_per_account_and_per_ip(data_dir):
+    """One account's failures lock out only that account; the same IP is refused for every account
+    only at the larger per-IP threshold."""
+    settings = make_settings(data_dir, login_max_failures=3, login_max_failures_per_ip=6)
+    populate(settings)
+    with _client(settings) as c:
+        token = _csrf_from(c.get("/login").text)
+
+        def attempt(username: str, password: str) -> int:
+            return c.post("/login", data={"username": username, "password": password, "csrf_token": token},
+                          follow_redirects=False).status_code
+
+        assert [attempt(ADMIN[0], "nope") for _ in range(3)] == [401, 401, 401]
+        assert attempt(ADMIN[0], ADMIN[1]) == 429  # the admin's account is locked ...
+        assert attempt(VIEWER[0], VIEWER[1]) == 303  # ... the viewer at the same workstation is not
+        token = c.get("/api/me").json()["csrf_token"]
+        # Three more failures, each for a different account, bring this IP to its limit of six.
+        assert [attempt(f"ghost{i}", "nope") for i in range(3)] == [401, 401, 401]
+        assert attempt(VIEWER[0], VIEWER[1]) == 429
+    blocked = audit_rows(settings, "login_blocked")
+    assert [a.target for a in blocked] == [f"user:{ADMIN[0]}", f"user:{VIEWER[0]}"]
+
+
+def test_login_limit_per_ip_must_not_be_below_per_account(data_dir):
+    from common.config import SettingsError
+
+    with pytest.raises(SettingsError, match="login_max_failures_per_ip"):
+        make_settings(data_dir, login_max_failures=10, login_max_failures_per_ip=5)
+
+
 def test_disabled_user_loses_access_at_once(env):
     settings, _ = env
     with _client(settings) as c:
