@@ -74,7 +74,25 @@ class Settings(BaseSettings):
     scp_port: int = Field(default=11112, ge=0, le=65535)
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    max_associations: int = Field(default=10, ge=1)
+    max_associations: int = Field(default=10, ge=1, description="Established associations at once.")
+    # Hostile or broken peers (service/scp/gate.py): connections not yet associated have their own,
+    # larger cap and a total handshake deadline; each PDU has a total deadline.
+    max_pending_connections: int = Field(
+        default=64, ge=1, description="Connections not yet associated; when full, the oldest is closed."
+    )
+    max_pending_per_ip: int = Field(
+        default=16, ge=1, description="Connections not yet associated from one peer IP; when full, its oldest is closed."
+    )
+    handshake_timeout_s: float = Field(
+        default=10.0, gt=0, description="Total time from connect (TLS included) to a complete A-ASSOCIATE-RQ."
+    )
+    pdu_timeout_s: float = Field(
+        default=30.0, gt=0, description="Total time for one PDU from its first byte, plus its size at min_pdu_rate_kib_s."
+    )
+    min_pdu_rate_kib_s: float = Field(default=64.0, gt=0, description="Slowest PDU arrival rate counted as progress.")
+    evict_stalled_s: float = Field(
+        default=5.0, gt=0, description="At max_associations, abort an association stalled this long to admit a new one."
+    )
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
@@ -94,6 +112,10 @@ class Settings(BaseSettings):
     stable_age_s: float = Field(default=10.0, gt=0)
     completion_ceiling_s: float = Field(default=600.0, gt=0)
     completion_poll_s: float = Field(default=0.2, gt=0)
+    incomplete_series_wait_s: float = Field(
+        default=30.0, gt=0,
+        description="Quiet time after which a study fires although a series has fewer images than it declared.",
+    )
 
     # --- pipeline / model
     model_name: str = "demo"
@@ -210,6 +232,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
+    @model_validator(mode="after")
+    def _check_pending_limits(self) -> Settings:
+        if self.max_pending_per_ip > self.max_pending_connections:
+            raise ValueError(
+                f"max_pending_per_ip ({self.max_pending_per_ip}) must not exceed "
+                f"max_pending_connections ({self.max_pending_connections})"
+            )
+        return self
+
             raise ValueError("tls_cert and tls_key must be set together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
             path = getattr(self, name)

@@ -413,6 +413,25 @@ def jobs_by_state(session: Session) -> dict[str, int]:
     return counts
 
 
+def studies_by_state(session: Session) -> dict[str, int]:
+    """Studies counted by the state of their latest job (highest version).
+
+    A study that arrived in pieces can have several jobs: an early one that failed on part of it
+    (``input_missing``: "no FLAIR") and a follow-up that succeeded. The study's outcome is its
+    latest job's, so such a study counts once, as done, and never as a failure.
+    """
+    latest = select(Job.study_id, func.max(Job.version).label("v")).group_by(Job.study_id).subquery()
+    q = (
+        select(Job.state, func.count(Job.id))
+        .join(latest, (latest.c.study_id == Job.study_id) & (latest.c.v == Job.version))
+        .group_by(Job.state)
+    )
+    counts = {s: 0 for s in ALL_JOB_STATES}
+    for state, n in session.execute(q):
+        counts[state] = int(n)
+    return counts
+
+
 def scp_event_counts(session: Session) -> dict[str, int]:
     return {k: int(n) for k, n in session.execute(select(ScpEvent.kind, func.count(ScpEvent.id)).group_by(ScpEvent.kind))}
 

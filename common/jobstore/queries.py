@@ -22,9 +22,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import bindparam, func, insert, select, text, true, update
+from sqlalchemy import bindparam, exists, func, insert, select, text, true, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from common.jobstore.db import get_engine
 from common.jobstore.models import Base, Heartbeat, Instance, Job, JobState, ScpEvent, Series, Study, utcnow
@@ -358,10 +358,12 @@ def studies_with_pending_instances(session: Session) -> list[StudyProgress]:
 
 
 def create_job(session: Session, study_id: int, trigger: str, instance_count: int) -> Job:
-    """A new job covering ``instance_count`` instances; it supersedes the study's latest job.
+    """A new job covering ``instance_count`` instances; it supersedes the study's earlier jobs.
 
-    A superseded job that has not started delivering is marked SUPERSEDED and asked to cancel;
-    a finished one keeps its state (its results stay valid for what it covered).
+    A queued or running job is marked SUPERSEDED and asked to cancel; a finished one (done,
+    failed, input_missing, cancelled) is marked SUPERSEDED too, so that a job that failed on part
+    of a study never stands beside the job that covers all of it. A job still delivering keeps
+    delivering what it made and is marked once it finishes (``supersede_finished``).
     """
     previous = session.execute(
         select(Job).where(Job.study_id == study_id).order_by(Job.version.desc()).limit(1)
@@ -381,7 +383,40 @@ def create_job(session: Session, study_id: int, trigger: str, instance_count: in
         previous.finished_at = utcnow()
     session.add(job)
     session.flush()
+    supersede_finished(session, study_id)
     return job
+
+
+SUPERSEDABLE_FINISHED = (JobState.DONE, JobState.FAILED, JobState.INPUT_MISSING, JobState.CANCELLED)
+
+
+def supersede_finished(session: Session, study_id: int | None = None) -> list[int]:
+    """Mark SUPERSEDED every finished job that a newer job of its study replaced; return their ids.
+
+    ``create_job`` calls it for its study; the completion loop calls it for all studies on each
+    pass, which catches the jobs that finished after their successor was created: a worker that
+    records a stage failure (``input_missing``) after the follow-up job marked its job
+    superseded, or a superseded job that was still delivering. A superseded job keeps its error
+    text, so the job page still says what happened to it.
+    """
+    newer = aliased(Job)
+    q = select(Job.id).where(Job.state.in_(SUPERSEDABLE_FINISHED)).where(
+        exists().where(newer.study_id == Job.study_id, newer.version > Job.version)
+    )
+    if study_id is not None:
+        q = q.where(Job.study_id == study_id)
+    ids = list(session.execute(q).scalars())
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.state.in_(SUPERSEDABLE_FINISHED))
+            .values(state=JobState.SUPERSEDED, finished_at=func.coalesce(Job.finished_at, utcnow()))
+            .execution_options(synchronize_session=False)
+        )
+        for obj in list(session.identity_map.values()):  # loaded copies must not keep the old state
+            if isinstance(obj, Job) and obj.id in ids:
+                session.expire(obj)
+    return ids
 
 
 def job_instances(session: Session, job: Job) -> list[Instance]:

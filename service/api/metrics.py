@@ -30,6 +30,7 @@ class JobStoreCollector(Collector):
             instances = dq.instance_count(db)
             events = dq.scp_event_counts(db)
             states = dq.jobs_by_state(db)
+            study_states = dq.studies_by_state(db)
             deliveries = dq.deliveries_by_state(db)
             failed_attempts = dq.failed_delivery_attempts(db)
             durations = dq.stage_durations(db)
@@ -46,6 +47,10 @@ class JobStoreCollector(Collector):
         yield c
         g = GaugeMetricFamily("synthperf_jobs", "Jobs by state", labels=["state"])
         for state, n in states.items():
+            g.add_metric([state], n)
+        yield g
+        g = GaugeMetricFamily("synthperf_studies", "Studies by the state of their latest job", labels=["state"])
+        for state, n in study_states.items():
             g.add_metric([state], n)
         yield g
         g = GaugeMetricFamily("synthperf_deliveries", "Output objects by delivery state", labels=["state"])

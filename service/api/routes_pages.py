@@ -161,7 +161,7 @@ def _jobs_context(db: Any, settings: Any, user: Principal, state: str | None, ca
     return dict(
         jobs=[mask_job(r, user) for r in rows], total=total, page=page, pages=max(1, -(-total // flt.limit)),
         filters=raw, query=urlencode(raw), problem=problem, states=("active", *dq.ALL_JOB_STATES),
-        aets=dq.calling_aets(db), counts=dq.jobs_by_state(db),
+        aets=dq.calling_aets(db), counts=dq.studies_by_state(db),
         receiving=_receiving(db, settings, user) if page == 1 else [],
     )
 

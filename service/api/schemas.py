@@ -200,6 +200,7 @@ class SystemOut(BaseModel):
     queues: QueueStatus
     disk: DiskStatus
     jobs_by_state: dict[str, int]
+    studies_by_state: dict[str, int] = Field(description="studies counted by the state of their latest job")
     deliveries_by_state: dict[str, int]
     software: dict[str, str]
     model: dict[str, Any]

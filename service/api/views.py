@@ -100,6 +100,7 @@ def system_view(db: Session, settings: Settings, celery_app: Any = None) -> dict
         "queues": queues,
         "disk": disk_status(settings),
         "jobs_by_state": dq.jobs_by_state(db),
+        "studies_by_state": dq.studies_by_state(db),
         "deliveries_by_state": dq.deliveries_by_state(db),
         "software": software_versions(),
         "model": model,

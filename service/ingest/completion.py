@@ -1,16 +1,26 @@
 """When a received study becomes a job.
 
-A study with instances no job covers yet fires, in this order of precedence:
+Completion is decided per study, never per series: a study arrives in pieces (one series or one
+multi-frame object per association, series minutes apart) and nothing in an instance says which
+series are still to come. A series that declares its size (``receiver.declared_images``) is
+complete when it has that many images; a declaration completes only that series. A study with
+instances no job covers yet fires:
 
-* ``expected_count`` - every series of the study declares its size in its headers (see
-  ``receiver.declared_images``) and has at least that many images;
-* ``stable_age``     - nothing arrived for ``stable_age_s`` seconds (default 10);
+* ``expected_count`` - nothing arrived for ``stable_age_s`` (default 10) and every series that has
+  arrived declares its size and has it;
+* ``stable_age``     - nothing arrived for ``stable_age_s`` and no declared series is short (the
+  others declare nothing, so the quiet time is all there is to go by);
+* ``incomplete``     - a declared series is still short after ``incomplete_series_wait_s``
+  (default 30) of quiet: declarations can be too large (a router that forwards a subset, a
+  vendor that counts the whole acquisition), and a stroke study must not wait for the ceiling;
 * ``ceiling``        - the first uncovered instance arrived ``completion_ceiling_s`` ago, even if
   instances still trickle in.
 
 Instances that arrive after a job was created make the study pending again; the next firing
-creates a follow-up job that supersedes the previous one (``queries.create_job``). Nothing is
-dropped. The job is handed to the broker by task name with its id only.
+creates a follow-up job that supersedes the earlier ones, whatever their state
+(``queries.create_job``; each pass also marks jobs that finished after being superseded,
+``queries.supersede_finished``). Nothing is dropped. The job is handed to the broker by task
+name with its id only.
 """
 
 from __future__ import annotations
@@ -29,11 +39,26 @@ log = logging.getLogger("synthperf.completion")
 Enqueue = Callable[[int], None]
 
 
-def decide(p: queries.StudyProgress, now: datetime, stable_age_s: float, ceiling_s: float) -> str | None:
+def _short_series(p: queries.StudyProgress) -> bool:
+    """Whether a series that declared its size has fewer images than it declared."""
+    return any(exp is not None and got < exp for _sid, exp, got in p.series)
+
+
+def quiet_needed_s(p: queries.StudyProgress, stable_age_s: float, incomplete_wait_s: float) -> float:
+    """How long the study must have been quiet to fire: longer while a declared series is short."""
+    return max(stable_age_s, incomplete_wait_s) if _short_series(p) else stable_age_s
+
+
+def decide(
+    p: queries.StudyProgress, now: datetime, stable_age_s: float, ceiling_s: float, incomplete_wait_s: float
+) -> str | None:
     """The completion rule that fires for a study now, or None (pure; unit-tested)."""
-    if p.series and all(exp is not None and got >= exp for _sid, exp, got in p.series):
-        return "expected_count"
-    if (now - p.last_received_at).total_seconds() >= stable_age_s:
+    quiet_s = (now - p.last_received_at).total_seconds()
+    if quiet_s >= quiet_needed_s(p, stable_age_s, incomplete_wait_s):
+        if _short_series(p):
+            return "incomplete"
+        if p.series and all(exp is not None for _sid, exp, _got in p.series):
+            return "expected_count"
         return "stable_age"
     if (now - p.first_pending_at).total_seconds() >= ceiling_s:
         return "ceiling"
@@ -63,8 +88,10 @@ class CompletionLoop:
         stable_age_s: float = 10.0,
         ceiling_s: float = 600.0,
         poll_s: float = 0.2,
+        incomplete_wait_s: float = 30.0,
     ) -> None:
-        for name, value in (("stable_age_s", stable_age_s), ("ceiling_s", ceiling_s), ("poll_s", poll_s)):
+        for name, value in (("stable_age_s", stable_age_s), ("ceiling_s", ceiling_s), ("poll_s", poll_s),
+                            ("incomplete_wait_s", incomplete_wait_s)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         self.database_url = database_url
@@ -72,6 +99,7 @@ class CompletionLoop:
         self.stable_age_s = stable_age_s
         self.ceiling_s = ceiling_s
         self.poll_s = poll_s
+        self.incomplete_wait_s = incomplete_wait_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,10 +116,12 @@ class CompletionLoop:
             stable_age_s=settings.stable_age_s,
             ceiling_s=settings.completion_ceiling_s,
             poll_s=settings.completion_poll_s,
+            incomplete_wait_s=settings.incomplete_series_wait_s,
         )
 
     def kick(self) -> None:
-        """Wake the loop now (the receiver calls this when a declared series is complete)."""
+        """Wake the loop now (the receiver calls this when a declared series is complete, which
+        shortens the quiet time its study needs from ``incomplete_wait_s`` to ``stable_age_s``)."""
         self._wake.set()
 
     def run_once(self, now: datetime | None = None) -> list[int]:
@@ -101,16 +131,19 @@ class CompletionLoop:
         next_due: float | None = None
         with session_scope(self.database_url) as s:
             for p in queries.studies_with_pending_instances(s):
-                trigger = decide(p, now, self.stable_age_s, self.ceiling_s)
+                trigger = decide(p, now, self.stable_age_s, self.ceiling_s, self.incomplete_wait_s)
                 if trigger is None:
                     due = min(
-                        self.stable_age_s - (now - p.last_received_at).total_seconds(),
+                        quiet_needed_s(p, self.stable_age_s, self.incomplete_wait_s)
+                        - (now - p.last_received_at).total_seconds(),
                         self.ceiling_s - (now - p.first_pending_at).total_seconds(),
                     )
                     next_due = due if next_due is None else min(next_due, due)
                     continue
                 job = queries.create_job(s, p.study_id, trigger, p.instance_count)
                 created.append((job.id, p.study_uid, trigger, p.instance_count))
+            for job_id in queries.supersede_finished(s):
+                log.info("job %d superseded by a newer job of its study", job_id, extra={"job_id": job_id})
         self.next_due_s = next_due
         ids = []
         for job_id, study_uid, trigger, count in created:
@@ -140,7 +173,7 @@ class CompletionLoop:
         Arrivals only push a study's stable_age further out, so waking at the computed time is
         never late for known studies; the ``idle_s`` cap bounds the delay for studies first seen
         after this pass (and for instances recorded by other processes). A declared series that
-        completes wakes the loop at once through ``kick()``.
+        completes wakes the loop through ``kick()``, since it brings its study's due time forward.
         """
         idle_s = max(self.poll_s, min(1.0, self.stable_age_s))
         if self._unsent:

@@ -66,9 +66,10 @@ def declared_images(h: Header) -> int | None:
     """How many images (frames) the series declares it will hold, if its header says so.
 
     Enhanced/multi-frame: NumberOfFrames x NumberOfTemporalPositions (when > 1). Classic:
-    ImagesInAcquisition x NumberOfTemporalPositions (when > 1). A declaration that is too
-    large only delays completion to the stable_age timer; one that is too small makes the job
-    fire early and late instances then make a follow-up job, so nothing is lost either way.
+    ImagesInAcquisition x NumberOfTemporalPositions (when > 1). A declaration speaks for its
+    own series only: the study still waits for stable_age of quiet (completion.py). One that is
+    too large delays the study to incomplete_series_wait_s of quiet; one that is too small only
+    lets the study fire after stable_age as if nothing were declared; nothing is lost either way.
     """
     ntp = h.number_of_temporal_positions if (h.number_of_temporal_positions or 0) > 1 else 1
     if h.number_of_frames and h.number_of_frames > 0:

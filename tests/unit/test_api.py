@@ -493,6 +493,7 @@ def test_system_status(env):
     assert s["queues"] == {"broker": "filesystem", "queues": {"cpu": 0, "gpu": 0}, "error": None}
     assert s["disk"]["free_mb"] > 0 and s["disk"]["watermark_mb"] == settings.disk_watermark_mb
     assert s["jobs_by_state"]["input_missing"] == 1 and s["deliveries_by_state"]["dead"] == 4
+    assert s["studies_by_state"]["input_missing"] == 1 and sum(s["studies_by_state"].values()) == 5
     assert s["software"]["synthperf"] and s["model"]["configured"] == "demo"
     assert s["model"]["last_job_versions"]["model_sha256"] == "ab12cd34"
     assert "not in allowed_aets" in page and "cuda:0" in page and "stale" in page
@@ -528,6 +529,7 @@ def test_metrics_from_the_job_store(env):
     assert float(values["synthperf_associations_rejected_total"]) == 2
     assert float(values['synthperf_jobs{state="running"}']) == 1
     assert float(values['synthperf_jobs{state="input_missing"}']) == 1
+    assert float(values['synthperf_studies{state="input_missing"}']) == 1
     assert float(values["synthperf_push_failures_total"]) == 4 * 7  # dead rows: 7 attempts each
     # synthesize took 18.5 s in the two finished jobs that ran it: not under 10 s, under 20 s
     assert float(values['synthperf_stage_duration_seconds_bucket{le="10.0",stage="synthesize"}']) == 0

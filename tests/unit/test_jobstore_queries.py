@@ -77,7 +77,7 @@ def test_heartbeat_upsert_and_jobs_listing(url: str) -> None:
         j2 = queries.create_job(s, study_id, "stable_age", 2)
         assert (j2.version, j2.supersedes_job_id) == (2, j1.id)
     with session_scope(url) as s:
-        assert s.get(Job, j1.id).state == JobState.DONE  # a finished job keeps its state
+        assert s.get(Job, j1.id).state == JobState.SUPERSEDED  # finished or not: the newer job replaces it
         assert [j.id for j, _st in queries.list_jobs(s)] == [j2.id, j1.id]
 
 
