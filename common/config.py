@@ -221,6 +221,15 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _check_pending_limits(self) -> Settings:
+        if self.max_pending_per_ip > self.max_pending_connections:
+            raise ValueError(
+                f"max_pending_per_ip ({self.max_pending_per_ip}) must not exceed "
+                f"max_pending_connections ({self.max_pending_connections})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_login_limits(self) -> Settings:
         if self.login_max_failures_per_ip < self.login_max_failures:
             raise ValueError(
@@ -232,15 +241,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
-    @model_validator(mode="after")
-    def _check_pending_limits(self) -> Settings:
-        if self.max_pending_per_ip > self.max_pending_connections:
-            raise ValueError(
-                f"max_pending_per_ip ({self.max_pending_per_ip}) must not exceed "
-                f"max_pending_connections ({self.max_pending_connections})"
-            )
-        return self
-
             raise ValueError("tls_cert and tls_key must be set together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
             path = getattr(self, name)
