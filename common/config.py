@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     # --- broker
     broker_url: str = Field(default="", description="Celery broker; empty = filesystem broker under data_dir.")
     task_time_limit_s: int = Field(default=1800, ge=10)
+    # Liveness (issue 16): a running job holds a lease in the job store that its worker renews; an
+    # expired lease is re-queued by the reaper within lease_s + lease_reap_s of the worker's death.
+    lease_s: float = Field(default=20.0, gt=0, description="A job's lease lasts this long unless renewed.")
+    lease_renew_s: float = Field(default=3.0, gt=0, description="The worker renews its leases this often.")
+    lease_reap_s: float = Field(default=5.0, gt=0, description="How often expired leases are looked for.")
+    max_stage_attempts: int = Field(
+        default=3, ge=1, description="Workers lost in one stage before the job is poisoned (not retried)."
+    )
+    broker_visibility_timeout_s: int = Field(
+        default=900, ge=60,
+        description="Redis redelivers an unacknowledged task after this; a backstop only (leases recover sooner).",
+    )
 
     # --- DICOM SCP
     ae_title: str = "SYNTHPERF"
@@ -236,6 +248,16 @@ class Settings(BaseSettings):
                 f"login_max_failures_per_ip ({self.login_max_failures_per_ip}) must be at least "
                 f"login_max_failures ({self.login_max_failures}): many accounts share one IP"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_leases(self) -> Settings:
+        if self.lease_renew_s * 2 > self.lease_s:
+            raise ValueError(f"lease_renew_s ({self.lease_renew_s}) must be at most half of lease_s ({self.lease_s}): "
+                             "one late renewal must not lose a healthy worker's lease")
+        if self.broker_visibility_timeout_s <= self.push_backoff_max_s:
+            raise ValueError(f"broker_visibility_timeout_s ({self.broker_visibility_timeout_s}) must exceed "
+                             f"push_backoff_max_s ({self.push_backoff_max_s}): a waiting push would be redelivered")
         return self
 
     @model_validator(mode="after")
