@@ -14,12 +14,30 @@ RJ_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title
 RJ_CALLED_AET = (0x01, 0x01, 0x07)  # permanent, service-user, called AE title not recognised
 RJ_CONGESTION = (0x02, 0x03, 0x01)  # transient, service-provider (presentation), temporary congestion
 RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
+RJ_BAD_REQUEST = (0x01, 0x02, 0x01)  # permanent, service-provider (ACSE), no reason given
 
 
 @dataclass(frozen=True)
 class Refusal:
     rsd: tuple[int, int, int]
     reason: str
+
+
+def check_context_ids(ids: list[int]) -> Refusal | None:
+    """PS3.8 9.3.2.2: presentation context IDs are odd integers 1-255, and 7.1.1.13: each one
+    identifies one proposed context, so they are distinct; an A-ASSOCIATE-RQ has at least one.
+    A request that breaks this cannot be answered context by context (the A-ASSOCIATE-AC names
+    each result by its ID), so the whole request is refused."""
+    if not ids:
+        return Refusal(RJ_BAD_REQUEST, "A-ASSOCIATE-RQ proposes no presentation context")
+    even = sorted({i for i in ids if i % 2 == 0})
+    if even:
+        shown = ", ".join(map(str, even[:8])) + (" ..." if len(even) > 8 else "")
+        return Refusal(RJ_BAD_REQUEST, f"presentation context IDs must be odd (PS3.8 9.3.2.2); got {shown}")
+    if len(set(ids)) != len(ids):
+        return Refusal(RJ_BAD_REQUEST, f"presentation context IDs must be unique; {len(ids)} contexts "
+                                       f"use {len(set(ids))} IDs")
+    return None
 
 
 class AccessPolicy:

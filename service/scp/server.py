@@ -23,7 +23,7 @@ from common.config import Settings
 from common.jobstore import queries
 from common.jobstore.db import session_scope
 from service.ingest.receiver import Receiver
-from service.scp.access import RJ_CONGESTION, RJ_LIMIT, AccessPolicy, Refusal
+from service.scp.access import RJ_CONGESTION, RJ_LIMIT, AccessPolicy, Refusal, check_context_ids
 from service.scp.contexts import (
     STORAGE_SOP_CLASSES,
     STORAGE_TRANSFER_SYNTAXES,
@@ -31,6 +31,8 @@ from service.scp.contexts import (
     VERIFICATION,
     add_contexts,
 )
+from service.scp.gate import gate_from_settings
+from service.scp.pynetdicom_gate import conn_of, start_gated_server
 from service.scp.ul import StoreRequest, UpperLayerServer
 from service.status import disk_status
 
@@ -80,6 +82,7 @@ class ScpServer:
         self.port = port if port is not None else settings.scp_port
         self.ssl_context = ssl_context if ssl_context is not None else make_ssl_context(settings)
         self.policy = AccessPolicy(settings.ae_title, settings.allowed_aets, settings.allowed_networks)
+        self.gate = gate_from_settings(settings)  # caps, deadlines, eviction: both engines
         self._disk_ok = disk_ok or (lambda: bool(disk_status(settings)["ok"]))
         self._server: Any = None
         self.started_at: float | None = None
@@ -106,8 +109,8 @@ class ScpServer:
         if self.engine == "fast":
             s = self.settings
             self._server = UpperLayerServer(
-                self, self.host, self.port, ssl_context=self.ssl_context, max_associations=s.max_associations,
-                max_pdu=s.max_pdu, acse_timeout=s.acse_timeout_s, network_timeout=s.network_timeout_s,
+                self, self.host, self.port, gate=self.gate, ssl_context=self.ssl_context,
+                max_pdu=s.max_pdu, network_timeout=s.network_timeout_s,
                 spill_dir=self.receiver.spool.root, spill_bytes=self.spill_bytes,
             )
             self._server.start()
@@ -123,9 +126,7 @@ class ScpServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
-        )
+        self._server = start_gated_server(ae, (self.host, self.port), self.gate, handlers, self.ssl_context)
         self.port = self._server.server_address[1]
         self.started_at = time.time()
         log.info(
@@ -140,16 +141,13 @@ class ScpServer:
                 self._server.stop()
             else:
                 self._server.shutdown()
+                self.gate.stop()
             self._server = None
             log.info("SCP stopped")
 
     @property
     def active_associations(self) -> int:
-        if self._server is None:
-            return 0
-        if self.engine == "fast":
-            return self._server.active_count()
-        return len(self._server.active_associations)
+        return self.gate.established_count() if self._server is not None else 0
 
     def info(self) -> dict[str, Any]:
         """Heartbeat payload: what the system page shows for the SCP."""
@@ -160,6 +158,8 @@ class ScpServer:
             "tls": self.ssl_context is not None,
             "engine": self.engine,
             "active_associations": self.active_associations,
+            "pending_connections": self.gate.pending_count(),
+            "hostile_connection_events": dict(self.gate.counts),
             "associations_accepted": self.accepted,
             "associations_rejected": self.rejected,
             "instances_stored": st.stored,
@@ -226,7 +226,10 @@ class ScpServer:
         called = primitive.called_ae_title if primitive is not None else ""
         calling = primitive.calling_ae_title if primitive is not None else ""
         refusal = self.check_association(called, calling, rq.address)
-        if refusal is None and self.active_associations > self.settings.max_associations:
+        if refusal is None and primitive is not None:
+            refusal = check_context_ids([cx.context_id for cx in primitive.presentation_context_definition_list])
+        conn = conn_of(event.assoc)
+        if refusal is None and conn is not None and not self.gate.reserve(conn):
             refusal = Refusal(RJ_LIMIT, f"max_associations ({self.settings.max_associations}) reached")
         if refusal is not None:
             self._refuse(event, refusal, calling)
@@ -242,12 +245,19 @@ class ScpServer:
         req = event.request
         rq = event.assoc.requestor
         data = req.DataSet.getvalue() if req.DataSet is not None else b""
-        outcome = self.receiver.receive(
-            data,
-            str(event.context.transfer_syntax),
-            str(req.AffectedSOPClassUID),
-            str(req.AffectedSOPInstanceUID),
-            calling_aet=(rq.ae_title or "").strip(),
-            peer=f"{rq.address}:{rq.port}",
-        )
+        conn = conn_of(event.assoc)
+        if conn is not None:
+            self.gate.busy(conn, True)  # the peer waits for our answer: not a stall
+        try:
+            outcome = self.receiver.receive(
+                data,
+                str(event.context.transfer_syntax),
+                str(req.AffectedSOPClassUID),
+                str(req.AffectedSOPInstanceUID),
+                calling_aet=(rq.ae_title or "").strip(),
+                peer=f"{rq.address}:{rq.port}",
+            )
+        finally:
+            if conn is not None:
+                self.gate.busy(conn, False)
         return outcome.status

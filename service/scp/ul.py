@@ -23,11 +23,13 @@ import ssl
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.scp.access import RJ_LIMIT, Refusal
+from service.scp.access import RJ_LIMIT, Refusal, check_context_ids
+from service.scp.gate import Conn, ConnectionGate
 
 log = logging.getLogger("synthperf.scp.ul")
 
@@ -46,9 +48,19 @@ C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 NO_DATASET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
 
+MAX_ASSOCIATE_RQ = 1 << 20  # bytes; 128 contexts with 16 syntaxes each need about 70 KB
+MAX_COMMAND_SET = 1 << 16  # a C-STORE/C-ECHO command set is a few hundred bytes
+# A-ABORT reasons (PS3.8 Table 9-26), source 2 = service-provider
+ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 1, 2, 6
+_PDU_TYPES = frozenset(range(1, 8))
+
 
 class ProtocolError(Exception):
-    """The peer broke the Upper Layer protocol; the association is aborted."""
+    """The peer broke the Upper Layer protocol; the association is aborted (A-ABORT ``reason``)."""
+
+    def __init__(self, message: str, reason: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PeerGone(Exception):
@@ -169,34 +181,73 @@ def decode_command(raw: bytes) -> dict[int, bytes]:
 class Association:
     """One accepted connection, served in its own thread until release, abort or timeout."""
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int], engine: UpperLayerServer) -> None:
+    def __init__(self, sock: socket.socket, address: tuple[str, int], engine: UpperLayerServer,
+                 conn: Conn) -> None:
         self.sock = sock
         self.address = address
         self.peer = f"{address[0]}:{address[1]}"
         self.engine = engine
+        self.conn = conn  # what the gate knows of this connection (deadlines, slot, progress)
         self.calling_aet = ""
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
-        self._rfile = sock.makefile("rb", buffering=1 << 18)
+        # Our own buffered reader: every received chunk goes through the gate's PDU meter, and a
+        # large PDU body is read straight into its final buffer.
+        self._buf = bytearray()
+        self._pos = 0
+        self._scratch = memoryview(bytearray(1 << 18))
 
     # -------------------------------------------------------------- transport
-    def _recv_exact(self, n: int) -> bytes:
-        # A buffered reader turns the header/body reads of each PDU into few large recv calls.
+    def _recv_into(self, view: memoryview) -> int:
         try:
-            data = self._rfile.read(n)
+            got = self.sock.recv_into(view)
         except TimeoutError as exc:
             raise PeerGone("timeout") from exc
         except (ConnectionError, OSError, ssl.SSLError, ValueError) as exc:
             raise PeerGone(str(exc)) from exc
-        if data is None or len(data) < n:
+        if not got:
             raise PeerGone("connection closed")
-        return data
+        self.conn.feed(view[:got], time.monotonic())
+        return got
 
-    def _read_pdu(self) -> tuple[int, bytes]:
+    def _recv_exact(self, n: int) -> bytes | bytearray:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= n:
+            self._pos = pos + n
+            return bytes(buf[pos : pos + n])
+        del buf[:pos]
+        self._pos = 0
+        if n - len(buf) > 1 << 16:  # a large body: read it in place, not through the scratch buffer
+            out = bytearray(n)
+            have = len(buf)
+            out[:have] = buf
+            buf.clear()
+            view = memoryview(out)
+            while have < n:
+                have += self._recv_into(view[have:])
+            return out
+        while len(buf) < n:
+            got = self._recv_into(self._scratch)
+            buf += self._scratch[:got]
+        self._pos = n
+        return bytes(buf[:n])
+
+    def _read_pdu(self, handshake: bool = False) -> tuple[int, bytes | bytearray]:
         header = self._recv_exact(6)
         pdu_type, _r, length = struct.unpack(">BBI", header)
+        # Judge the header before waiting for a body: garbage must not make us wait for 4 GB.
+        if pdu_type not in _PDU_TYPES:
+            raise ProtocolError(f"not a DICOM PDU (type 0x{pdu_type:02x})", ABORT_UNRECOGNIZED_PDU)
+        if handshake:
+            if pdu_type != 0x01:
+                raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}", ABORT_UNEXPECTED_PDU)
+            if length > MAX_ASSOCIATE_RQ:
+                raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes (we take up to {MAX_ASSOCIATE_RQ})",
+                                    ABORT_INVALID_PARAMETER)
+        elif pdu_type not in (0x04, 0x05, 0x07):
+            raise ProtocolError(f"unexpected PDU type {pdu_type} during the association", ABORT_UNEXPECTED_PDU)
         limit = self.engine.max_pdu
         if limit and pdu_type == 0x04 and length > limit + 64:
-            raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds our maximum {limit}")
+            raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds our maximum {limit}", ABORT_INVALID_PARAMETER)
         return pdu_type, self._recv_exact(length) if length else b""
 
     def _send(self, data: bytes) -> None:
@@ -214,10 +265,9 @@ class Association:
     # -------------------------------------------------------------- association
     def run(self) -> None:
         try:
-            self.sock.settimeout(self.engine.acse_timeout)
-            pdu_type, body = self._read_pdu()
-            if pdu_type != 0x01:
-                raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
+            # The gate's reaper enforces the total handshake deadline; this only bounds each read.
+            self.sock.settimeout(self.engine.gate.handshake_timeout_s)
+            _pdu_type, body = self._read_pdu(handshake=True)
             if not self._negotiate(body):
                 return
             self.sock.settimeout(self.engine.network_timeout)
@@ -225,18 +275,17 @@ class Association:
         except PeerGone as exc:
             log.debug("association with %s ended: %s", self.peer, exc)
         except ProtocolError as exc:
-            log.warning("aborting association with %s: %s", self.peer, exc)
-            self._abort()
+            self.engine.gate.note("protocol_abort", self.address[0], f"{self.peer}: {exc}; sent A-ABORT")
+            self._abort(reason=exc.reason)
         except Exception:  # noqa: BLE001 - never let one association take the server down
             log.exception("association with %s failed", self.peer)
             self._abort()
         finally:
-            # The buffered reader holds a reference on the socket: close both, or the fd lingers.
-            for closable in (self._rfile, self.sock):
-                try:
-                    closable.close()
-                except OSError:
-                    pass
+            self.engine.gate.release(self.conn)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     def _reject(self, refusal: Refusal) -> None:
         result, source, reason = refusal.rsd
@@ -255,7 +304,9 @@ class Association:
         rq = parse_associate_rq(body)
         self.calling_aet = rq.calling_aet
         refusal = self.engine.hooks.check_association(rq.called_aet, rq.calling_aet, self.address[0])
-        if refusal is None and self.engine.active_count() > self.engine.max_associations:
+        if refusal is None:
+            refusal = check_context_ids([c[0] for c in rq.contexts])
+        if refusal is None and not self.engine.gate.reserve(self.conn):
             refusal = Refusal(RJ_LIMIT, f"max_associations ({self.engine.max_associations}) reached")
         if refusal is not None:
             self._reject(refusal)
@@ -303,6 +354,8 @@ class Association:
                     pos += 4 + length
                     if control & 1:
                         command += fragment
+                        if len(command) > MAX_COMMAND_SET:
+                            raise ProtocolError(f"command set over {MAX_COMMAND_SET} bytes", ABORT_INVALID_PARAMETER)
                         if control & 2:
                             cmd = decode_command(bytes(command))
                             ctx_of_cmd = ctx_id
@@ -350,6 +403,14 @@ class Association:
         self._send_pdu(0x04, pdv)
 
     def _dispatch(self, cmd: dict[int, bytes], ctx_id: int, data: Buffer | None) -> None:
+        # While we work the peer waits for our answer: that is not a stall to evict it for.
+        self.engine.gate.busy(self.conn, True)
+        try:
+            self._answer(cmd, ctx_id, data)
+        finally:
+            self.engine.gate.busy(self.conn, False)
+
+    def _answer(self, cmd: dict[int, bytes], ctx_id: int, data: Buffer | None) -> None:
         field_ = struct.unpack("<H", cmd.get(0x0100, b"\x00\x00"))[0]
         msg_id = cmd.get(0x0110, b"\x00\x00")
         sop_class = _uid(cmd.get(0x0002, b""))
@@ -374,7 +435,8 @@ class Association:
 
 
 class UpperLayerServer:
-    """Accepts connections and runs one Association thread each."""
+    """Accepts connections and runs one Association thread each; ``gate`` decides which
+    connections may stay and for how long (service/scp/gate.py)."""
 
     def __init__(
         self,
@@ -382,68 +444,77 @@ class UpperLayerServer:
         host: str,
         port: int,
         *,
+        gate: ConnectionGate,
         ssl_context: ssl.SSLContext | None = None,
-        max_associations: int = 10,
         max_pdu: int = 0,
-        acse_timeout: float = 30.0,
         network_timeout: float = 60.0,
         spill_dir: Path | None = None,
         spill_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.hooks = hooks
+        self.gate = gate
         self.spill_dir = spill_dir  # where data sets above spill_bytes wait (same volume as the spool)
         self.spill_bytes = spill_bytes
         self.ssl_context = ssl_context
-        self.max_associations = max_associations
         self.max_pdu = max_pdu
-        self.acse_timeout = acse_timeout
         self.network_timeout = network_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
-        self._sock.listen(64)
+        self._sock.listen(128)
         self.port: int = self._sock.getsockname()[1]
         self._active: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
 
+    @property
+    def max_associations(self) -> int:
+        return self.gate.max_associations
+
     def start(self) -> None:
+        self.gate.start()
         self._thread.start()
 
     def active_count(self) -> int:
-        with self._lock:
-            return len(self._active)
+        """Established associations (connections still in the handshake are not counted)."""
+        return self.gate.established_count()
 
     def _accept_loop(self) -> None:
         self._sock.settimeout(0.5)
         while not self._stop.is_set():
             try:
-                conn, address = self._sock.accept()
+                sock, address = self._sock.accept()
             except TimeoutError:
                 continue
             except OSError:
                 if self._stop.is_set():
                     return
                 raise
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._serve, args=(conn, address), name=f"assoc-{address[1]}", daemon=True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = self.gate.admit(sock, address)  # may close older half-open connections
+            thread = threading.Thread(target=self._serve, args=(sock, address, conn), name=f"assoc-{address[1]}",
+                                      daemon=True)
             with self._lock:
                 self._active.add(thread)
             thread.start()
 
-    def _serve(self, conn: socket.socket, address: tuple[str, int]) -> None:
+    def _serve(self, sock: socket.socket, address: tuple[str, int], conn: Conn) -> None:
         try:
             if self.ssl_context is not None:
-                conn.settimeout(self.acse_timeout)
+                conn.abort_on_kill = False  # only this thread may write to a TLS connection
+                sock.settimeout(self.gate.handshake_timeout_s)
                 try:
-                    conn = self.ssl_context.wrap_socket(conn, server_side=True)
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True)
                 except (ssl.SSLError, OSError) as exc:
-                    log.warning("TLS handshake with %s:%s failed: %s", address[0], address[1], exc)
-                    conn.close()
+                    self.gate.note("tls_failed", address[0], f"TLS handshake with {address[0]}:{address[1]} "
+                                                             f"failed: {exc}")
+                    self.gate.release(conn)
+                    sock.close()
                     return
-            Association(conn, address, self).run()
+                conn.sock = sock
+            Association(sock, address, self, conn).run()
         finally:
             with self._lock:
                 self._active.discard(threading.current_thread())
@@ -455,8 +526,8 @@ class UpperLayerServer:
         except OSError:
             pass
         self._thread.join(timeout=2)
+        self.gate.stop()
         with self._lock:
             threads = list(self._active)
         for t in threads:
             t.join(timeout=wait_s)
-
