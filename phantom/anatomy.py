@@ -274,6 +274,10 @@ def tissue_classes(q: np.ndarray, p: AnatomyParams, f: dict[str, np.ndarray]) ->
         "wmh": wmh,
         "old_cavity": old_cavity,
         "old_rim": old_rim,
+        # where the DSC simulation puts vessels: MCA branches in the sylvian cleft, and the superior
+        # sagittal sinus along the upper interhemispheric fissure
+        "sylvian": sylvian,
+        "sinus": fissure & (z > 27),
     }
 
 

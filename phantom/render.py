@@ -57,6 +57,8 @@ class HeadModel:
             brain=brain,
             territory=np.where(brain, terr, 0).astype(np.uint8),
             cls=t["cls"],
+            sylvian=t["sylvian"],
+            sinus=t["sinus"],
             confounders=(np.where(t["wmh"] > 0.5, 1, 0) + 2 * t["old_rim"] + 3 * t["old_cavity"]).astype(np.uint8),
         )
         return maps

@@ -1,0 +1,158 @@
+"""Automatic arterial input function, after Mouridsen et al. (MRM 2006;55:524).
+
+Arterial voxels have the earliest, highest and narrowest concentration curves. From the candidate
+voxels (brain, optionally a region near the middle cerebral arteries, and - when the infarct core is
+known - the hemisphere without it, so the AIF is not taken downstream of the occlusion):
+
+1. reject **saturated** curves: at the bolus peak the signal is within 3 baseline SDs of zero or
+   below 5 % of S0 (-ln(S/S0) > 3), where Delta R2* no longer follows the concentration;
+2. keep the curves with the highest peaks (top 5 %, at least ``min_candidates``), then drop the
+   most irregular quarter (RMS deviation from a 3-frame running mean over the peak: noise, spikes;
+   a plain curvature measure would throw out the sharp arterial peaks themselves);
+3. k-means (k = 5) on the curves normalised to unit area, keep the cluster with the smallest first
+   moment (earliest bolus; ties: the highest mean peak) and cluster that cluster once more;
+4. reject **partial-volume** curves in the chosen cluster: those much wider (FWHM > 1.5 x the
+   cluster median) or unlike its mean shape (correlation < 0.9) - tissue mixed into an arterial
+   voxel delays and widens its curve;
+5. the AIF is the mean of what is left. A quality record keeps the numbers and warnings.
+
+Venous curves (sagittal sinus) are as high as arterial ones but arrive seconds later, so the
+first-moment criterion leaves them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.cluster.vq import kmeans2
+
+N_CLUSTERS = 5
+TOP_FRACTION = 0.05
+
+
+@dataclass
+class AifResult:
+    """The AIF curve (Delta R2*, 1/s, per frame), the chosen voxels and a quality record."""
+
+    curve: np.ndarray
+    voxels: np.ndarray  # indices into the candidate voxel axis
+    quality: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def _fwhm_frames(curves: np.ndarray) -> np.ndarray:
+    peak = curves.max(axis=0)
+    return (curves >= 0.5 * peak[None, :]).sum(axis=0).astype(np.float64)
+
+
+def _first_moment(curves: np.ndarray) -> np.ndarray:
+    c = np.clip(curves, 0, None)
+    t = np.arange(c.shape[0], dtype=np.float64)[:, None]
+    area = np.maximum(c.sum(axis=0), 1e-12)
+    return (c * t).sum(axis=0) / area
+
+
+def _pick_cluster(curves: np.ndarray, seed: int) -> np.ndarray:
+    """Indices (into curves' columns) of the earliest k-means cluster of area-normalised curves."""
+    c = np.clip(curves, 0, None)
+    shape = (c / np.maximum(c.sum(axis=0), 1e-12)).T
+    k = min(N_CLUSTERS, shape.shape[0])
+    if k < 2:
+        return np.arange(curves.shape[1])
+    _, labels = kmeans2(shape.astype(np.float64), k, minit="++", seed=seed)
+    m1 = _first_moment(curves)
+    min_size = max(3, int(0.02 * labels.size))  # a singleton of noise is no cluster
+    sizes = np.bincount(labels, minlength=k)
+    if not (sizes >= min_size).any():
+        min_size = int(sizes.max())
+    best, key = 0, None
+    for lab in np.unique(labels):
+        members = labels == lab
+        if members.sum() < min_size:
+            continue
+        score = (round(float(np.mean(m1[members])), 3), -float(np.mean(curves[:, members].max(axis=0))))
+        if key is None or score < key:
+            best, key = lab, score
+    return np.nonzero(labels == best)[0]
+
+
+def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.ndarray, te_s: float,
+               first_pass: tuple[int, int], *, candidates: np.ndarray | None = None,
+               hemisphere: np.ndarray | None = None, avoid_hemisphere: int | None = None,
+               min_candidates: int = 40, seed: int = 0) -> AifResult:
+    """Choose the AIF among voxels ``conc`` (t, voxels) in Delta R2* (1/s).
+
+    ``s0``, ``sd`` baseline mean and temporal SD, ``signal_min`` the lowest signal of each voxel;
+    ``first_pass`` the (start, end) frames of the whole-brain first pass; ``candidates`` an optional
+    boolean voxel mask (e.g. near the MCA); ``hemisphere`` voxel labels (1, 2) with
+    ``avoid_hemisphere`` the label holding the core.
+    """
+    t, nv = conc.shape
+    for name, arr in (("s0", s0), ("sd", sd), ("signal_min", signal_min)):
+        if np.shape(arr) != (nv,):
+            raise ValueError(f"{name} must have one value per voxel ({nv}), got shape {np.shape(arr)}")
+    a0, a1 = int(first_pass[0]), int(first_pass[1])
+    if not 0 <= a0 < a1 <= t:
+        raise ValueError(f"first_pass must be frames 0 <= start < end <= {t}, got {first_pass!r}")
+    warnings: list[str] = []
+    ok = (s0 > 0) & np.all(np.isfinite(conc), axis=0)
+    if candidates is not None:
+        ok &= np.asarray(candidates, bool)
+    saturated = ok & ((signal_min < 3.0 * sd) | (signal_min < 0.05 * s0))
+    pool = ok & ~saturated
+    side_used = None
+    if hemisphere is not None and avoid_hemisphere is not None:
+        other = pool & (np.asarray(hemisphere) != avoid_hemisphere) & (np.asarray(hemisphere) > 0)
+        if other.sum() >= min_candidates:
+            pool = other
+            side_used = int(np.bincount(np.asarray(hemisphere)[other]).argmax())
+        else:
+            warnings.append("too few AIF candidates in the hemisphere without the core; both hemispheres used")
+    idx = np.nonzero(pool)[0]
+    if idx.size < 3:
+        raise ValueError(f"no usable AIF: {idx.size} unsaturated candidate voxels "
+                         f"({int(saturated.sum())} saturated)")
+    cur = conc[:, idx].astype(np.float64)
+    win = cur[a0:a1]
+    peak = win.max(axis=0)
+    n_keep = max(min_candidates, int(round(TOP_FRACTION * idx.size)))
+    top = np.argsort(-peak)[:n_keep]
+    # irregularity: wiggle of the curve around its 3-frame running mean, against the peak
+    c3 = win[:, top]
+    smooth = (c3[:-2] + c3[1:-1] + c3[2:]) / 3.0
+    rough = np.sqrt(((c3[1:-1] - smooth) ** 2).mean(axis=0)) / np.maximum(peak[top], 1e-12)
+    top = top[rough <= np.quantile(rough, 0.75)]
+    chosen = top[_pick_cluster(win[:, top], seed)]
+    if chosen.size >= 2 * N_CLUSTERS:
+        chosen = chosen[_pick_cluster(win[:, chosen], seed + 1)]
+    fw = _fwhm_frames(win[:, chosen])
+    mean_shape = win[:, chosen].mean(axis=1)
+    corr = np.array([np.corrcoef(mean_shape, win[:, j])[0, 1] if win[:, j].std() > 0 else 0.0 for j in chosen])
+    keep = (fw <= 1.5 * np.median(fw)) & (corr >= 0.9)
+    pv_rejected = int((~keep).sum())
+    if keep.sum() >= 1:
+        chosen = chosen[keep]
+    curve = cur[:, chosen].mean(axis=1)
+    vox = idx[chosen]
+    aif_peak = float(curve[a0:a1].max())
+    ttp = int(a0 + np.argmax(curve[a0:a1]))
+    brain_ttp = float(np.median(a0 + np.argmax(win, axis=0)))
+    noise = float(np.median(sd[vox] / np.maximum(s0[vox], 1e-9))) / te_s  # Delta R2* noise, 1/s
+    fwhm = float(_fwhm_frames(curve[a0:a1, None])[0])
+    quality = {
+        "n_voxels": int(vox.size), "n_candidates": int(idx.size), "n_saturated_rejected": int(saturated.sum()),
+        "n_partial_volume_rejected": pv_rejected, "hemisphere": side_used,
+        "peak_delta_r2s_per_s": round(aif_peak, 4), "peak_drop_fraction": round(1 - float(np.exp(-aif_peak * te_s)), 4),
+        "ttp_frame": ttp, "fwhm_frames": fwhm, "brain_median_ttp_frame": brain_ttp,
+        "peak_cnr": round(aif_peak / max(noise, 1e-9), 2),
+        "mean_correlation": round(float(np.mean(corr[keep])) if keep.any() else float(np.mean(corr)), 4),
+    }
+    if vox.size < 3:
+        warnings.append(f"AIF from only {vox.size} voxel(s)")
+    if ttp >= brain_ttp:
+        warnings.append("AIF peaks no earlier than the brain tissue: probably not arterial")
+    if quality["peak_cnr"] < 10:
+        warnings.append(f"AIF contrast-to-noise {quality['peak_cnr']} < 10")
+    quality["ok"] = not warnings
+    return AifResult(curve=curve.astype(np.float32), voxels=vox, quality=quality, warnings=warnings)

@@ -1,0 +1,211 @@
+"""DSC-PWI series -> Tmax, CBF, CBV, MTT, TTP and relative maps, with the checks that guard them.
+
+Order: whole-brain bolus (baseline, arrival, truncation) -> Delta R2* -> motion check -> automatic AIF
+-> oSVD deconvolution (one SVD, all voxels) -> maps. Units: CBF mL/100 g/min and CBV mL/100 g with
+the customary large/small-vessel haematocrit correction ``kH = (1 - 0.45)/(1 - 0.25)`` and brain
+density 1.04 g/mL; the AIF is not corrected for partial volume, so absolute CBF/CBV are nominal
+and the relative maps (against the unaffected hemisphere) are the ones to compare. Tmax and MTT
+are in seconds and do not depend on the AIF's scale.
+
+CBV integrates the first pass only: the AIF's first pass ends at its first minimum after the peak
+(or where it falls below 10 % of it); a tissue voxel's window ends as long after its own peak,
+stretched by how much wider its curve is than the AIF's, so the recirculation is cut in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.perfusion.aif import AifResult, select_aif
+from models.perfusion.deconv import DEFAULT_OI, osvd, residue_peak_time, ssvd
+from models.perfusion.signal import Bolus, Motion, concentration, detect_bolus, motion_check
+
+KH = (1 - 0.45) / (1 - 0.25)
+RHO = 1.04
+LATE_FRACTION = 0.1  # voxels peaking in the last 10 % of frames are flagged as truncated
+
+
+@dataclass
+class DscOptions:
+    """Method settings; the defaults are the documented method (docs/perfusion.md)."""
+
+    oi_threshold: float = DEFAULT_OI
+    method: str = "osvd"  # "osvd" or "ssvd" (baseline)
+    truncation_fraction: float = 0.5
+    motion_threshold_mm: float = 2.0
+    min_aif_candidates: int = 40
+
+    def __post_init__(self) -> None:
+        if self.method not in ("osvd", "ssvd"):
+            raise ValueError(f"method must be 'osvd' or 'ssvd', got {self.method!r}")
+        if not 0 < self.oi_threshold < 1:
+            raise ValueError(f"oi_threshold must be in (0, 1), got {self.oi_threshold!r}")
+
+
+@dataclass
+class DscResult:
+    """Maps (z, y, x) float32 (NaN outside the brain), the AIF and what the checks found."""
+
+    maps: dict[str, np.ndarray]
+    aif: AifResult
+    bolus: Bolus
+    motion: Motion | None
+    dt: float
+    warnings: list[str] = field(default_factory=list)
+    quality: dict = field(default_factory=dict)
+
+
+def first_pass_window(curve: np.ndarray) -> tuple[int, int, int]:
+    """(start, peak, end) frames of a bolus curve's first pass; end is exclusive."""
+    c = np.convolve(np.asarray(curve, np.float64), np.ones(3) / 3, mode="same")
+    p = int(np.argmax(c))
+    top = c[p]
+    start = p
+    while start > 0 and c[start - 1] > 0.1 * top:
+        start -= 1
+    end = p + 1
+    while end < c.size and c[end] > 0.1 * top and not (c[end] < c[end - 1] and c[end] <= c[min(end + 1, c.size - 1)]):
+        end += 1
+    return start, p, min(end + 1, c.size)
+
+
+def uniform_frames(series: np.ndarray, times_s: np.ndarray) -> tuple[np.ndarray, float]:
+    """The series on a uniform time grid (linear interpolation if the frame times are uneven)."""
+    times = np.asarray(times_s, np.float64)
+    if times.ndim != 1 or times.size != series.shape[0] or np.any(np.diff(times) <= 0):
+        raise ValueError(f"times_s must increase strictly, one per frame ({series.shape[0]}), got {times.size}")
+    steps = np.diff(times)
+    dt = float(np.median(steps))
+    if np.max(np.abs(steps - dt)) <= 0.05 * dt:
+        return series, dt
+    grid = times[0] + dt * np.arange(int(np.floor((times[-1] - times[0]) / dt)) + 1)
+    j = np.clip(np.searchsorted(times, grid, side="right") - 1, 0, times.size - 2)
+    w = ((grid - times[j]) / (times[j + 1] - times[j])).astype(np.float32)
+    w = w.reshape((-1,) + (1,) * (series.ndim - 1))
+    return (1 - w) * series[j] + w * series[j + 1], dt
+
+
+def _hemisphere_stat(values: np.ndarray, hemi: np.ndarray, side: int) -> float:
+    v = values[(hemi == side) & np.isfinite(values)]
+    return float(v.sum()) if v.size else 0.0
+
+
+def voxel_maps(conc: np.ndarray, aif: np.ndarray, dt: float, method: str = "osvd",
+               oi_threshold: float = DEFAULT_OI) -> dict[str, np.ndarray]:
+    """Per-voxel Tmax, CBF, CBV, MTT, TTP (and a late-peak flag) from concentration curves
+    ``conc`` (t, voxels) and the AIF (t,), both Delta R2* (1/s), frame interval ``dt`` s."""
+    if method == "osvd":
+        dec = osvd(aif, conc, dt, oi_threshold)
+    elif method == "ssvd":
+        dec = ssvd(aif, conc, dt)
+    else:
+        raise ValueError(f"method must be 'osvd' or 'ssvd', got {method!r}")
+    a_start, a_peak, a_end = first_pass_window(aif)
+    aif_area = float(np.asarray(aif, np.float64)[a_start:a_end].sum() * dt)
+    cols = np.arange(conc.shape[1])
+    peak_v = np.argmax(conc, axis=0)
+    peak_val = conc[peak_v, cols]
+    fw = (conc >= 0.5 * np.maximum(peak_val, 1e-9)[None, :]).sum(axis=0)
+    fw_aif = max(int((aif >= 0.5 * np.max(aif)).sum()), 1)
+    stretch = np.maximum(1.0, fw / fw_aif)
+    end_v = np.clip(np.round(peak_v + (a_end - a_peak) * stretch).astype(int), 1, conc.shape[0])
+    area_v = np.cumsum(conc, axis=0, dtype=np.float64)[end_v - 1, cols] * dt
+    cbv = KH / RHO * 100.0 * area_v / max(aif_area, 1e-12)
+    cbf = KH / RHO * 6000.0 * dec.cbf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mtt = np.where(cbf > 0, 60.0 * cbv / cbf, np.nan)
+    late = peak_v >= int(np.ceil((1 - LATE_FRACTION) * conc.shape[0]))
+    return {"tmax": dec.tmax(), "cbf": cbf.astype(np.float32), "cbv": cbv.astype(np.float32),
+            "mtt": mtt.astype(np.float32), "ttp": residue_peak_time(conc, dt, circular=False),
+            "late": late.astype(np.float32), "n_kept": dec.n_kept}
+
+
+def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np.ndarray, *,
+                 spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0), core: np.ndarray | None = None,
+                 hemisphere: np.ndarray | None = None, aif_region: np.ndarray | None = None,
+                 options: DscOptions | None = None) -> DscResult:
+    """All maps from a (t, z, y, x) DSC series.
+
+    ``brain`` (z, y, x) bool; ``hemisphere`` (z, y, x) labels 1/2 (0 = midline/unknown), needed for
+    the relative maps and the core-side AIF preference; ``core`` (z, y, x) bool infarct core;
+    ``aif_region`` (z, y, x) bool voxels allowed as AIF candidates (default: the brain).
+    """
+    opt = options or DscOptions()
+    series = np.asarray(series)
+    if series.ndim != 4:
+        raise ValueError(f"series must be (t, z, y, x), got shape {series.shape}")
+    shape = series.shape[1:]
+    brain = np.asarray(brain, bool)
+    if brain.shape != shape:
+        raise ValueError(f"brain must have shape {shape}, got {brain.shape}")
+    for name, arr in (("core", core), ("hemisphere", hemisphere), ("aif_region", aif_region)):
+        if arr is not None and np.shape(arr) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {np.shape(arr)}")
+    if not brain.any():
+        raise ValueError("brain mask is empty")
+    series, dt = uniform_frames(series.astype(np.float32, copy=False), times_s)
+    warnings: list[str] = []
+
+    sig = series[:, brain]  # (t, voxels)
+    bolus = detect_bolus(sig.mean(axis=1), opt.truncation_fraction)
+    if bolus.truncated:
+        warnings.append(f"DSC truncated: the bolus does not wash out before the series ends (last frames at "
+                        f"{bolus.end_fraction:.0%} of the peak); maps underestimate delay and CBV")
+    if bolus.short_baseline:
+        warnings.append(f"DSC baseline only {bolus.arrival - bolus.baseline_start} frame(s) before the bolus")
+    motion = motion_check(series, spacing_zyx, bolus, opt.motion_threshold_mm)
+    if motion.moved:
+        warnings.append(f"DSC head motion up to {motion.max_mm:.1f} mm in {len(motion.frames_over)} frame(s); "
+                        "maps are unreliable")
+
+    conc, s0, sd = concentration(sig, bolus, te_s)
+    hemi_v = None if hemisphere is None else np.asarray(hemisphere)[brain]
+    avoid = None
+    if core is not None and hemi_v is not None:
+        core_v = np.asarray(core, bool)[brain]
+        counts = [int((core_v & (hemi_v == s)).sum()) for s in (1, 2)]
+        if max(counts) > 0:
+            avoid = 1 + int(np.argmax(counts))
+    fp_end = bolus.washout + (bolus.washout - bolus.arrival) if bolus.washout is not None else conc.shape[0]
+    fp = (max(bolus.arrival - 2, 0), int(min(max(fp_end, bolus.peak + 3), conc.shape[0])))
+    aif = select_aif(conc, s0, sd, sig.min(axis=0), te_s, fp,
+                     candidates=None if aif_region is None else np.asarray(aif_region, bool)[brain],
+                     hemisphere=hemi_v, avoid_hemisphere=avoid, min_candidates=opt.min_aif_candidates)
+    warnings += aif.warnings
+
+    per = voxel_maps(conc, aif.curve, dt, opt.method, opt.oi_threshold)
+    tmax, cbf = per["tmax"], per["cbf"]
+    late = per["late"] > 0
+
+    def full(v: np.ndarray) -> np.ndarray:
+        out = np.full(shape, np.nan, np.float32)
+        out[brain] = v
+        return out
+
+    maps = {name: full(per[name]) for name in ("tmax", "cbf", "cbv", "mtt", "ttp")}
+    maps["truncated_voxels"] = full(late.astype(np.float32))
+    quality: dict = {"dt_s": dt, "n_frames": int(series.shape[0]), "method": opt.method,
+                     "oi_threshold": opt.oi_threshold if opt.method == "osvd" else None,
+                     "late_peak_fraction": round(float(late.mean()), 4), "bolus": bolus.to_dict(dt),
+                     "motion": motion.to_dict(), "aif": aif.quality}
+    if late.mean() > 0.05:
+        warnings.append(f"{late.mean():.0%} of brain voxels peak in the last frames: their curves are truncated")
+
+    if hemi_v is not None:
+        affected = avoid
+        if affected is None:
+            t6 = (tmax > 6.0).astype(np.float64)
+            affected = 1 + int(np.argmax([_hemisphere_stat(t6, hemi_v, s) for s in (1, 2)]))
+        ref = (hemi_v != affected) & (hemi_v > 0) & (tmax < 4.0) & (cbf > 0) & ~late
+        quality["reference"] = {"affected_hemisphere": affected, "n_voxels": int(ref.sum())}
+        if ref.sum() >= 50:
+            for name in ("cbf", "cbv", "mtt"):
+                vals = per[name]
+                m = float(np.nanmedian(vals[ref]))
+                maps["r" + name] = full(vals / m if m > 0 else np.full_like(vals, np.nan))
+                quality["reference"][name + "_median"] = round(m, 4)
+        else:
+            warnings.append("too few normal voxels in the unaffected hemisphere for relative maps")
+    return DscResult(maps=maps, aif=aif, bolus=bolus, motion=motion, dt=dt, warnings=warnings, quality=quality)

@@ -1,0 +1,85 @@
+"""A digital reference grid for DSC deconvolution in the style of Kudo et al. (Radiology 2013;267:201),
+built on the phantom's own DSC model (``phantom.dsc``: gamma-variate AIF with recirculation,
+exponential residue, exponential dispersion): every combination of delay, MTT, CBF, dispersion, TR
+and SNR, a few noise realisations each. Truth Tmax is the argmax of the delayed, dispersed residue
+(what deconvolution estimates), truth CBV = CBF x MTT.
+
+Used by tests/unit/test_perfusion_reference.py and bench/perfusion.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from phantom.dsc import arterial_input, residue_peak_offset
+
+DELAYS_S = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+MTTS_S = (3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+CBFS = (10.0, 20.0, 40.0, 60.0, 80.0)  # mL/100 g/min
+DISPERSIONS_S = (0.5, 2.0)  # exponential dispersion time constant beta
+TRS_S = (1.0, 1.3, 1.6)
+SNRS = (20.0, 50.0, 100.0)
+TE_S = 0.030
+K2 = 55.0  # 1/(s mM), as phantom.dsc
+N_FRAMES = 60
+AIF_T0_S = 10.0
+_DT = 0.05
+
+
+@dataclass
+class ReferenceSet:
+    """Signals (t, voxels), the AIF as Delta R2* (t,), and the truth per voxel."""
+
+    tr: float
+    snr: float
+    signal: np.ndarray
+    aif_r2s: np.ndarray
+    delay: np.ndarray
+    mtt: np.ndarray
+    cbf: np.ndarray
+    beta: np.ndarray
+    tmax: np.ndarray
+
+    @property
+    def cbv(self) -> np.ndarray:
+        """mL/100 g."""
+        return self.cbf * self.mtt / 60.0
+
+
+def _tissue(t_fine: np.ndarray, aif_fine: np.ndarray, delay: float, mtt: float, beta: float) -> np.ndarray:
+    """Concentration for CBF = 1/s: AIF (*) [h (*) R](t - delay), negative delays shift earlier."""
+    h = np.exp(-t_fine / beta) / beta
+    r = np.exp(-t_fine / mtt)
+    k = np.convolve(h, r)[: t_fine.size] * _DT
+    c = np.convolve(aif_fine, k)[: t_fine.size] * _DT
+    shift = int(round(delay / _DT))
+    if shift >= 0:
+        return np.concatenate([np.zeros(shift), c])[: t_fine.size]
+    return np.concatenate([c[-shift:], np.zeros(-shift)])
+
+
+def reference_set(tr: float, snr: float, reps: int = 3, seed: int = 0, delays=DELAYS_S, mtts=MTTS_S,
+                  cbfs=CBFS, betas=DISPERSIONS_S) -> ReferenceSet:
+    """All (delay, MTT, CBF, dispersion) combinations at one TR and SNR, ``reps`` noise draws each."""
+    rng = np.random.default_rng([seed, int(tr * 100), int(snr)])
+    t_fine = np.arange(0, N_FRAMES * tr + 20.0, _DT)
+    aif_fine = arterial_input(t_fine, AIF_T0_S)
+    pick = np.round(np.arange(N_FRAMES) * tr / _DT).astype(int)
+    rows, curves = [], []
+    for d in delays:
+        for m in mtts:
+            for b in betas:
+                shape = _tissue(t_fine, aif_fine, d, m, b)[pick]
+                tmax = d + float(residue_peak_offset(np.array(m), np.array(b)))
+                for f in cbfs:
+                    rows.append((d, m, f, b, tmax))
+                    curves.append(shape * f / 6000.0)
+    conc = np.repeat(np.array(curves).T, reps, axis=1)  # (t, combos*reps), mM
+    truth = np.repeat(np.array(rows), reps, axis=0)
+    clean = np.exp(-TE_S * K2 * conc)
+    sigma = 1.0 / snr
+    noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
+    return ReferenceSet(tr=tr, snr=snr, signal=noisy.astype(np.float32), aif_r2s=(K2 * aif_fine[pick]).astype(np.float32),
+                        delay=truth[:, 0], mtt=truth[:, 1], cbf=truth[:, 2], beta=truth[:, 3], tmax=truth[:, 4])
