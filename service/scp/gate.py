@@ -39,6 +39,7 @@ from common.config import Settings
 log = logging.getLogger("synthperf.scp.gate")
 
 LOG_EVERY_S = 10.0
+MAX_ASSOCIATE_RQ = 1 << 20  # bytes; 128 contexts with 16 transfer syntaxes each need about 70 KB
 A_ABORT_PROVIDER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # A-ABORT, source service-provider
 
 
@@ -202,6 +203,17 @@ class ConnectionGate:
             self._kill(victim, "association_evicted",
                        f"max_associations ({self.max_associations}) reached: aborted this association, stalled "
                        f"{victim.stalled_for(now, self.min_rate):.1f} s, to admit {conn.peer}", abort=True)
+        return True
+
+    def check_first_pdu(self, conn: Conn) -> bool:
+        """For an engine that cannot judge a header before reading the body (pynetdicom): close a
+        connection whose first PDU announces more than an A-ASSOCIATE-RQ can need. True if closed."""
+        if conn.established or conn.pdu_length <= MAX_ASSOCIATE_RQ + 6:
+            return False
+        with self._lock:
+            self._drop(conn)
+        self._kill(conn, "protocol_abort", f"first PDU announces {conn.pdu_length - 6} bytes; not a DICOM "
+                                           "A-ASSOCIATE-RQ", abort=False)
         return True
 
     def busy(self, conn: Conn, busy: bool) -> None:

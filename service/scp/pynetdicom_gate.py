@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from service.scp.access import Refusal, check_context_ids
 from service.scp.gate import Conn, ConnectionGate
+from service.scp.ul import ProtocolError, parse_associate_rq
 
 
 def conn_of(assoc: Any) -> Conn | None:
@@ -50,22 +54,49 @@ class _GatedHandler(RequestHandler):
         assoc._synthperf_conn = conn
         asock = assoc.dul.socket
         read = asock.recv
+        first_pdu: list[bytes] = []  # the A-ASSOCIATE-RQ header while its body is being read
 
         def metered_recv(nr_bytes: int) -> bytearray:
             # pynetdicom calls recv only once select() saw data: the PDU's first byte is here.
             conn.begin_pdu(time.monotonic())
             data = read(nr_bytes)
             conn.feed(data, time.monotonic())
+            if self.server.gate.check_first_pdu(conn):
+                return bytearray()  # pynetdicom takes a short read as the connection closing
+            if not conn.established and len(first_pdu) < 2:
+                first_pdu.append(bytes(data))
+                if len(first_pdu) == 2 and first_pdu[0][:1] == b"\x01" and self._refuse_bad_ids(first_pdu[1], conn):
+                    return bytearray()
             return data
 
         asock.recv = metered_recv
         return assoc
+
+    def _refuse_bad_ids(self, body: bytes, conn: Conn) -> bool:
+        """pynetdicom cannot even decode an A-ASSOCIATE-RQ with an even context ID (its reactor
+        thread dies on it): check the IDs on the raw request and answer A-ASSOCIATE-RJ ourselves."""
+        try:
+            rq = parse_associate_rq(body)
+        except ProtocolError:
+            return False  # pynetdicom answers malformed requests itself
+        refusal = check_context_ids([c[0] for c in rq.contexts])
+        if refusal is None:
+            return False
+        self.server.on_refused(refusal, rq.calling_aet, conn.peer)
+        result, source, reason = refusal.rsd
+        try:
+            conn.sock.sendall(struct.pack(">BBI", 0x03, 0, 4) + bytes([0, result, source, reason]))
+        except OSError:
+            pass
+        self.server.gate.release(conn)
+        return True
 
 
 class GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the gate in front (see the module docstring)."""
 
     gate: ConnectionGate
+    on_refused: Callable[[Refusal, str, str], None]  # ScpServer.association_refused
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _GatedHandler
@@ -122,15 +153,18 @@ def _on_conn_close(event: evt.Event) -> None:
 
 
 def start_gated_server(ae: AE, address: tuple[str, int], gate: ConnectionGate, handlers: list[Any],
-                       ssl_context: ssl.SSLContext | None) -> GatedAssociationServer:
+                       ssl_context: ssl.SSLContext | None,
+                       on_refused: Callable[[Refusal, str, str], None]) -> GatedAssociationServer:
     """Start ``ae`` listening behind ``gate`` in a background thread (as ``ae.start_server``
     with ``block=False`` does)."""
-    # The gate bounds connections; pynetdicom's own count includes half-open sockets.
-    ae.maximum_associations = gate.max_associations + gate.max_pending + 1
+    # The gate bounds connections. pynetdicom's own count includes half-open sockets and the
+    # threads of connections the gate has closed but pynetdicom has not yet reaped: out of its way.
+    ae.maximum_associations = 1 << 20
     server = ae.make_server(address, evt_handlers=[*handlers, (evt.EVT_CONN_CLOSE, _on_conn_close)],
                             ssl_context=ssl_context, server_class=GatedAssociationServer)
     assert isinstance(server, GatedAssociationServer)
     server.gate = gate
+    server.on_refused = on_refused
     gate.start()
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer@synthperf", daemon=True)
     thread.start()

@@ -126,7 +126,8 @@ class ScpServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = start_gated_server(ae, (self.host, self.port), self.gate, handlers, self.ssl_context)
+        self._server = start_gated_server(ae, (self.host, self.port), self.gate, handlers, self.ssl_context,
+                                          self.association_refused)
         self.port = self._server.server_address[1]
         self.started_at = time.time()
         log.info(

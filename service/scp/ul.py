@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from service.scp.access import RJ_LIMIT, Refusal, check_context_ids
-from service.scp.gate import Conn, ConnectionGate
+from service.scp.gate import MAX_ASSOCIATE_RQ, Conn, ConnectionGate
 
 log = logging.getLogger("synthperf.scp.ul")
 
@@ -48,7 +48,6 @@ C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 NO_DATASET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
 
-MAX_ASSOCIATE_RQ = 1 << 20  # bytes; 128 contexts with 16 syntaxes each need about 70 KB
 MAX_COMMAND_SET = 1 << 16  # a C-STORE/C-ECHO command set is a few hundred bytes
 # A-ABORT reasons (PS3.8 Table 9-26), source 2 = service-provider
 ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 1, 2, 6
