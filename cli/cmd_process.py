@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     result["measures"] = measures
     result["series"] = {"selected": rec.result.get("series"), "classification": rec.result.get("classification")}
     result["registration"] = rec.result.get("registration")
+    result["perfusion"] = rec.result.get("perfusion")  # real, DSC-derived measures when a DSC came
     result["timings_s"] = {name: st.get("duration_s") for name, st in rec.stages.items()}
     result["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     result["stages"] = {name: {k: v for k, v in st.items() if k not in ("detail",)} for name, st in rec.stages.items()}
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     result["versions"] = {"synthperf": software_version(), "model": options.model_name,
                           "model_version": synth.get("model_version"), "steps": synth.get("steps", options.steps),
                           "samples": synth.get("samples", options.samples), "seed": options.seed,
-                          "device": synth.get("device")}
+                          "device": synth.get("device"), "inference": synth.get("inference")}
     result["outputs"] = rec.result.get("outputs")
     result["ok"] = status == 0
     if status == 0 and args.nifti:

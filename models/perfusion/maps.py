@@ -24,7 +24,8 @@ from models.perfusion.signal import Bolus, Motion, concentration, detect_bolus, 
 
 KH = (1 - 0.45) / (1 - 0.25)
 RHO = 1.04
-LATE_FRACTION = 0.1  # voxels peaking in the last 10 % of frames are flagged as truncated
+LATE_FRACTION = 0.1
+NO_BOLUS_CNR = 5.0  # voxels peaking in the last 10 % of frames are flagged as truncated
 
 
 @dataclass
@@ -55,6 +56,11 @@ class DscResult:
     dt: float
     warnings: list[str] = field(default_factory=list)
     quality: dict = field(default_factory=dict)
+    brain: np.ndarray | None = None  # the voxels analysed; ``aif.voxels`` index its True voxels in C order
+
+    def aif_flat_indices(self) -> np.ndarray:
+        """The AIF voxels as flat (C-order) indices into the (z, y, x) maps."""
+        return np.flatnonzero(self.brain)[self.aif.voxels]
 
 
 def first_pass_window(curve: np.ndarray) -> tuple[int, int, int]:
@@ -176,6 +182,13 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     warnings += aif.warnings
 
     per = voxel_maps(conc, aif.curve, dt, opt.method, opt.oi_threshold)
+    # voxels without a measurable bolus (CSF, background inside the mask) get no value rather than
+    # the argmax of noise: peak Delta R2* under 5 baseline noise SDs
+    with np.errstate(divide="ignore", invalid="ignore"):
+        noise = np.where(s0 > 0, sd / s0, np.inf) / te_s
+    no_bolus = ~(conc.max(axis=0) >= NO_BOLUS_CNR * noise)
+    for name in ("tmax", "cbf", "cbv", "mtt", "ttp"):
+        per[name] = np.where(no_bolus, np.nan, per[name]).astype(np.float32)
     tmax, cbf = per["tmax"], per["cbf"]
     late = per["late"] > 0
 
@@ -188,7 +201,8 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     maps["truncated_voxels"] = full(late.astype(np.float32))
     quality: dict = {"dt_s": dt, "n_frames": int(series.shape[0]), "method": opt.method,
                      "oi_threshold": opt.oi_threshold if opt.method == "osvd" else None,
-                     "late_peak_fraction": round(float(late.mean()), 4), "bolus": bolus.to_dict(dt),
+                     "late_peak_fraction": round(float(late.mean()), 4),
+                     "no_bolus_fraction": round(float(no_bolus.mean()), 4), "bolus": bolus.to_dict(dt),
                      "motion": motion.to_dict(), "aif": aif.quality}
     if late.mean() > 0.05:
         warnings.append(f"{late.mean():.0%} of brain voxels peak in the last frames: their curves are truncated")
@@ -196,9 +210,9 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     if hemi_v is not None:
         affected = avoid
         if affected is None:
-            t6 = (tmax > 6.0).astype(np.float64)
+            t6 = (np.nan_to_num(tmax) > 6.0).astype(np.float64)
             affected = 1 + int(np.argmax([_hemisphere_stat(t6, hemi_v, s) for s in (1, 2)]))
-        ref = (hemi_v != affected) & (hemi_v > 0) & (tmax < 4.0) & (cbf > 0) & ~late
+        ref = (hemi_v != affected) & (hemi_v > 0) & (tmax < 4.0) & (cbf > 0) & ~late & ~no_bolus
         quality["reference"] = {"affected_hemisphere": affected, "n_voxels": int(ref.sum())}
         if ref.sum() >= 50:
             for name in ("cbf", "cbv", "mtt"):
@@ -208,4 +222,5 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
                 quality["reference"][name + "_median"] = round(m, 4)
         else:
             warnings.append("too few normal voxels in the unaffected hemisphere for relative maps")
-    return DscResult(maps=maps, aif=aif, bolus=bolus, motion=motion, dt=dt, warnings=warnings, quality=quality)
+    return DscResult(maps=maps, aif=aif, bolus=bolus, motion=motion, dt=dt, warnings=warnings, quality=quality,
+                     brain=brain)

@@ -52,8 +52,7 @@ def test_dsc_study_gives_maps_on_the_dwi_grid(tmp_path: Path, case, vendor: str,
     assert not res.warnings, res.warnings
     # the AIF comes from the arteries in the sylvian cleft (CSF class in the phantom) of the hemisphere
     # without the core
-    flat = np.nonzero(res.maps["tmax"].ravel() == res.maps["tmax"].ravel())[0]  # covered voxels
-    aif_vox = flat[res.aif.voxels]
+    aif_vox = res.aif_flat_indices()
     assert np.mean(case.tissue.ravel()[aif_vox] == CSF) >= 0.9
     hemi, _ = hemispheres_and_band(loaded.dwi, brain)
     core_side = np.bincount(hemi[case.core & brain], minlength=3)[1:].argmax() + 1

@@ -162,3 +162,33 @@ def write_maps(res: DscResult, dwi: sitk.Image, out_dir: Path) -> dict[str, str]
         sitk.WriteImage(img, str(p))
         paths[name] = str(p)
     return paths
+
+
+def perfusion_for_job(selection: Any, dwi: np.ndarray, brain: np.ndarray, core: np.ndarray, origin: Any,
+                      spacing_xyz: Any, direction: Any, out_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The pipeline's optional DSC step: None without a DSC series; else the result.json entry
+    (real measures, AIF quality and curve, checks, output paths) and the warnings for the job.
+
+    A DSC that cannot be used (unreadable, too short, no AIF) gives a warning and no maps; it never
+    fails the job, whose synthetic results do not depend on it.
+    """
+    dsc = getattr(selection, "dsc", None)
+    if dsc is None:
+        return None, []
+    img = sitk.GetImageFromArray(np.asarray(dwi, np.float32))
+    img.SetOrigin(tuple(float(v) for v in origin))
+    img.SetSpacing(tuple(float(v) for v in spacing_xyz))
+    img.SetDirection(tuple(float(v) for v in direction))
+    try:
+        res, series = dsc_maps(dsc.frames, img, np.asarray(brain, bool), np.asarray(core, bool))
+    except (InvalidInputError, ValueError) as exc:
+        return {"source": "DSC-derived (research)", "error": str(exc)}, [f"DSC not used: {exc}"]
+    voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
+    entry = {"measures": real_measures(res, np.asarray(brain, bool), np.asarray(core, bool), voxel_ml),
+             "aif": {**res.aif.quality, "curve_delta_r2s_per_s": [round(float(v), 4) for v in res.aif.curve]},
+             "checks": {k: res.quality[k] for k in ("bolus", "motion", "late_peak_fraction")},
+             "method": {"deconvolution": res.quality["method"], "oi_threshold": res.quality["oi_threshold"],
+                        "dt_s": res.dt, "te_s": series.te_s, "n_frames": int(series.signal.shape[0])},
+             "series_uid": dsc.series_uid, "warnings": list(res.warnings),
+             "outputs": write_maps(res, img, out_dir)}
+    return entry, [f"DSC: {w}" for w in res.warnings]

@@ -448,7 +448,13 @@ def stage_measure(ctx: Context, rec: Any) -> StageOutput:
     measures = m.to_dict()
     _save_json(ctx.work / "measures.json", measures)
     rec.update_result(measures=measures)
-    return StageOutput({"measures": measures})
+    from worker.pipeline.perfusion import perfusion_for_job  # real maps when a DSC series came
+
+    real, real_warnings = perfusion_for_job(_selection(ctx), vols["dwi"], vols["brain"], core, geo.origin,
+                                            geo.spacing, geo.direction, ctx.job_dir / "perfusion")
+    if real is not None:
+        rec.update_result(perfusion=real)
+    return StageOutput({"measures": measures, "perfusion": real and real.get("measures")}, real_warnings)
 
 
 def _headers(paths: Sequence[str]) -> list[pydicom.Dataset]:
