@@ -2,8 +2,11 @@
 
 In this process: the DICOM SCP, the completion loop and heartbeats (service.gateway), and the
 dashboard/API under uvicorn when ``service.api.app`` exists. As a child process: a Celery
-worker for queues cpu and gpu when ``worker/celery_app.py`` exists. SIGINT/SIGTERM stop all of
-it cleanly (the SCP first, so no new instance is accepted while the rest winds down).
+worker for queues cpu and gpu when ``worker/celery_app.py`` exists, restarted if it exits.
+SIGINT/SIGTERM stop all of it cleanly (the SCP first, so no new instance is accepted while the
+rest winds down). One process tree (issue 16): ``<data_dir>/serve.pid`` (an flock) refuses a
+second ``serve`` on the same data dir, and a SIGKILL of ``serve`` takes the worker and its pool
+with it (parent-death signal), so a restart never finds an orphaned worker beside its new one.
 ``--demo`` (used by ``make run``) also sends a phantom study to ourselves through
 :func:`send_demo_study`.
 """
@@ -84,20 +87,49 @@ def _start_api(settings: Any) -> tuple[Any, threading.Thread] | None:
     return server, thread
 
 
+def _worker_pid_file(settings: Any) -> Path:
+    return settings.data_dir / "worker.pid"
+
+
+def _kill_leftover_worker(settings: Any) -> None:
+    """Kill the process group of a worker a previous ``serve`` started and did not stop.
+
+    The kernel's parent-death signal normally takes it down with ``serve``; this covers platforms
+    without one. Only a live process whose command line is our Celery worker is touched.
+    """
+    path = _worker_pid_file(settings)
+    try:
+        pid = int(path.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (OSError, ValueError, IndexError):
+        return
+    if b"worker.celery_app" not in cmdline:
+        return
+    log.warning("killing worker %d left over by an earlier serve", pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # its own process group: the main process and its pool
+    except OSError:
+        pass
+
+
 def _start_worker(settings: Any, env_overrides: dict[str, str]) -> subprocess.Popen[bytes] | None:
+    """The Celery worker as a child in its own process group (Ctrl-C reaches only us; we stop it in
+    order), told to die with us (``SYNTHPERF_PARENT_PID``: PR_SET_PDEATHSIG in worker.celery_app)."""
     if not (Path(__file__).resolve().parents[1] / "worker" / "celery_app.py").is_file():
         log.info("worker/celery_app.py not present: no worker")
         return None
-    env = dict(os.environ, **env_overrides)
+    env = dict(os.environ, **env_overrides, SYNTHPERF_PARENT_PID=str(os.getpid()))
     cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "-Q", "cpu,gpu",
            "--concurrency", "1", "--loglevel", "INFO"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    _worker_pid_file(settings).write_text(f"{proc.pid}\n")
     log.info("worker started (pid %d)", proc.pid)
     return proc
 
 
 def run(args: argparse.Namespace) -> int:
     from common.config import SettingsError, load_settings
+    from common.procs import InstanceLockError, PidFileLock
     from service.gateway import Gateway
 
     overrides = {"data_dir": args.data_dir, "scp_port": args.port, "ae_title": args.aet, "api_port": args.api_port}
@@ -108,6 +140,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    instance_lock = PidFileLock(settings.data_dir / "serve.pid")
+    try:
+        instance_lock.acquire()
+    except InstanceLockError as exc:
+        print(f"synthperf serve: another serve runs on data dir {settings.data_dir}: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_worker:
+        _kill_leftover_worker(settings)
     # Children read settings from the environment: pass the same file and overrides on.
     child_env = {"SYNTHPERF_DATA_DIR": str(settings.data_dir.resolve())}
     if args.config:
@@ -131,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"synthperf serve: cannot listen on DICOM port {settings.scp_port}: {exc}; "
               "choose another with --port", file=sys.stderr)
+        instance_lock.release()
         return 2
     print(f"synthperf: SCP {settings.ae_title} listening on {settings.scp_host}:{port}", flush=True)
     api = None if args.no_api else _start_api(settings)
@@ -161,5 +202,7 @@ def run(args: argparse.Namespace) -> int:
             api[0].should_exit = True
             api[1].join(timeout=10)
         gateway.stop()
+        _worker_pid_file(settings).unlink(missing_ok=True)
+        instance_lock.release()
         log.info("stopped")
     return 0

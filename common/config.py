@@ -82,6 +82,11 @@ class Settings(BaseSettings):
 
     # --- DICOM SCP
     ae_title: str = "SYNTHPERF"
+    chain_stages: bool = Field(
+        default=True,
+        description="Stroke first: a worker that consumes the next task's queue runs its stages at once instead "
+        "of queueing them behind other studies (off = hand every task off through the broker).",
+    )
     scp_host: str = "0.0.0.0"
     scp_port: int = Field(default=11112, ge=0, le=65535)
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -25,6 +25,14 @@ TASK_QUEUES = {
     TASK_FINISH: QUEUE_CPU,
     TASK_PUSH: QUEUE_CPU,
 }
+# Which task runs which pipeline stages, in order; the lease reaper re-queues a lost stage's task.
+TASK_STAGES = {
+    TASK_PIPELINE: ("classify", "load"),
+    TASK_SYNTHESIZE: ("core", "synthesize"),
+    TASK_FINISH: ("measure", "encode", "push"),
+}
+NEXT_TASK = {TASK_PIPELINE: TASK_SYNTHESIZE, TASK_SYNTHESIZE: TASK_FINISH, TASK_FINISH: None}
+TASK_OF_STAGE = {stage: task for task, stages in TASK_STAGES.items() for stage in stages}
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -43,8 +51,15 @@ def make_celery(settings: Settings) -> Celery:
         "task_routes": {name: {"queue": q} for name, q in TASK_QUEUES.items()},
         "task_default_queue": QUEUE_CPU,
         "broker_connection_retry_on_startup": True,
-        # Redelivery of an unacknowledged task must wait longer than the longest task.
-        "broker_transport_options": {"visibility_timeout": settings.task_time_limit_s * 2 + 60},
+        # A pool process that loads slowly must not be killed as "not up" (issue 16); the model
+        # itself loads in a background thread, so this is only a margin for heavy imports.
+        "worker_proc_alive_timeout": 30.0,
+        # Liveness comes from the job store's leases (worker.pipeline.lease): a lost worker's job is
+        # re-queued within lease_s + lease_reap_s. Acks stay late and a lost pool process's task is
+        # requeued at once (reject_on_worker_lost); the broker's own redelivery of an unacknowledged
+        # task is only a backstop, and the copy it delivers is dropped by the lease check when the
+        # job has moved on. It must outlast the longest push countdown (push_backoff_max_s).
+        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
     }
     if broker.startswith("filesystem://"):
         folder = settings.broker_dir

@@ -9,10 +9,12 @@ consistent spool.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from common.config import Settings
 from common.heartbeat import Heartbeat
+from common.jobstore.leases import LeaseReaper
 from common.jobstore.queries import init_db
 from service.ingest.completion import CompletionLoop, Enqueue, celery_enqueuer
 from service.ingest.dataset import MalformedDatasetError
@@ -22,6 +24,20 @@ from service.scp.contexts import STORAGE_SOP_CLASSES
 from service.scp.server import ScpServer
 
 log = logging.getLogger("synthperf.gateway")
+
+
+def _celery_sender(settings: Settings) -> Callable[[str, tuple[object, ...]], object]:
+    """Send a task by name through the configured broker (created on first use, not at start-up)."""
+    app: list[Any] = []
+
+    def send(name: str, args: tuple[object, ...]) -> object:
+        if not app:
+            from common.queue import make_celery
+
+            app.append(make_celery(settings))
+        return app[0].send_task(name, args=args)
+
+    return send
 
 
 class Gateway:
@@ -47,6 +63,9 @@ class Gateway:
         self.heartbeat = Heartbeat(
             self.url, {"scp": self.scp.info, "completion": self.completion.info}, period_s=heartbeat_s
         )
+        # Re-queues jobs whose worker died (issue 16); workers run one too, the job store decides who acts.
+        self.reaper = LeaseReaper(self.url, _celery_sender(settings), lease_s=settings.lease_s,
+                                  max_attempts=settings.max_stage_attempts, period_s=settings.lease_reap_s)
 
     def recover(self) -> dict[str, int]:
         """Remove temp files and record complete files that have no row (crash leftovers)."""
@@ -73,12 +92,14 @@ class Gateway:
         port = self.scp.start()
         self.completion.start()
         self.heartbeat.start()
+        self.reaper.start()
         return port
 
     def stop(self) -> None:
         self.scp.stop()
         self.completion.stop()
         self.heartbeat.stop()
+        self.reaper.stop()
         try:
             self.heartbeat.beat()
         except Exception:  # noqa: BLE001

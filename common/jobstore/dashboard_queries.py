@@ -379,21 +379,46 @@ def job_detail(session: Session, job_id: int, now: datetime | None = None) -> di
 # --------------------------------------------------------------------------- system page
 
 
+WORKER_STALE_S = 20.0  # a worker beats every 5 s: four missed beats and it no longer counts
+
+
+def liveness(component: str, age_s: float, info: dict[str, Any], stale_after_s: float = 60.0) -> tuple[bool, str]:
+    """(alive, why not) for one heartbeat.
+
+    A worker counts as alive only if it beat recently *and* its pool can run tasks: the main Celery
+    process keeps beating (and answering pings) while every pool process it starts dies before it is
+    up, and such a worker processes nothing (issue 16).
+    """
+    limit = min(stale_after_s, WORKER_STALE_S) if component == "worker" else stale_after_s
+    if age_s > limit:
+        return False, f"no heartbeat for {age_s:.0f} s"
+    if component == "worker" and info.get("pool_ready") is False:
+        return False, "its pool cannot run tasks (no pool process up)"
+    return True, ""
+
+
 def heartbeats(session: Session, now: datetime | None = None, stale_after_s: float = 60.0) -> list[dict[str, Any]]:
-    """Every process that ever beat, with its age and whether it counts as alive."""
+    """Every process that ever beat, with its age and whether it counts as alive (and why not)."""
     now = now or datetime.now(UTC)
     out = []
     for hb in session.scalars(select(Heartbeat).order_by(Heartbeat.component, Heartbeat.instance)):
         age = _elapsed(hb.at, now, now) or 0.0
+        alive, why = liveness(hb.component, age, hb.info or {}, stale_after_s)
         out.append({
             "component": hb.component,
             "instance": hb.instance,
             "at": _iso(hb.at),
             "age_s": age,
-            "alive": age <= stale_after_s,
+            "alive": alive,
+            "not_alive_because": why,
             "info": hb.info or {},
         })
     return out
+
+
+def workers_lost(session: Session) -> int:
+    """Stage attempts whose worker died (closed by a lease takeover or the reaper)."""
+    return int(session.scalar(select(func.count(Stage.id)).where(Stage.error.like("worker lost%"))) or 0)
 
 
 def recent_scp_events(session: Session, kinds: tuple[str, ...] | None = None, limit: int = 20) -> list[dict[str, Any]]:

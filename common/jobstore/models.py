@@ -47,9 +47,10 @@ class JobState:
     INPUT_MISSING = "input_missing"  # a required series did not arrive; error says which
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"  # a follow-up job for the same study replaced it
+    POISONED = "poisoned"  # workers died in the same stage max_stage_attempts times; not retried again
 
     ACTIVE = (QUEUED, RUNNING, DELIVERING)
-    FINAL = (DONE, FAILED, INPUT_MISSING, CANCELLED, SUPERSEDED)
+    FINAL = (DONE, FAILED, INPUT_MISSING, CANCELLED, SUPERSEDED, POISONED)
 
 
 class StageState:
@@ -137,6 +138,10 @@ class Job(Base):
     warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # measures, chosen series, versions
     output_dir: Mapped[str | None] = mapped_column(Text)
+    # The lease of the worker process running this job's stages (common/jobstore/leases.py):
+    # "host:pid" and until when; renewed every few seconds, cleared when the job is handed on.
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

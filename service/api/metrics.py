@@ -34,7 +34,16 @@ class JobStoreCollector(Collector):
             deliveries = dq.deliveries_by_state(db)
             failed_attempts = dq.failed_delivery_attempts(db)
             durations = dq.stage_durations(db)
+            beats = dq.heartbeats(db)
+            lost = dq.workers_lost(db)
 
+        g = GaugeMetricFamily("synthperf_workers_alive",
+                              "Workers that beat recently and whose pool can run tasks (issue 16)")
+        g.add_metric([], sum(1 for b in beats if b["component"] == "worker" and b["alive"]))
+        yield g
+        c = CounterMetricFamily("synthperf_stage_workers_lost", "Stage attempts whose worker died (lease lost)")
+        c.add_metric([], lost)
+        yield c
         c = CounterMetricFamily("synthperf_instances_received", "DICOM instances stored by the SCP")
         c.add_metric([], instances)
         yield c

@@ -163,6 +163,7 @@ class Heartbeat(BaseModel):
     at: str | None
     age_s: float
     alive: bool
+    not_alive_because: str = Field(default="", description="why a beating process does not count as alive")
     info: dict[str, Any]
 
 

@@ -24,6 +24,7 @@ STATE_WORDS = {
     "input_missing": "a required series did not arrive",
     "cancelled": "cancelled",
     "superseded": "replaced by a newer job for this study",
+    "poisoned": "the worker died in the same stage again and again — see the error",
     "waiting": "not started",
     "pending": "waiting to send",
     "sent": "sent",

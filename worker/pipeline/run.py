@@ -39,12 +39,6 @@ from common.jobstore.models import Instance, Job, JobState, Series, Stage, Stage
 log = logging.getLogger(__name__)
 
 STAGES = ("classify", "load", "core", "synthesize", "measure", "encode", "push")
-# Which Celery task runs which stages (queues in common.queue): CPU, then GPU, then CPU.
-TASK_STAGES = {
-    "pipeline.run": ("classify", "load"),
-    "pipeline.synthesize": ("core", "synthesize"),
-    "pipeline.finish": ("measure", "encode", "push"),
-}
 PROGRESS_AFTER = {"classify": 0.05, "load": 0.2, "core": 0.3, "synthesize": 0.8, "measure": 0.85,
                   "encode": 0.95, "push": 1.0}
 
