@@ -28,6 +28,7 @@ from common.dicomio.volume import build_volume
 from common.errors import InvalidInputError
 from models.perfusion import DscOptions, DscResult, compute_maps
 from worker.pipeline.load import resample_to, same_grid
+from worker.pipeline.measure import compute_measures
 
 MAP_NAMES = ("tmax", "cbf", "cbv", "mtt", "ttp", "rcbf", "rcbv", "rmtt")
 #: AIF candidates: brain voxels between these fractions of the brain's inferior-superior extent
@@ -134,18 +135,10 @@ def dsc_maps(frames: list[FrameInfo], dwi: sitk.Image, brain: np.ndarray, core: 
 
 
 def real_measures(res: DscResult, brain: np.ndarray, core: np.ndarray, voxel_ml: float) -> dict[str, Any]:
-    """Volumes of real Tmax > 6 s and > 10 s and the DEFUSE-3 call, like the synthetic measures."""
-    tmax = np.nan_to_num(res.maps["tmax"], nan=0.0)
-    t6 = float(((tmax > 6.0) & brain).sum()) * voxel_ml
-    t10 = float(((tmax > 10.0) & brain).sum()) * voxel_ml
-    core_ml = float((core & brain).sum()) * voxel_ml
-    ratio = t6 / core_ml if core_ml > 0 else None
-    mismatch = max(t6 - core_ml, 0.0)
-    return {"source": "DSC-derived (research)", "tmax6_ml": round(t6, 2), "tmax10_ml": round(t10, 2),
-            "core_ml": round(core_ml, 2), "mismatch_ml": round(mismatch, 2),
-            "mismatch_ratio": None if ratio is None else round(ratio, 3),
-            "hir": round(t10 / t6, 3) if t6 > 0 else None,
-            "defuse3_target_mismatch": bool(core_ml < 70 and ratio is not None and ratio >= 1.8 and mismatch >= 15)}
+    """The synthetic map's measures (volumes, mismatch, DEFUSE-3/EXTEND, side) for the real Tmax,
+    computed by the same rules (worker.pipeline.measure) so the two can be compared field by field."""
+    m = compute_measures(core, np.nan_to_num(res.maps["tmax"], nan=0.0), brain, voxel_ml).to_dict()
+    return {"source": "DSC-derived (research)", **m}
 
 
 def write_maps(res: DscResult, dwi: sitk.Image, out_dir: Path) -> dict[str, str]:
