@@ -23,6 +23,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+#: The Tmax network's execution paths (models.tmax_ddpm.runtime.PATHS; common may not import models,
+#: tests/unit/test_runtime.py checks the two lists agree).
+INFERENCE_PATHS = ("fp32", "channels_last", "bf16", "compile", "onnxruntime", "openvino")
 
 
 class SettingsError(ValueError):
@@ -141,6 +144,14 @@ class Settings(BaseSettings):
     samples: int | None = Field(default=None, ge=1, le=64)
     seed: int = 0
     device: str = Field(default="auto", description="auto, cpu or cuda")
+    inference_path: str = Field(
+        default="auto",
+        description="How the Tmax network runs: auto (measured on this machine, cached under data_dir/runtime) "
+        f"or one of {', '.join(INFERENCE_PATHS)} to force it.",
+    )
+    inference_try_compile: bool = Field(
+        default=False, description="Let auto also measure torch.compile (minutes of warm-up per worker process)."
+    )
     rules_file: Path | None = None
     adc_core_threshold: float = Field(default=620.0, gt=0, description="ADC in 1e-6 mm2/s")
     core_min_component_ml: float = Field(default=0.1, ge=0)
@@ -223,6 +234,13 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
+    @field_validator("inference_path")
+    @classmethod
+    def _check_inference_path(cls, v: str) -> str:
+        if v != "auto" and v not in INFERENCE_PATHS:
+            raise ValueError(f"must be auto or one of {', '.join(INFERENCE_PATHS)}")
+        return v
+
     @field_validator("scp_engine")
     @classmethod
     def _check_scp_engine(cls, v: str) -> str:
@@ -283,6 +301,11 @@ class Settings(BaseSettings):
     @property
     def output_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Per-machine inference-path measurements (runtime-*.json) and the exported ONNX denoiser."""
+        return self.data_dir / "runtime"
 
     @property
     def effective_database_url(self) -> str:

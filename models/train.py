@@ -8,6 +8,7 @@ evaluated or shipped at any moment.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -26,6 +27,7 @@ from models.tmax_ddpm.data import SliceBank, build_cache
 from models.tmax_ddpm.diffusion import make_scheduler, training_target
 from models.tmax_ddpm.loss import perfusion_weights, weighted_mse
 from models.tmax_ddpm.network import build_network, count_parameters
+from models.tmax_ddpm.runtime import choose_training_precision
 
 log = logging.getLogger("synthperf.models.train")
 
@@ -113,6 +115,33 @@ class ThreadTuner:
         if n != self.current:
             torch.set_num_threads(n)
             self.current = n
+
+
+def _training_precision(dev: torch.device, tc, bank, sched, net: torch.nn.Module, channels_last: bool):
+    """bf16 autocast or fp32 for this run, measured on one real batch (runtime.choose_training_precision).
+
+    Its own generator, and gradients cleared afterwards: the measurement leaves the run's random stream
+    and weights exactly as they were, so a resumed run stays reproducible.
+    """
+    g = torch.Generator().manual_seed(987654321)
+    ids = torch.randint(0, len(bank), (tc.batch_size,), generator=g).tolist()
+    cond, x0 = bank.batch(ids, g, augment=False)
+    cond, x0 = cond.to(dev), x0.to(dev)
+    t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), generator=g).to(dev)
+    inp = torch.cat([cond, sched.add_noise(x0, torch.randn(x0.shape, generator=g).to(dev), t)], 1)
+    if channels_last:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+
+    def time_step(dtype: torch.dtype | None) -> float:
+        t0 = time.perf_counter()
+        ctx = torch.autocast(device_type=dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with ctx:
+            out = net(inp, t)
+        out.float().square().mean().backward()
+        net.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return choose_training_precision(dev, tc.bf16_cpu, time_step)
 
 
 def lr_at(step: int, cfg, restart: int = 0) -> float:
@@ -220,7 +249,8 @@ def train(
     use_cl = tc.channels_last and dev.type == "cpu"
     if use_cl:
         net = net.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if (dev.type == "cuda" or tc.bf16_cpu) else None
+    amp_dtype, precision = _training_precision(dev, tc, bank, sched, net, use_cl)
+    log.info("training precision %s (%s)", precision["precision"], precision)
 
     def export(final: bool = False) -> None:
         info = {
@@ -232,6 +262,7 @@ def train(
             "finished": step >= tc.steps,
             "parameters": count_parameters(net),
             "data": str(data_dir),
+            "cpu_precision": precision,
         }
         if restart:
             info["warm_start_step"] = restart

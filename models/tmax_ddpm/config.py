@@ -100,6 +100,8 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     log_every: int = 25
     num_threads: int = 0  # 0: measure 1 vs all cores periodically and use the faster (see train.ThreadTuner)
+    # True = bf16 autocast on a CPU only where it is native (AVX512_BF16/AMX) and measured faster than
+    # fp32 on a real batch at the start of the run (runtime.choose_training_precision); False = fp32.
     bf16_cpu: bool = True
     channels_last: bool = True
     val_fraction: float = 0.0
@@ -115,7 +117,9 @@ class SampleConfig:
     eta: float = 0.0
     slice_noise_correlation: float = 0.9  # AR(1) correlation of initial noise along z
     max_batch: int = 128
-    bf16: bool = True  # autocast the network in bfloat16 (CPU and CUDA)
+    # bf16 may be a candidate inference path (CPU: only with native bf16, and only if measured fastest
+    # within tolerance; see models.tmax_ddpm.runtime); False keeps it out.
+    bf16: bool = True
 
 
 @dataclass

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_weights, read_info
+from . import runtime as rt
+from .checkpoint import load_weights, read_info, sha256_file
 from .config import Config
 from .diffusion import make_scheduler
 from .preprocess import from_grid, prepare_conditioning, stack_neighbours, tmax_from_model
+from .sampler import sample_volume
 
 
 @dataclass
@@ -30,6 +32,7 @@ class SynthesisResult:
     steps: int
     samples: int
     seconds: float
+    inference_path: str = ""
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -43,27 +46,81 @@ def pick_device(device: str = "auto") -> torch.device:
 class TmaxSynthesizer:
     """A loaded model plus its sampling defaults. Thread-compatible for sequential use."""
 
-    def __init__(self, net: torch.nn.Module, cfg: Config, device: str = "auto", source: str = "", info: dict | None = None):
+    def __init__(self, net: torch.nn.Module, cfg: Config, device: str = "auto", source: str = "", info: dict | None = None,
+                 inference_path: str = "auto", runtime_dir: str | Path | None = None, try_compile: bool = False):
         self.device = pick_device(device)
         self.cfg = cfg
         self.net = net.to(self.device).eval()
         self.sched = make_scheduler(cfg.model)
         self.source = source
         self.info = info or {}
-        # bf16 autocast: measured 2.7x faster than fp32 on the 2-core CPU here (and native on CUDA);
-        # the DDIM arithmetic itself stays fp32. SampleConfig.bf16=False turns it off.
-        self.autocast_dtype: torch.dtype | None = torch.bfloat16 if cfg.sample.bf16 else None
-        if self.device.type == "cpu":
-            self.net = self.net.to(memory_format=torch.channels_last)
+        # How the denoiser runs (precision, memory format, runtime) is chosen on the first synthesis in
+        # this process by measuring on that study's slices, or read from runtime_dir's per-machine cache
+        # (models.tmax_ddpm.runtime). SampleConfig.bf16=False keeps bf16 out of the candidates.
+        self.runtime: rt.RuntimeChoice | None = None
+        self._denoise: rt.Denoise | None = None
+        self.configure_runtime(inference_path, runtime_dir, try_compile)
+
+    def configure_runtime(self, inference_path: str = "auto", runtime_dir: str | Path | None = None,
+                          try_compile: bool = False) -> None:
+        """Set how the path is chosen: ``auto`` (measure, or read the cache in ``runtime_dir``) or a path name.
+
+        A change forgets the current choice; the same settings again keep it (cheap to call per job).
+        """
+        valid = ("auto",) + (rt.CUDA_PATHS if self.device.type == "cuda" else rt.PATHS)
+        if inference_path not in valid:
+            raise ValueError(f"inference_path: unknown {inference_path!r} for {self.device.type}; choose from {valid}")
+        new = (inference_path, Path(runtime_dir) if runtime_dir else None, bool(try_compile))
+        if getattr(self, "_runtime_settings", None) != new:
+            self._runtime_settings = new
+            self.runtime, self._denoise = None, None
+
+    @property
+    def model_id(self) -> str:
+        """sha256 of the weights file (from its .sha256 beside it when present)."""
+        src = Path(self.source) if self.source else None
+        if src is not None and (src / "model.safetensors.sha256").is_file():
+            return (src / "model.safetensors.sha256").read_text().split()[0]
+        if src is not None and (src / "model.safetensors").is_file():
+            return sha256_file(src / "model.safetensors")
+        return ""
+
+    def ensure_runtime(self, stacks: torch.Tensor) -> rt.RuntimeChoice:
+        """Choose the inference path now if not yet chosen, probing with up to PROBE_BATCH of ``stacks``."""
+        if self.runtime is not None and self._denoise is not None:
+            return self.runtime
+        force, cache_dir, try_compile = self._runtime_settings
+        n = stacks.shape[0]
+        k = min(rt.PROBE_BATCH, n)
+        mid = max(0, (n - k) // 2)  # central slices: most brain
+        probe = stacks[mid : mid + k]
+        if probe.shape[0] < rt.PROBE_BATCH:  # a short study: repeat slices so the batch is a realistic size
+            probe = probe.repeat((rt.PROBE_BATCH + k - 1) // k, 1, 1, 1)[: rt.PROBE_BATCH]
+        brain = (probe > -0.999).any(1)
+        steps = int(self.cfg.sample.steps)
+
+        def sample(denoise: rt.Denoise) -> torch.Tensor:
+            x = sample_volume(denoise, self.sched, probe, steps=steps, samples=1, seed=0, eta=self.cfg.sample.eta,
+                              rho=0.0, max_batch=rt.PROBE_BATCH, device=self.device)
+            return tmax_from_model(x)[0]
+
+        self.runtime, self._denoise = rt.choose(
+            self.net, self.device, in_channels=self.cfg.model.in_channels, grid=self.cfg.model.grid, sample=sample,
+            brain=brain, probe_stacks=int(probe.shape[0]), steps=steps, model_id=self.model_id, cache_dir=cache_dir,
+            force=force, allow_bf16=bool(self.cfg.sample.bf16), try_compile=try_compile,
+        )
+        return self.runtime
 
     @classmethod
-    def load(cls, name_or_dir: str = "demo", device: str = "auto") -> TmaxSynthesizer:
+    def load(cls, name_or_dir: str = "demo", device: str = "auto", inference_path: str = "auto",
+             runtime_dir: str | Path | None = None, try_compile: bool = False) -> TmaxSynthesizer:
         """Resolve via the registry, verify sha256 and config, build the network."""
         from models.registry import resolve  # models-internal import (registry sits beside the package)
 
         d = resolve(name_or_dir)
         net, cfg = load_weights(d)
-        return cls(net, cfg, device=device, source=str(Path(d)), info=read_info(d))
+        return cls(net, cfg, device=device, source=str(Path(d)), info=read_info(d), inference_path=inference_path,
+                   runtime_dir=runtime_dir, try_compile=try_compile)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -101,12 +158,9 @@ class TmaxSynthesizer:
         images = {"dwi": dwi, "flair": flair, "core": core, "adc": adc}
         cond, geo = prepare_conditioning(images, brain_b, self.inputs, self.cfg.model.grid)
         stacks = stack_neighbours(cond, self.cfg.model.slices)
-        if self.device.type == "cpu":
-            stacks = stacks.contiguous(memory_format=torch.channels_last)
-        from .sampler import sample_volume
-
+        self.ensure_runtime(stacks)
         x = sample_volume(
-            self.net,
+            self._denoise,
             self.sched,
             stacks,
             steps=steps,
@@ -117,7 +171,6 @@ class TmaxSynthesizer:
             max_batch=self.cfg.sample.max_batch,
             ancestral=ancestral,
             device=self.device,
-            autocast_dtype=self.autocast_dtype,
             progress=progress,
         )
         tmax = tmax_from_model(x)  # (samples, z, g, g) seconds
@@ -131,4 +184,5 @@ class TmaxSynthesizer:
             steps=1000 if ancestral else steps,
             samples=samples,
             seconds=time.perf_counter() - t0,
+            inference_path=self.runtime.path if self.runtime else "",
         )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .diffusion import ddim_step, ddim_timesteps, predict_x0_eps
+from .runtime import Denoise, torch_denoiser
 
 
 def correlated_noise(
@@ -34,7 +35,7 @@ def correlated_noise(
 
 @torch.no_grad()
 def sample_volume(
-    net: torch.nn.Module,
+    net: torch.nn.Module | Denoise,
     sched,
     cond: torch.Tensor,
     steps: int,
@@ -51,11 +52,14 @@ def sample_volume(
     """Sample Tmax (model scale) for every slice.
 
     cond: (nz, C, h, w) 2.5D conditioning stacks. Returns (samples, nz, h, w) in [-1, 1].
+    ``net`` is the network (run eagerly, autocast to ``autocast_dtype`` if given) or a denoiser
+    callable ``(input, t) -> float32 output`` from :mod:`.runtime` (the path chosen on this machine).
     ``ancestral=True`` runs the full 1000-step DDPM chain (the reference sampler), ignoring ``steps``.
     """
     if samples < 1:
         raise ValueError(f"samples: must be >= 1, got {samples}")
     device = torch.device(device)
+    denoise = torch_denoiser(net, device, autocast=autocast_dtype) if isinstance(net, torch.nn.Module) else net
     gen = torch.Generator().manual_seed(int(seed))
     # MONAI's DDPM step draws its noise on the model's device, so the ancestral chain needs a generator there
     step_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(int(seed))
@@ -73,12 +77,7 @@ def sample_volume(
         for s in range(0, n, max_batch):
             inp = torch.cat([c[s : s + max_batch], x[s : s + max_batch]], dim=1)
             tt = torch.full((inp.shape[0],), t, dtype=torch.long, device=device)
-            if autocast_dtype is not None:
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                    o = net(inp, tt)
-            else:
-                o = net(inp, tt)
-            outs.append(o.float())
+            outs.append(denoise(inp, tt).to(device))
         out = torch.cat(outs)
         if ancestral:
             x0, _ = predict_x0_eps(sched, out, x, t)

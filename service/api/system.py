@@ -102,3 +102,35 @@ def software_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
+
+
+def inference_runtimes(settings: Settings, limit: int = 8) -> list[dict[str, Any]]:
+    """The workers' inference-path measurements (data_dir/runtime/runtime-*.json), newest first.
+
+    Written by the worker's model (models.tmax_ddpm.runtime) when it measured which path is fastest on
+    its machine; read here as plain JSON so the service needs nothing of the model. Each entry: the
+    host, CPU capability, chosen path, and every candidate's time and max |dTmax| against fp32.
+    """
+    import json
+
+    folder = settings.runtime_dir
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.glob("runtime-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:limit]:
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        trials = [t for t in d.get("trials", []) if isinstance(t, dict)]
+        out.append({
+            "host": d.get("host", "?"), "device": d.get("device", "?"), "path": d.get("path", "?"),
+            "capability": d.get("capability", "?"), "native_bf16": bool(d.get("native_bf16")), "cpu": d.get("cpu", ""),
+            "threads": d.get("threads"), "measured_at": d.get("measured_at", ""), "speedup": d.get("speedup_vs_fp32"),
+            "tolerance_s": d.get("tolerance_s"), "skipped": d.get("skipped", {}),
+            "trials": [{"path": t.get("path"), "ok": t.get("ok"), "probe_s": t.get("probe_s"),
+                        "study_s": t.get("study_s_estimate"), "setup_s": t.get("setup_s"),
+                        "max_abs_tmax_s": t.get("max_abs_tmax_s"), "within": t.get("within_tolerance"),
+                        "error": t.get("error", "")} for t in trials],
+        })
+    return out

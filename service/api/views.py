@@ -15,7 +15,13 @@ from common.config import Settings
 from common.jobstore import dashboard_queries as dq
 from service.api import previews
 from service.api.auth import Principal
-from service.api.system import celery_workers, disk_status, queue_depths, software_versions
+from service.api.system import (
+    celery_workers,
+    disk_status,
+    inference_runtimes,
+    queue_depths,
+    software_versions,
+)
 
 MASK = "•••"
 _IDENTIFIER_FIELDS = ("patient_id", "patient_name")
@@ -104,6 +110,7 @@ def system_view(db: Session, settings: Settings, celery_app: Any = None) -> dict
         "deliveries_by_state": dq.deliveries_by_state(db),
         "software": software_versions(),
         "model": model,
+        "inference_runtimes": inference_runtimes(settings),
         "celery_workers": celery_workers(settings, celery_app) if celery_app is not None and not queues["error"] else None,
         "recent_stage_workers": dq.recent_stage_workers(db, datetime.now(UTC) - timedelta(minutes=30)),
         "destinations": [f"{d.ae_title}@{d.host}:{d.port}" + (" (TLS)" if d.tls else "") for d in settings.destinations],

@@ -68,11 +68,16 @@ class RunOptions:
     seed: int
     model_name: str
     device: str
+    inference_path: str = "auto"  # how the network runs (models.tmax_ddpm.runtime); auto = measured here
+    runtime_dir: str | None = None  # per-machine cache of that measurement
+    try_compile: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RunOptions:
         base = {"steps": settings.ddim_steps, "samples": settings.samples, "seed": settings.seed,
-                "model_name": settings.model_name, "device": settings.device}
+                "model_name": settings.model_name, "device": settings.device,
+                "inference_path": settings.inference_path, "runtime_dir": str(settings.runtime_dir),
+                "try_compile": settings.inference_try_compile}
         base.update({k: v for k, v in overrides.items() if v is not None})
         opts = cls(**base)
         if (opts.steps is not None and opts.steps < 1) or (opts.samples is not None and opts.samples < 1):
@@ -416,6 +421,7 @@ def stage_synthesize(ctx: Context, rec: Any) -> StageOutput:
     geo = _geometry(ctx)
     o = ctx.options
     synth = get_synthesizer(o.model_name, o.device)
+    synth.configure_runtime(o.inference_path, o.runtime_dir, o.try_compile)
     mean, sd, detail = synthesize_tmax(
         synth, vols["dwi"], vols["flair"], core, vols["brain"].astype(bool), vols.get("adc"),
         _spacing_zyx(geo), o.steps, o.samples, o.seed, progress=rec.progress,
@@ -425,7 +431,7 @@ def stage_synthesize(ctx: Context, rec: Any) -> StageOutput:
     detail["model_version"] = model_version(synth)
     _save_json(ctx.work / "model.json", detail)
     rec.update_result(versions={"synthperf": software_version(), "model": o.model_name,
-                                "model_version": detail["model_version"]})
+                                "model_version": detail["model_version"], "inference": detail.get("inference")})
     return StageOutput(detail)
 
 

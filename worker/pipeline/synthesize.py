@@ -97,4 +97,7 @@ def synthesize_tmax(
         "seconds": round(float(res.seconds), 3), "device": str(getattr(synth, "device", "")),
         "model_source": str(getattr(synth, "source", "")),
     }
+    choice = getattr(synth, "runtime", None)
+    if choice is not None:  # the measured/cached/forced inference path: shown in result.json and on the system page
+        detail["inference"] = choice.summary()
     return mean, sd, detail
