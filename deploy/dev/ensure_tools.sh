@@ -11,6 +11,9 @@ command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)  # test certificates for the DICOM TLS tests
+# Orthanc's DICOMweb plugin (STOW-RS delivery tests) and pixelmed's validators (SR, SEG, SC).
+compgen -G '/usr/share/orthanc/plugins/libOrthancDicomWeb.so*' >/dev/null || need+=(orthanc-dicomweb)
+command -v DicomSRValidator >/dev/null 2>&1 || need+=(pixelmed-apps)
 # PostgreSQL: the job-store tests use the server on 127.0.0.1:5432 when one answers, otherwise they
 # start a private cluster with Debian's /usr/lib/postgresql/*/bin/initdb (tests/conftest.py).
 if ! timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5432' 2>/dev/null \

@@ -8,7 +8,7 @@ series no.   object                                       why
 ===========  ==========================================  ===================================
 901          Parametric Map, Tmax float32 in s            the quantitative map (RWVM unit s)
 902          Parametric Map, Tmax SD float32 in s         the model's own uncertainty
-903          Parametric Map, Tmax uint16 (0.01 s/unit)    viewers that handle floats poorly
+903          Parametric Map, Tmax uint16 (0.1 s/unit)     viewers that ignore the RWVM (below)
 904          Segmentation BINARY: core, Tmax>6, Tmax>10   contours in any SEG-aware viewer
 905          Secondary Capture RGB, one per slice         overlays every PACS can show
 906          Secondary Capture RGB, summary page          the one picture a stroke team reads
@@ -20,6 +20,19 @@ Every object joins the original study as a new series whose description starts w
 DWI and FLAIR it came from. UIDs derive from (study UID, job version, object) so re-encoding the
 same job gives the same UIDs (a PACS then replaces rather than duplicates), while a new job
 version gives new ones.
+
+Two choices are made for viewers rather than for the standard, without leaving it
+(docs/conformance.md, "Objects we create"):
+
+- Parametric Maps store their frames in ascending order along the slice normal (row x column
+  direction), whatever order the DWI grid had (:func:`store_frames_ascending`): OHIF 3.13 stacks
+  Parametric Map frames in file order, so descending frames showed the map flipped head-foot over
+  the DWI. The SEG keeps highdicom's order: viewers place SEG frames by their positions.
+- The integer Tmax map stores Tmax in tenths of a second, at most 327 (32.7 s): a viewer that
+  ignores the Real World Value Mapping shows 62 for 6.2 s (the series description says so), and
+  OHIF, which multiplies stored values by 100 into a signed 16-bit range, stays below 32 767
+  instead of wrapping into garbage as it did with 0.01 s units. Tmax above 32.7 s (none in a DSC
+  acquisition of normal length) saturates there; the float map keeps the exact value.
 """
 
 from __future__ import annotations
@@ -52,13 +65,14 @@ WARNING = render.WARNING_TEXT
 SERIES = {
     "tmax": (901, "SYNTHETIC Tmax (s) - NOT FOR DIAGNOSTIC USE"),
     "tmax_sd": (902, "SYNTHETIC Tmax SD (s) - NOT FOR DIAGNOSTIC USE"),
-    "tmax_int": (903, "SYNTHETIC Tmax x0.01s int - NOT FOR DIAGNOSTIC USE"),
+    "tmax_int": (903, "SYNTHETIC Tmax in 0.1 s units - NOT FOR DIAGNOSTIC USE"),
     "seg": (904, "SYNTHETIC core/Tmax>6/Tmax>10 SEG - NOT FOR DIAGNOSTIC USE"),
     "overlay": (905, "SYNTHETIC Tmax overlay on DWI - NOT FOR DIAGNOSTIC USE"),
     "summary": (906, "SYNTHETIC perfusion summary - NOT FOR DIAGNOSTIC USE"),
     "sr": (907, "SYNTHETIC perfusion measurements SR"),
 }
-TMAX_INT_SLOPE = 0.01  # seconds per stored unit of the integer map
+TMAX_INT_SLOPE = 0.1  # seconds per stored unit of the integer map (module docstring says why)
+TMAX_INT_MAX = 327  # largest stored value: x100 (OHIF) still fits a signed 16-bit value
 
 # Coded concepts (SNOMED CT / DICOM) for the segments and measurements.
 SCT_INFARCT = Code("55641003", "SCT", "Infarct")
@@ -346,7 +360,43 @@ def _parametric_map(
         content_qualification=hd.ContentQualificationValues.RESEARCH,
     )
     _finish_header(pm, inp, description)
+    store_frames_ascending(pm)
     return pm
+
+
+def store_frames_ascending(ds: Dataset) -> None:
+    """Put a single-dimension (position) multi-frame object's frames in ascending order along the
+    slice normal, row direction x column direction, renumbering the position dimension index.
+
+    highdicom sorts frames along the opposite normal (its volume convention), so an axial map is
+    stored head first; OHIF stacks Parametric Map frames in file order and then shows it flipped.
+    Only uncompressed pixel data of 8 bits or more per sample is reordered (all our maps).
+    """
+    frames = ds.PerFrameFunctionalGroupsSequence
+    dims = ds.DimensionIndexSequence
+    if len(dims) != 1 or dims[0].DimensionIndexPointer != 0x00200032:
+        raise InvalidInputError("store_frames_ascending: the only dimension must be ImagePositionPatient")
+    iop = np.asarray(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    along = [float(np.dot(np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float), normal))
+             for f in frames]
+    order = [int(i) for i in np.argsort(along, kind="stable")]
+    if order == list(range(len(frames))):
+        return
+    keyword = next(k for k in ("FloatPixelData", "DoubleFloatPixelData", "PixelData") if k in ds)
+    data = bytes(getattr(ds, keyword))
+    size = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated // 8
+    if ds.BitsAllocated < 8 or len(data) < size * len(frames):
+        raise InvalidInputError("store_frames_ascending: needs uncompressed pixel data, 8+ bits per sample")
+    setattr(ds, keyword, b"".join(data[i * size:(i + 1) * size] for i in order))
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence([frames[i] for i in order])
+    for n, item in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        item.FrameContentSequence[0].DimensionIndexValues = n
+
+
+def tmax_int_stored(tmax: np.ndarray) -> np.ndarray:
+    """Stored values of the integer map: Tmax in 0.1 s units, 0..TMAX_INT_MAX (module docstring)."""
+    return np.clip(np.round(np.clip(tmax, 0, None) / TMAX_INT_SLOPE), 0, TMAX_INT_MAX).astype(np.uint16)
 
 
 def _encode_tmax_maps(inp: EncodeInput) -> list[tuple[str, Dataset]]:
@@ -371,14 +421,13 @@ def _encode_tmax_maps(inp: EncodeInput) -> list[tuple[str, Dataset]]:
         ),
         "TMAX_SD", "Synthetic Tmax sample SD " + WARNING, (2.0, 4.0),
     )
-    stored = np.clip(np.round(np.clip(tmax, 0, None) / TMAX_INT_SLOPE), 0, 65535).astype(np.uint16)
     int_map = _parametric_map(
-        inp, "tmax_int", stored,
+        inp, "tmax_int", tmax_int_stored(tmax),
         hd.pm.RealWorldValueMapping(
             lut_label="TMAX_S", lut_explanation=f"Synthetic Tmax, {TMAX_INT_SLOPE} s per unit", unit=seconds,
-            value_range=(0, 65535), slope=TMAX_INT_SLOPE, intercept=0.0, quantity_definition=DCM_TMAX,
+            value_range=(0, TMAX_INT_MAX), slope=TMAX_INT_SLOPE, intercept=0.0, quantity_definition=DCM_TMAX,
         ),
-        "TMAX_INT", "Synthetic Tmax x0.01 s " + WARNING, (800.0, 1600.0),
+        "TMAX_INT", "Synthetic Tmax in 0.1 s units " + WARNING, (80.0, 160.0),
     )
     return [("tmax", tmax_map), ("tmax_sd", sd_map), ("tmax_int", int_map)]
 
