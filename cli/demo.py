@@ -124,5 +124,8 @@ def send_demo_study(settings: Any, port: int) -> Path | None:
          "(summary.dcm is the one-page overview)")
     if settings.destinations:
         _say("  and in PACS:     " + ", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in settings.destinations))
+    else:
+        _say("  no PACS configured: the job ends 'done, not delivered'; to deliver, set SYNTHPERF_DESTINATIONS "
+             "(docs/operations.md)")
     _say("  every result is SYNTHETIC PERFUSION - NOT FOR DIAGNOSTIC USE")
     return study_dir

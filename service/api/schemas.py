@@ -65,6 +65,8 @@ class JobSummary(BaseModel):
     study: StudyOut
     stages: list[StageStrip]
     deliveries: list[DeliverySummary]
+    delivery: str = Field(description="where the results went: sent, pending, dead (gave up), "
+                          "not_configured (finished with no PACS configured) or none (not yet)")
     measures: dict[str, Any]
 
 

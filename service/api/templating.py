@@ -33,6 +33,16 @@ STATE_WORDS = {
 }
 
 
+NOT_DELIVERED_WORDS = "done, not delivered (no PACS configured)"
+
+
+def job_words(job: Any) -> str:
+    """STATE_WORDS for a job, except that a finished job that had no PACS to go to says so."""
+    if job.get("state") == "done" and job.get("delivery") == "not_configured":
+        return NOT_DELIVERED_WORDS
+    return STATE_WORDS.get(job.get("state"), "")
+
+
 def _parse(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
@@ -146,7 +156,7 @@ def is_mapping(value: Any) -> bool:
 
 templates.env.filters.update(info_value=info_value, groupby_pair=groupby_pair, device_of=device_of, evidence_lines=evidence_lines, pn=person_name, hhmm=hhmm, ago=ago, duration=duration, number=number, pretty_json=pretty_json)
 templates.env.tests["mapping_"] = is_mapping
-templates.env.globals.update(STATE_WORDS=STATE_WORDS, info_value=info_value)
+templates.env.globals.update(STATE_WORDS=STATE_WORDS, info_value=info_value, job_words=job_words)
 
 SOP_CLASS_NAMES = {
     "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",

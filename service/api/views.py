@@ -34,8 +34,23 @@ def mask_study(study: dict[str, Any], principal: Principal) -> dict[str, Any]:
     return {**study, **{k: (MASK if study.get(k) else study.get(k)) for k in _IDENTIFIER_FIELDS}}
 
 
+def delivery_of(job: dict[str, Any]) -> str:
+    """One word for where a job's results went, from its per-destination delivery summary.
+
+    A finished job with no delivery row had no PACS configured when it encoded: it is
+    ``not_configured``, never ``sent`` (a newcomer's demo job must not read "delivered").
+    """
+    states = {d["state"] for d in job.get("deliveries") or []}
+    if not states:
+        return "not_configured" if job.get("state") == "done" else "none"
+    for word in ("dead", "pending"):
+        if word in states:
+            return word
+    return "sent"
+
+
 def mask_job(job: dict[str, Any], principal: Principal) -> dict[str, Any]:
-    return {**job, "study": mask_study(job["study"], principal)}
+    return {**job, "delivery": delivery_of(job), "study": mask_study(job["study"], principal)}
 
 
 def job_output_dir(settings: Settings, output_dir: str | None) -> Path | None:
