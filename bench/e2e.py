@@ -8,7 +8,13 @@ each stage, queue hand-offs and delivery. Needs Redis (make bench starts one) an
 Reference: the same study's C-STORE into Orthanc by storescu directly (the floor of moving these
 bytes through a PACS), timed in the same run.
 
-    python -m bench.e2e [--steps 10] [--samples 1] [--stable-age 2]
+Sampling is the model's default (steps x samples from its config) on the inference path that
+``auto`` picks on this machine; that measurement is made once before the timed study (as a
+deployed worker has it cached from its first study). ``--isa avx2`` runs everything as on a CPU
+with AVX2 only (torch's dispatch and oneDNN limited with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA;
+ONNX Runtime and OpenVINO pick their own kernels and are not limited). The CPU capability is printed.
+
+    python -m bench.e2e [--steps N] [--samples N] [--stable-age 2] [--isa avx2]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC
@@ -46,13 +53,38 @@ def model_ref(tmp: Path) -> tuple[str, str]:
     return export_untrained_model(tmp / "model"), "UNTRAINED weights (demo not exported yet; timing only)"
 
 
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def premeasure_runtime(model: str, cache_dir: Path) -> dict:
+    """Let ``auto`` measure the inference paths once, on the bench's own phantom study, into the cache
+    the worker reads (a deployed worker has this from its first study on the machine)."""
+    from models.tmax_ddpm.inference import TmaxSynthesizer
+    from phantom.api import make_case
+
+    case = make_case(11, matrix=128)
+    synth = TmaxSynthesizer.load(model, device="cpu", runtime_dir=cache_dir)
+    synth.synthesize(case.dwi, case.flair_on_dwi, case.core, case.brain, steps=1, samples=1)
+    return synth.runtime.summary()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    ap.add_argument("--samples", type=int, default=None, help="samples (default: the model's)")
     ap.add_argument("--stable-age", type=float, default=2.0, help="completion quiet time (s)")
+    ap.add_argument("--isa", choices=sorted(ISA_ENV), default=None, help="run as on a CPU with only this ISA")
     ap.add_argument("--redis", default=os.environ.get("SYNTHPERF_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
     args = ap.parse_args(argv)
+    if args.isa and any(os.environ.get(k) != v for k, v in ISA_ENV[args.isa].items()):
+        # torch reads these at import: start again with them set (children inherit them)
+        env = {**os.environ, **ISA_ENV[args.isa]}
+        os.execve(sys.executable, [sys.executable, "-m", "bench.e2e", *(argv if argv is not None else sys.argv[1:])], env)
+    import torch
+
+    from models.tmax_ddpm.runtime import CpuFeatures
+
+    feats = CpuFeatures.detect()
 
     from sqlalchemy import func, select
 
@@ -79,9 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
             import httpx
 
             httpx.delete(f"{orthanc.url}/instances/{oid}", timeout=10)
+        runtime_dir = Path("runs") / "runtime"
+        t_rt = time.perf_counter()
+        choice = premeasure_runtime(model, runtime_dir)
+        print(f"inference path (auto, measured or cached before the timed study in {time.perf_counter() - t_rt:.0f} s): "
+              f"{choice}", flush=True)
         broker = PrivateRedis(tmp / "redis", args.redis)
         service = Service(tmp / "svc", broker.start(), orthanc, model, ddim_steps=args.steps, samples=args.samples,
-                          stable_age_s=args.stable_age)
+                          stable_age_s=args.stable_age, inference_cache_dir=str(runtime_dir.resolve()))
         service.start()
         try:
             # steady state: the worker child has loaded the model (worker_process_init) before we send
@@ -113,7 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
         total = (aware(last) - t_sent).total_seconds()
         completion = (aware(created) - t_sent).total_seconds()
         print(f"e2e: {what}, {n_files} instances in; {n_obj} result objects out; model: {model_note}")
-        print(f"  steps={args.steps} samples={args.samples} stable_age={args.stable_age}s, CPU, 2 cores shared")
+        print(f"  CPU {feats.name}, torch capability {feats.capability} (native bf16 {feats.native_bf16}), "
+              f"{torch.get_num_threads()} threads, {os.cpu_count()} cores; inference path {choice['path']}")
+        print(f"  steps={args.steps or 'model default'} samples={args.samples or 'model default'} "
+              f"stable_age={args.stable_age}s")
         print(f"  last instance sent -> last object accepted by Orthanc: {total:6.1f} s   (target < 30 s)")
         print(f"  completion (job created after last instance):          {completion:6.1f} s")
         prev_end = aware(created)
@@ -125,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             stage_sum += dur
         print(f"  stages total {stage_sum:.1f} s; reference storescu -> Orthanc of the input study: {ref_s:.2f} s")
         return {"total_s": total, "completion_s": completion, "stages": {r[0]: r[3] for r in rows},
-                "reference_s": ref_s, "objects": n_obj}
+                "reference_s": ref_s, "objects": n_obj, "capability": feats.capability, "inference": choice}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

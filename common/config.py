@@ -212,6 +212,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"{cidr!r} is not a CIDR network (e.g. 10.0.0.0/8)") from exc
         return v
 
+    inference_cache_dir: Path | None = Field(
+        default=None, description="Where the per-machine inference-path measurements live; empty = data_dir/runtime."
+    )
     @field_validator("ae_title", "push_calling_aet")
     @classmethod
     def _check_own_ae(cls, v: str) -> str:
@@ -305,7 +308,7 @@ class Settings(BaseSettings):
     @property
     def runtime_dir(self) -> Path:
         """Per-machine inference-path measurements (runtime-*.json) and the exported ONNX denoiser."""
-        return self.data_dir / "runtime"
+        return self.inference_cache_dir or self.data_dir / "runtime"
 
     @property
     def effective_database_url(self) -> str:

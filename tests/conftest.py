@@ -22,6 +22,9 @@ from typing import NoReturn
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: One inference-path measurement per machine for the whole test session and later ones (the cache is
+#: keyed by CPU, versions and model, so a stale entry is never used); only the first pipeline pays it.
+SHARED_RUNTIME_DIR = Path(tempfile.gettempdir()) / f"synthperf-test-runtime-{os.getuid()}"
 REALDATA = Path(os.environ.get("SYNTHPERF_REALDATA", REPO_ROOT.parent / "shared" / "realdata"))
 
 
@@ -261,6 +264,8 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("SYNTHPERF_") and key not in keep:
             monkeypatch.delenv(key, raising=False)
+    # every test's service shares one per-machine inference-path measurement (models.tmax_ddpm.runtime)
+    monkeypatch.setenv("SYNTHPERF_INFERENCE_CACHE_DIR", str(SHARED_RUNTIME_DIR))
     from common.config import get_settings
 
     get_settings.cache_clear()

@@ -51,8 +51,8 @@ CUDA_PATHS = ("fp32", "bf16")
 TOLERANCE_S = 0.5
 
 #: Stacks per probe batch: large enough that per-call overheads do not decide, small enough that
-#: measuring every path on 2 CPU cores takes seconds, not minutes.
-PROBE_BATCH = 32
+#: measuring every path on 2 CPU cores takes seconds, not minutes (the first study on a machine pays it).
+PROBE_BATCH = 16
 
 #: A path's one-off setup (export, compile) is repaid over this many studies in the comparison.
 AMORTISE_STUDIES = 20
@@ -322,7 +322,7 @@ SampleFn = Callable[[Denoise], torch.Tensor]
 
 
 def measure_paths(paths: list[str], make: Callable[[str], Denoise], sample: SampleFn, brain: torch.Tensor,
-                  repeats: int = 2) -> tuple[list[PathTrial], dict[str, Denoise]]:
+                  repeats: int = 1) -> tuple[list[PathTrial], dict[str, Denoise]]:
     """Time each path's sampler run on the probe and compare its Tmax (s) with fp32 eager's.
 
     ``sample(denoise)`` returns Tmax in seconds for the probe; ``brain`` masks the pixels compared.

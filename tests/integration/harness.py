@@ -23,7 +23,7 @@ import httpx
 import pydicom
 import yaml
 
-from tests.conftest import REPO_ROOT, free_port, require_tool
+from tests.conftest import REPO_ROOT, SHARED_RUNTIME_DIR, free_port, require_tool
 
 ORTHANC = "/usr/sbin/Orthanc"
 
@@ -210,6 +210,8 @@ class ServiceProcesses(ProcessGroup):
     """Our service's processes, all configured by ``<folder>/synthperf.yaml`` written from ``cfg``.
 
     The child environment drops the developer's SYNTHPERF_* variables (they would override the
+        # one inference-path measurement per machine for all harnesses (keyed by CPU, versions, model)
+        "inference_cache_dir": str(SHARED_RUNTIME_DIR),
     file) and adds ``extra_env``; ``spawn`` and ``start_worker`` start process groups that log to
     ``<folder>/<name>.log``. Subclasses decide which processes to start and when they are ready.
     """

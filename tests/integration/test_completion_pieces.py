@@ -92,9 +92,8 @@ def test_early_job_that_failed_is_superseded_by_the_one_that_succeeded(enhanced_
 
     first_part = _pick(enhanced_study, "diff")  # DWI and ADC; FLAIR comes minutes later
     second_part = [f for files in enhanced_study.values() for f in files if f not in first_part]
-    # A forced inference path: measuring the paths on a fresh data_dir would cost more than the job.
     settings = gateway_settings(tmp_path / "gw", stable_age_s=STABLE_AGE_S, ddim_steps=1, samples=1,
-                                device="cpu", model_name=model_ref, inference_path="bf16")
+                                device="cpu", model_name=model_ref)
     url = settings.effective_database_url
     enqueued: list[int] = []
 
