@@ -123,7 +123,7 @@ def send_demo_study(settings: Any, port: int) -> Path | None:
     _say(f"  results (DICOM): {Path(settings.output_dir).resolve()}/job_<id>/dicom   "
          "(summary.dcm is the one-page overview)")
     if settings.destinations:
-        _say("  and in PACS:     " + ", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in settings.destinations))
+        _say("  and in PACS:     " + ", ".join(d.key for d in settings.destinations))
     else:
         _say("  no PACS configured: the job ends 'done, not delivered'; to deliver, set SYNTHPERF_DESTINATIONS "
              "(docs/operations.md)")

@@ -17,9 +17,18 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit  # StowDestination
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (  # StowDestination
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -56,6 +65,57 @@ class Destination(BaseSettings):
         if not _AE_TITLE.match(v) or not v.strip():
             raise ValueError(f"destination ae_title {v!r} is not a valid AE title (1-16 printable characters)")
         return v
+
+    @property
+    def key(self) -> str:
+        """How deliveries, logs and the dashboard name this destination (as StowDestination.key)."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class StowDestination(BaseModel):
+    """A DICOMweb STOW-RS endpoint results are stored to (PS3.18 10.5), beside C-STORE PACS.
+
+    ``url`` is the DICOMweb base (``.../dicom-web``; we POST to ``{url}/studies``). At most one of
+    ``bearer_token`` and ``username``/``password`` (HTTP basic). TLS is verified by default, against
+    ``ca_file`` when set; ``verify_tls: false`` is for test servers only. A plain BaseModel, not
+    BaseSettings: an unset ``username`` must never be filled in from the environment's USERNAME.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=190)
+    bearer_token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_objects_per_request: int = Field(default=32, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"STOW-RS url {v!r} must be http(s)://host[:port]/path")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(f"STOW-RS url {v!r}: no credentials, query or fragment (use username/password)")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> StowDestination:
+        if self.bearer_token is not None and (self.username or self.password is not None):
+            raise ValueError("STOW-RS destination: give bearer_token or username/password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("STOW-RS destination: username and password go together")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"STOW-RS destination: ca_file {self.ca_file} does not exist")
+        return self
+
+    @property
+    def key(self) -> str:
+        """How deliveries, logs and the dashboard name this destination (no credentials)."""
+        return f"STOW-RS {self.url}"
 
 
 class Settings(BaseSettings):
@@ -167,7 +227,11 @@ class Settings(BaseSettings):
     core_model_weights: Path | None = Field(default=None, description="Learned core model (.safetensors, JSON config beside it); empty = ADC rule")
 
     # --- push
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[Destination | StowDestination] = Field(
+        default_factory=list,
+        description="Where results go: C-STORE PACS {ae_title, host, port, tls} and/or DICOMweb STOW-RS "
+        "{url, bearer_token | username+password, verify_tls, ca_file} (StowDestination).",
+    )
     push_retry_period_s: float = Field(default=24 * 3600, gt=0)
     push_backoff_initial_s: float = Field(default=5.0, gt=0)
     push_backoff_max_s: float = Field(default=600.0, gt=0)

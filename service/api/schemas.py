@@ -210,6 +210,8 @@ class SystemOut(BaseModel):
     celery_workers: list[str] | None = Field(description="nodes answering a broker ping (Redis only)")
     recent_stage_workers: list[dict[str, Any]] = Field(description="workers that ran a stage in the last 30 min")
     destinations: list[str]
+    destination_states: list[dict[str, Any]] = Field(
+        description="per destination: kind (C-STORE or STOW-RS), state, pending/sent/dead counts, last error")
 
 
 class AuditOut(BaseModel):

@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from common.config import Settings
+from common.config import Settings, StowDestination
 from common.jobstore import dashboard_queries as dq
+from common.jobstore.models import Delivery, DeliveryState
 from service.api import previews
 from service.api.auth import Principal
 from service.api.system import (
@@ -87,6 +89,30 @@ def rendered_preview(settings: Settings, output_dir: str | None, name: str) -> b
     return previews.render(root, name)
 
 
+def destination_states(db: Session, settings: Settings) -> list[dict[str, Any]]:
+    """Per configured destination (C-STORE or STOW-RS): objects waiting, sent and given up, and the
+    newest error of a waiting or given-up object, so the system page shows which PACS is down."""
+    rows = db.execute(
+        select(Delivery.destination, Delivery.state, func.count(Delivery.id)).group_by(Delivery.destination,
+                                                                                      Delivery.state)
+    ).all()
+    out = []
+    for d in settings.destinations:
+        counts = {s: int(n) for dest, s, n in rows if dest == d.key}
+        last = db.scalars(
+            select(Delivery.last_error).where(Delivery.destination == d.key, Delivery.last_error.is_not(None),
+                                              Delivery.state != DeliveryState.SENT)
+            .order_by(Delivery.next_attempt_at.desc()).limit(1)
+        ).first()
+        pending, dead = counts.get(DeliveryState.PENDING, 0), counts.get(DeliveryState.DEAD, 0)
+        out.append({
+            "destination": d.key, "kind": "STOW-RS" if isinstance(d, StowDestination) else "C-STORE",
+            "state": "dead" if dead else "pending" if pending else "sent" if counts else "idle",
+            "pending": pending, "sent": counts.get(DeliveryState.SENT, 0), "dead": dead, "last_error": last,
+        })
+    return out
+
+
 def system_view(db: Session, settings: Settings, celery_app: Any = None) -> dict[str, Any]:
     beats = dq.heartbeats(db)
     scp = [b for b in beats if b["component"] == "scp"]
@@ -128,5 +154,6 @@ def system_view(db: Session, settings: Settings, celery_app: Any = None) -> dict
         "inference_runtimes": inference_runtimes(settings),
         "celery_workers": celery_workers(settings, celery_app) if celery_app is not None and not queues["error"] else None,
         "recent_stage_workers": dq.recent_stage_workers(db, datetime.now(UTC) - timedelta(minutes=30)),
-        "destinations": [f"{d.ae_title}@{d.host}:{d.port}" + (" (TLS)" if d.tls else "") for d in settings.destinations],
+        "destinations": [d.key + (" (TLS)" if getattr(d, "tls", False) else "") for d in settings.destinations],
+        "destination_states": destination_states(db, settings),
     }

@@ -75,7 +75,9 @@ class OrthancServer:
             "HttpPort": self.http_port, "HttpBindAddress": "127.0.0.1", "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "StorageDirectory": str(folder / "db"),
             "IndexDirectory": str(folder / "db"), "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
-            "Plugins": [], "StorageCompression": False, "OverwriteInstances": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],  # DICOMweb
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StorageCompression": False, "OverwriteInstances": False,
         }))
         self.log = folder / "orthanc.log"
 
@@ -85,6 +87,13 @@ class OrthancServer:
 
     def start(self, timeout: float = 30.0) -> None:
         exe = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base URL (STOW-RS at ``/studies``); needs the plugin (DICOMweb)."""
+        if not DICOMWEB_PLUGIN.exists():
+            require_tool("orthanc-dicomweb plugin")
+        return f"{self.url}/dicom-web"
+
         env = {**os.environ, "TCP_NODELAY": "1"}
         # --verbose: Orthanc logs every C-STORE ("Incoming Store request") and duplicates ("Already stored")
         flags = ["--verbose"] if self.verbose else []

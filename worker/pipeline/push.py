@@ -1,7 +1,9 @@
 """Deliver encoded objects to every configured PACS, exactly once each, surviving PACS outages.
 
-The job store holds one Delivery row per (job, destination, object). A row is *pending* until a
-C-STORE returns a success or warning status, then *sent*; if it has not been sent within
+The job store holds one Delivery row per (job, destination, object). A destination is a C-STORE
+PACS or a DICOMweb STOW-RS endpoint (:mod:`worker.pipeline.stow`); both answer one outcome per
+object. A row is *pending* until its C-STORE (or STOW-RS) returns a success or warning status, then
+*sent*; if it has not been sent within
 ``push_retry_period_s`` (default 24 h) of its first attempt window it becomes *dead*
 (dead-lettered) and waits for a person to re-push it (``synthperf repush JOB_ID``).
 
@@ -31,7 +33,7 @@ from pynetdicom import AE, _config, build_context
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from common.config import Destination, Settings
+from common.config import Destination, Settings, StowDestination
 from common.jobstore.db import session_scope
 from common.jobstore.models import Delivery, DeliveryState, Job, JobState
 
@@ -45,8 +47,8 @@ CLAIM_LEASE_S = 300.0
 _config.STORE_SEND_CHUNKED_DATASET = True  # a claimed row is not due again for this long, even if the worker dies
 
 
-def destination_key(dest: Destination) -> str:
-    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+def destination_key(dest: Destination | StowDestination) -> str:
+    return dest.key
 
 
 def utcnow() -> datetime:
@@ -225,15 +227,23 @@ def _claim(session: Session, row_id: int, now: datetime) -> bool:
     return res.rowcount == 1
 
 
-def _destinations_by_key(settings: Settings) -> dict[str, Destination]:
+def _destinations_by_key(settings: Settings) -> dict[str, Destination | StowDestination]:
     return {destination_key(d): d for d in settings.destinations}
 
 
 Sender = Callable[..., list[SendOutcome]]
 
 
-def push_due(settings: Settings, job_id: int, now: datetime | None = None, sender: Sender = send_files) -> PushReport:
+def _stow_send(paths: Sequence[str], dest: StowDestination, calling_aet: str, **kwargs: object) -> list[SendOutcome]:
+    from worker.pipeline import stow  # imported when a STOW-RS destination exists (requests, dicomweb-client)
+
+    return stow.send_files(paths, dest, calling_aet, **kwargs)
+
+
+def push_due(settings: Settings, job_id: int, now: datetime | None = None, sender: Sender = send_files,
+             stow_sender: Sender = _stow_send) -> PushReport:
     """Try every due pending delivery of a job once; record outcomes; update the job state.
+    ``sender`` speaks C-STORE, ``stow_sender`` STOW-RS (tests replace them).
 
     Rows whose destination is no longer configured stay pending with an error saying so (they
     are not silently dropped: re-adding the destination or re-pushing resolves them).
@@ -258,12 +268,13 @@ def push_due(settings: Settings, job_id: int, now: datetime | None = None, sende
                 claimed.setdefault(row.destination, []).append((row.id, row.path))
     report = PushReport()
     tls = None
-    if any(dests[k].tls for k in claimed):
+    if any(isinstance(dests[k], Destination) and dests[k].tls for k in claimed):
         tls = tls_context(settings)
     for key, rows in claimed.items():
         existing = [(rid, p) for rid, p in rows if Path(p).is_file()]
         missing = [(rid, p) for rid, p in rows if not Path(p).is_file()]
-        outcomes = {o.path: o for o in sender([p for _, p in existing], dests[key], settings.push_calling_aet, tls=tls)}
+        send = stow_sender if isinstance(dests[key], StowDestination) else sender
+        outcomes = {o.path: o for o in send([p for _, p in existing], dests[key], settings.push_calling_aet, tls=tls)}
         finished = now + (utcnow() - started)  # the caller's clock, advanced by the time spent
         with session_scope(url) as s:
             for rid, p in existing + missing:
