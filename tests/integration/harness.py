@@ -26,6 +26,8 @@ import yaml
 from tests.conftest import REPO_ROOT, SHARED_RUNTIME_DIR, free_port, require_tool
 
 ORTHANC = "/usr/sbin/Orthanc"
+# Debian's orthanc-dicomweb (QIDO/WADO/STOW-RS under /dicom-web/); loaded when installed
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class ProcessGroup:
@@ -85,8 +87,6 @@ class OrthancServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 30.0) -> None:
-        exe = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")
     @property
     def dicomweb_url(self) -> str:
         """The DICOMweb base URL (STOW-RS at ``/studies``); needs the plugin (DICOMweb)."""
@@ -94,6 +94,8 @@ class OrthancServer:
             require_tool("orthanc-dicomweb plugin")
         return f"{self.url}/dicom-web"
 
+    def start(self, timeout: float = 30.0) -> None:
+        exe = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")
         env = {**os.environ, "TCP_NODELAY": "1"}
         # --verbose: Orthanc logs every C-STORE ("Incoming Store request") and duplicates ("Already stored")
         flags = ["--verbose"] if self.verbose else []
@@ -208,6 +210,8 @@ def service_config(folder: Path, broker_url: str, orthanc: OrthancServer, model:
         "ddim_steps": 2,
         "samples": 1,
         "device": "cpu",
+        # one inference-path measurement per machine for all harnesses (keyed by CPU, versions, model)
+        "inference_cache_dir": str(SHARED_RUNTIME_DIR),
         "destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}],
         "push_backoff_initial_s": 1.0,
         "push_backoff_max_s": 2.0,
@@ -219,8 +223,6 @@ class ServiceProcesses(ProcessGroup):
     """Our service's processes, all configured by ``<folder>/synthperf.yaml`` written from ``cfg``.
 
     The child environment drops the developer's SYNTHPERF_* variables (they would override the
-        # one inference-path measurement per machine for all harnesses (keyed by CPU, versions, model)
-        "inference_cache_dir": str(SHARED_RUNTIME_DIR),
     file) and adds ``extra_env``; ``spawn`` and ``start_worker`` start process groups that log to
     ``<folder>/<name>.log``. Subclasses decide which processes to start and when they are ready.
     """
