@@ -24,8 +24,15 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# checkov (policy checks of deploy/k8s) pins older releases of packages the service uses (packaging,
+# networkx), so it lives in a venv of its own.
+CHECKOV := .venv-checkov/bin/checkov
+$(CHECKOV):
+	@test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
+	@.venv-checkov/bin/python -m pip install -q checkov==3.3.30
+
 # Slow and load tests run in a small form here (SYNTHPERF_SLOW_SCALE=small).
-test: venv tools lint
+test: venv tools $(CHECKOV) lint
 	SYNTHPERF_REQUIRE_TOOLS=1 SYNTHPERF_SLOW_SCALE=small PYTHON=$(PY) \
 	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider tests
 
@@ -36,4 +43,4 @@ run: venv
 	$(VENV)/bin/synthperf serve --demo
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) .venv-checkov var
