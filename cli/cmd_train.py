@@ -2,6 +2,8 @@
 
 Re-running the same command resumes from RUN_DIR/checkpoint.pt. ``--export DIR`` copies the run's
 latest EMA weights (safetensors + config + sha256) to DIR without training, e.g. models/weights/demo.
+On several processes or machines it runs under torchrun with DDP (models/train.py), e.g.
+``torchrun --nproc_per_node 2 -m cli.main train DATA --out RUN_DIR``; rank 0 writes the run folder.
 """
 
 from __future__ import annotations

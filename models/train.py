@@ -4,6 +4,14 @@ Re-running the same command resumes: RUN_DIR/checkpoint.pt holds network, EMA, o
 state, step and loss history; it is rewritten every ``checkpoint_minutes`` and at the end, and each
 time the EMA weights are exported to RUN_DIR/export/ (safetensors + config + sha256) so a run can be
 evaluated or shipped at any moment.
+
+Beyond one machine (the MONAI convention): started by ``torchrun`` (WORLD_SIZE > 1 in the
+environment), the loop runs under DistributedDataParallel, NCCL on CUDA and gloo on the CPU. Every
+rank draws its own batches (its generator is seeded with its rank, so the global batch is
+``batch_size`` x world size) and the gradients are averaged across ranks, so all ranks hold the same
+weights after every step; rank 0 alone builds the slice cache, writes the run's config, checkpoints,
+exports and plots, and the others only train. A stop (signal, --max-minutes) is agreed by all ranks
+at the same step, so none waits forever in a collective. The single-process path is unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import copy
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -38,6 +47,85 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class _Dist:
+    """This process's place in a torchrun job; world 1 (no process group) when started alone."""
+
+    def __init__(self, dev_name: str) -> None:
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.local_rank = 0, 0
+        self.started = False
+        if self.world <= 1:
+            return
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = dev_name.startswith("cuda") or (dev_name == "auto" and torch.cuda.is_available())
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            self.started = True
+        self.rank = dist.get_rank()
+        if cuda:
+            torch.cuda.set_device(self.local_rank)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, name: str) -> torch.device:
+        dev = _device(name)
+        if self.world > 1 and dev.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return dev
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
+        if self.world <= 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, value: float) -> float:
+        if self.world <= 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def gather(self, obj):  # noqa: ANN001, ANN201 - any picklable object
+        if self.world <= 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):  # noqa: ANN001, ANN201 - rank 0's object on every rank
+        if self.world <= 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.started:
+            torch.distributed.destroy_process_group()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of the module's tensors in order: equal digests, equal weights (ranks are compared by it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -201,8 +289,19 @@ def train(
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    dist = _Dist(device)
+    try:
+        return _train(dist, data_dir, run, cfg, device, max_minutes, progress, init_from)
+    finally:
+        dist.close()
+
+
+def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress, init_from) -> dict:  # noqa: ANN001
+    """train() on this rank (world 1 when not under torchrun)."""
     cfg_file = run / "config.json"
-    if cfg_file.exists():
+    existed = cfg_file.exists()
+    dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
+    if existed:
         saved = Config.from_dict(json.loads(cfg_file.read_text()))
         if cfg is not None and cfg.to_dict() != saved.to_dict():
             raise ValueError(
@@ -212,12 +311,17 @@ def train(
         cfg = saved
     else:
         cfg = cfg or Config()
-        cfg_file.write_text(cfg.to_json() + "\n")
+        if dist.main:
+            cfg_file.write_text(cfg.to_json() + "\n")
     tc, mc = cfg.train, cfg.model
     threads = ThreadTuner(tc.num_threads)
-    dev = _device(device)
+    dev = dist.device(device)
 
-    cache = build_cache(data_dir, mc.grid, run / "cache" / f"grid{mc.grid}", progress=progress)
+    if not dist.main:
+        dist.barrier()  # rank 0 builds the slice cache; the others then load it
+    cache = build_cache(data_dir, mc.grid, run / "cache" / f"grid{mc.grid}", progress=progress and dist.main)
+    if dist.main:
+        dist.barrier()
     bank = SliceBank(cache, mc.inputs, mc.slices, tc)
 
     net = build_network(mc).to(dev)
@@ -245,11 +349,19 @@ def train(
         # a different seed stream from a fresh run's, so the warm start does not replay its batches
         gen.manual_seed(tc.seed + step)
         log.info("warm start of %s from %s at step %d", run, init_from, step)
+    if dist.rank:  # each rank its own batches, reproducible from the step a run starts or resumes at
+        gen.manual_seed(tc.seed + 7919 * dist.rank + step)
 
     use_cl = tc.channels_last and dev.type == "cpu"
     if use_cl:
         net = net.to(memory_format=torch.channels_last)
-    amp_dtype, precision = _training_precision(dev, tc, bank, sched, net, use_cl)
+    choice = _training_precision(dev, tc, bank, sched, net, use_cl) if dist.main else None
+    amp_dtype, precision = dist.broadcast(choice)  # one precision for all ranks: rank 0's measurement
+    model = net
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     log.info("training precision %s (%s)", precision["precision"], precision)
 
     def export(final: bool = False) -> None:
@@ -269,6 +381,8 @@ def train(
         export_weights(ema.state_dict(), cfg, run / "export", info=info)
 
     def checkpoint() -> None:
+        if not dist.main:  # rank 0 alone writes the run folder
+            return
         _save_atomic(
             {
                 "net": net.state_dict(),
@@ -298,7 +412,7 @@ def train(
             old_handlers[sig] = signal.signal(sig, _on_signal)
 
     bar = None
-    if progress:
+    if progress and dist.main:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", mininterval=5, dynamic_ncols=False)
@@ -306,8 +420,9 @@ def train(
     last_ck = time.perf_counter()
     acc, acc_n = 0.0, 0
     net.train()
-    while step < tc.steps and not stop["flag"]:
-        if max_minutes is not None and (time.perf_counter() - t_start) > max_minutes * 60:
+    while step < tc.steps:
+        timed_out = max_minutes is not None and (time.perf_counter() - t_start) > max_minutes * 60
+        if dist.any(stop["flag"] or timed_out):  # all ranks stop at the same step
             break
         threads.before(step)
         t_step = time.perf_counter()
@@ -326,9 +441,9 @@ def train(
             g["lr"] = lr_at(step, tc, restart)
         if amp_dtype is not None:
             with torch.autocast(device_type=dev.type, dtype=amp_dtype):
-                out = net(inp, t)
+                out = model(inp, t)
         else:
-            out = net(inp, t)
+            out = model(inp, t)
         loss = weighted_mse(out, target, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -348,9 +463,9 @@ def train(
         acc += float(loss.detach())
         acc_n += 1
         if step % tc.log_every == 0 or step == tc.steps:
-            history.append((step, acc / acc_n))
+            history.append((step, dist.mean(acc / acc_n)))
             if bar is not None:
-                bar.set_postfix(loss=f"{acc / acc_n:.4f}", lr=f"{lr_at(step, tc, restart):.1e}", threads=threads.current)
+                bar.set_postfix(loss=f"{history[-1][1]:.4f}", lr=f"{lr_at(step, tc, restart):.1e}", threads=threads.current)
             acc, acc_n = 0.0, 0
         if bar is not None:
             bar.update(1)
@@ -362,5 +477,9 @@ def train(
         bar.close()
     for sig, h in old_handlers.items():
         signal.signal(sig, h)
-    return {"step": step, "target_steps": tc.steps, "train_seconds": train_seconds, "finished": step >= tc.steps,
-            "last_loss": history[-1][1] if history else None, "run_dir": str(run)}
+    summary = {"step": step, "target_steps": tc.steps, "train_seconds": train_seconds, "finished": step >= tc.steps,
+               "last_loss": history[-1][1] if history else None, "run_dir": str(run)}
+    if dist.world > 1:  # each rank's own weights, hashed: DDP keeps them equal, this shows it
+        summary.update(world_size=dist.world, rank=dist.rank, weight_digests=dist.gather(weights_digest(net)))
+        dist.barrier()
+    return summary
