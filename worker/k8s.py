@@ -31,11 +31,12 @@ class AliveFile(bootsteps.StartStopStep):
 
     requires = {"celery.worker.components:Timer"}
 
-    def __init__(self, parent: Any, path: Path = ALIVE_FILE, period_s: float = ALIVE_PERIOD_S, **kwargs: Any) -> None:
+    def __init__(self, parent: Any, path: Path | None = None, period_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
+        period_s = ALIVE_PERIOD_S if period_s is None else period_s  # module values read now: tests set them
         if period_s <= 0:
             raise ValueError(f"period_s must be positive, not {period_s}")
-        self.path = Path(path)
+        self.path = Path(ALIVE_FILE if path is None else path)
         self.period_s = period_s
         self.tref: Any = None
 
