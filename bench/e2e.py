@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     ap.add_argument("--samples", type=int, default=None, help="samples (default: the model's)")
-    ap.add_argument("--stable-age", type=float, default=2.0, help="completion quiet time (s)")
+    ap.add_argument("--stable-age", type=float, default=None, help="completion quiet time (s; default: the setting's)")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--isa", choices=sorted(ISA_ENV), default=None, help="run as on a CPU with only this ISA")
     ap.add_argument("--redis", default=os.environ.get("SYNTHPERF_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
     args = ap.parse_args(argv)
@@ -117,8 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"inference path (auto, measured or cached before the timed study in {time.perf_counter() - t_rt:.0f} s): "
               f"{choice}", flush=True)
         broker = PrivateRedis(tmp / "redis", args.redis)
+        from common.config import Settings
+
+        stable_age = args.stable_age if args.stable_age is not None else Settings.model_fields["stable_age_s"].default
         service = Service(tmp / "svc", broker.start(), orthanc, model, ddim_steps=args.steps, samples=args.samples,
-                          stable_age_s=args.stable_age, inference_cache_dir=str(runtime_dir.resolve()))
+                          stable_age_s=stable_age, inference_cache_dir=str(runtime_dir.resolve()))
         service.start()
         try:
             # steady state: the worker child has loaded the model (worker_process_init) before we send
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  CPU {feats.name}, torch capability {feats.capability} (native bf16 {feats.native_bf16}), "
               f"{torch.get_num_threads()} threads, {os.cpu_count()} cores; inference path {choice['path']}")
         print(f"  steps={args.steps or 'model default'} samples={args.samples or 'model default'} "
-              f"stable_age={args.stable_age}s")
+              f"stable_age={stable_age}s")
         print(f"  last instance sent -> last object accepted by Orthanc: {total:6.1f} s   (target < 30 s)")
         print(f"  completion (job created after last instance):          {completion:6.1f} s")
         prev_end = aware(created)
@@ -164,10 +168,49 @@ def main(argv: list[str] | None = None) -> dict:
             prev_end = aware(end)
             stage_sum += dur
         print(f"  stages total {stage_sum:.1f} s; reference storescu -> Orthanc of the input study: {ref_s:.2f} s")
-        return {"total_s": total, "completion_s": completion, "stages": {r[0]: r[3] for r in rows},
-                "reference_s": ref_s, "objects": n_obj, "capability": feats.capability, "inference": choice}
+        res = {"total_s": total, "completion_s": completion, "stages": {r[0]: r[3] for r in rows},
+               "reference_s": ref_s, "objects": n_obj, "capability": feats.capability, "inference": choice,
+               "cpu": feats.name, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "stable_age_s": stable_age,
+               "steps": args.steps, "samples": args.samples, "instances": n_files, "study": what, "model": model_note,
+               "isa": args.isa}
+        if not args.no_doc:
+            write_doc(res)
+        return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def write_doc(r: dict) -> None:
+    """The latest end-to-end figures, one block per CPU capability (docs/benchmarks.md)."""
+    import re
+
+    kind = r["capability"]
+    begin, end = f"<!-- bench.e2e.{kind}:begin -->", f"<!-- bench.e2e.{kind}:end -->"
+    how = (f"as on an AVX2-only CPU (`--isa {r['isa']}`: ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA; ONNX Runtime "
+           "and OpenVINO still use their own kernels)") if r["isa"] else "natively"
+    stages = " · ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items())
+    block = "\n".join([
+        begin,
+        f"`python -m bench.e2e{' --isa ' + r['isa'] if r['isa'] else ''}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{how}: CPU `{r['cpu']}`, torch capability **{kind}**, {r['cores']} cores, {r['threads']} threads; "
+        f"inference path **{r['inference']['path']}** ({r['inference']['how']}); sampling "
+        f"{r['steps'] or 'model default'} steps x {r['samples'] or 'model default'} samples; stable_age {r['stable_age_s']} s; "
+        f"{r['study']}, {r['instances']} instances in, {r['objects']} objects out.",
+        "",
+        f"- last instance sent -> last object accepted by Orthanc: **{r['total_s']:.1f} s** (target < 30 s)",
+        f"- completion (last instance -> job): {r['completion_s']:.1f} s; stages: {stages}",
+        f"- reference: storescu of the input study straight into Orthanc {r['reference_s']:.1f} s",
+        end,
+    ])
+    text = DOC.read_text()
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -34,7 +35,12 @@ from models.tmax_ddpm.runtime import CUDA_PATHS, PATHS, TOLERANCE_S, CpuFeatures
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench.sampling:begin -->", "<!-- bench.sampling:end -->"
-PBEGIN, PEND = "<!-- bench.sampling.paths:begin -->", "<!-- bench.sampling.paths:end -->"
+
+
+def paths_markers(machine: dict) -> tuple[str, str]:
+    """One block per kind of machine (CPU capability, or the GPU), so each keeps its latest figures."""
+    kind = machine["capability"] if machine["device"] == "cpu" else re.sub(r"\W+", "-", machine["device"]).strip("-")
+    return f"<!-- bench.sampling.paths.{kind}:begin -->", f"<!-- bench.sampling.paths.{kind}:end -->"
 
 
 def run_case(synth: TmaxSynthesizer, case, **kw) -> tuple[np.ndarray, float]:
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--paths-only", action="store_true", help="only the inference paths side by side")
+    ap.add_argument("--no-paths", action="store_true", help="skip the inference paths (curves only)")
     ap.add_argument("--skip", default="", help="comma-separated paths not to time (e.g. compile)")
     ap.add_argument("--uncertainty-samples", default="2,4,8,16")
     ap.add_argument("--uncertainty-cases", type=int, default=3)
@@ -184,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     ensure_heldout(args.data, args.cases)
     feats = CpuFeatures.detect()
-    machine = {"capability": feats.capability, "native_bf16": feats.native_bf16, "cpu": feats.name,
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ)
+    machine = {"command": (env + " " if env else "") + "python -m bench.sampling " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "capability": feats.capability, "native_bf16": feats.native_bf16, "cpu": feats.name,
                "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
                "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(0)}
     print(f"machine: {machine}", flush=True)
@@ -194,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"model": synth.source, "model_info": synth.info, "cases": len(cases), "threads": torch.get_num_threads(),
                  "defaults": {"steps": d_steps, "samples": d_samples}, "machine": machine}
     tall = [c for c in cases if c.images["dwi"].shape[0] >= 25] or cases
-    res["paths"] = bench_paths(args.model, args.device, study_25(tall[0]), {p for p in args.skip.split(",") if p})
+    if not args.no_paths:
+        res["paths"] = bench_paths(args.model, args.device, study_25(tall[0]), {p for p in args.skip.split(",") if p})
     if args.paths_only:
         _finish(res, args, paths_only=True)
         return 0
@@ -276,7 +286,8 @@ def _finish(res: dict, args, paths_only: bool = False) -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=str))
     if not args.no_doc:
-        write_paths_doc(res)
+        if "paths" in res:
+            write_paths_doc(res)
         if not paths_only:
             write_doc(res)
 
@@ -292,10 +303,11 @@ def _replace_block(begin: str, end: str, block: str, heading: str) -> None:
 
 def write_paths_doc(r: dict) -> None:
     m, p = r["machine"], r["paths"]
+    pbegin, pend = paths_markers(m)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        PBEGIN,
-        f"`python -m bench.sampling{' --device ' + m['device'] if m['device'] != 'cpu' else ''}`, {when}: "
+        pbegin,
+        f"`{m.get('command', 'python -m bench.sampling')}`, {when}: "
         f"{m['device']}, CPU `{m['cpu']}`, torch CPU capability **{m['capability']}**, native bf16 "
         f"{'yes' if m['native_bf16'] else 'no'}, {m['threads']} threads, torch {m['torch']}. One {p['shape'][0]}-slice "
         f"{p['shape'][1]}x{p['shape'][2]} phantom study, the model's default {r['defaults']['steps']} DDIM steps x "
@@ -318,8 +330,8 @@ def write_paths_doc(r: dict) -> None:
               f"`auto` picked {p['auto']}",
               f"(fastest path in the table: {p['fastest']}, {p['fastest_ratio_vs_fp32']:.2f}x). Tolerance: max abs dTmax "
               f"<= {p['tolerance_s']} s inside the brain on the probe.",
-              PEND]
-    _replace_block(PBEGIN, PEND, "\n".join(lines), "## Tmax inference paths (issue 14)")
+              pend]
+    _replace_block(pbegin, pend, "\n".join(lines), f"### Inference paths on {m['device']}, capability {m['capability']}")
 
 
 def write_doc(r: dict) -> None:

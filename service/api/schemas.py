@@ -212,6 +212,10 @@ class SystemOut(BaseModel):
     destinations: list[str]
     destination_states: list[dict[str, Any]] = Field(
         description="per destination: kind (C-STORE or STOW-RS), state, pending/sent/dead counts, last error")
+    inference_runtimes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per worker machine: the Tmax inference path in use and every candidate's measured time and "
+        "max |dTmax| against fp32 (models.tmax_ddpm.runtime), newest first")
 
 
 class AuditOut(BaseModel):

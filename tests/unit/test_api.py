@@ -7,6 +7,7 @@ The job store is a real SQLite file migrated by init_db and filled with realisti
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -497,6 +498,33 @@ def test_system_status(env):
     assert s["software"]["synthperf"] and s["model"]["configured"] == "demo"
     assert s["model"]["last_job_versions"]["model_sha256"] == "ab12cd34"
     assert "not in allowed_aets" in page and "cuda:0" in page and "stale" in page
+
+
+def test_system_page_shows_the_measured_inference_path(env):
+    """What a worker's model wrote (models.tmax_ddpm.runtime) is what the admin sees, via plain JSON."""
+    from models.tmax_ddpm.runtime import PathTrial, RuntimeChoice
+
+    settings, _ = env
+    settings = settings.model_copy(update={"inference_cache_dir": settings.data_dir / "runtime"})
+    choice = RuntimeChoice(
+        path="openvino", how="measured", device="cpu", capability="AVX2", native_bf16=False, cpu="AMD EPYC",
+        threads=2, torch="2.13.0", host="worker-7", measured_at="2026-12-02T15:00:00+00:00", speedup_vs_fp32=1.3,
+        trials=[PathTrial("fp32", True, probe_s=1.3, study_s_estimate=16.2, max_abs_tmax_s=0.0, within_tolerance=True),
+                PathTrial("openvino", True, probe_s=1.0, study_s_estimate=12.5, max_abs_tmax_s=0.00002,
+                          within_tolerance=True),
+                PathTrial("onnxruntime", False, error="ImportError: no onnxruntime")],
+        skipped={"bf16": "no native bf16 on this CPU (capability AVX2)"})
+    settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    (settings.runtime_dir / "runtime-0123456789abcdef.json").write_text(json.dumps(choice.to_dict()))
+    with _client(settings) as c:
+        login(c, VIEWER)
+        s = c.get("/api/system").json()
+        page = c.get("/system").text
+    (r,) = s["inference_runtimes"]
+    assert (r["host"], r["path"], r["capability"], r["native_bf16"]) == ("worker-7", "openvino", "AVX2", False)
+    assert [t["path"] for t in r["trials"]] == ["fp32", "openvino", "onnxruntime"] and not r["trials"][2]["ok"]
+    assert "Inference path" in page and "worker-7" in page and "1.30x fp32 eager" in page
+    assert "no native bf16 on this CPU" in page and "ImportError: no onnxruntime" in page
 
 
 def test_readyz_fails_below_the_disk_watermark(data_dir):
