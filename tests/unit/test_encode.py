@@ -164,15 +164,19 @@ def test_sr_reports_our_volumes_and_flags(encoded):
     sr = hd.sr.srread(by_kind["sr"].path)
     seg_uid = pydicom.dcmread(by_kind["seg"].path, stop_before_pixels=True).SOPInstanceUID
     vols = {}
-    for g in sr.content.get_volumetric_roi_measurement_groups():
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    for g in groups:
         assert g.referenced_segment.referenced_sop_instance_uid == seg_uid
+    for g in groups[:-1]:
         (m,) = g.get_measurements()
         assert m.unit.value == "mL"
         vols[g.referenced_segment.referenced_segment_numbers[0]] = m.value
     m = inp.measures
     assert vols[1] == pytest.approx(m["core_ml"]) and vols[2] == pytest.approx(m["tmax6_ml"])
     assert vols[3] == pytest.approx(m["tmax10_ml"])
-    (profile,) = sr.content.get_image_measurement_groups()
+    assert not sr.content.get_image_measurement_groups()
+    profile = groups[-1]  # the mismatch profile, on the Tmax>6 s segment
+    assert profile.referenced_segment.referenced_segment_numbers == [2]
     values = {x.name.value: x.value for x in profile.get_measurements()}
     assert values["MISMATCH_VOL"] == pytest.approx(m["mismatch_ml"])
     assert values["MISMATCH_RATIO"] == pytest.approx(m["mismatch_ratio"])

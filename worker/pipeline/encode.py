@@ -85,6 +85,7 @@ CODE_MISMATCH_RATIO = Code("MISMATCH_RATIO", LOCAL_SCHEME, "Perfusion-diffusion 
 CODE_HIR = Code("HIR", LOCAL_SCHEME, "Hypoperfusion intensity ratio")
 CODE_DEFUSE3 = Code("DEFUSE3", LOCAL_SCHEME, "DEFUSE-3 target mismatch profile")
 CODE_EXTEND = Code("EXTEND", LOCAL_SCHEME, "EXTEND target mismatch profile")
+PROCEDURE_MRI = Code("25056-3", "LN", "MRI unspecified body region")
 CODE_SYNTHETIC = Code("SYNTHETIC", LOCAL_SCHEME, "Synthetic perfusion - not for diagnostic use")
 
 SEGMENTS = (
@@ -707,20 +708,28 @@ def _encode_sr(inp: EncodeInput, seg: hd.seg.Segmentation) -> hd.sr.Comprehensiv
         if m.get(key) is not None
     ]
     evaluations.append(hd.sr.QualitativeEvaluation(name=CODE_SYNTHETIC, value=codes.SCT.Yes))
+    # The mismatch profile is a TID 1411 group on the Tmax>6 s segment (the region it describes),
+    # not a TID 1501 group without a region: pixelmed's TID 1500 check applies one template to
+    # every group of "Imaging Measurements" and failed a 1501 group beside 1411 groups
+    # (docs/conformance.md, validators).
     groups.append(
-        hd.sr.MeasurementsAndQualitativeEvaluations(
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=output_uid(inp.study_uid, inp.job_version, "profile"), identifier="Mismatch profile",
             ),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=2),
             finding_type=codes.DCM.Perfusion,
             algorithm_id=algo,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=SCT_BRAIN)],
             measurements=measurements,
             qualitative_evaluations=evaluations,
         )
     )
     report = hd.sr.MeasurementReport(
         observation_context=context,
-        procedure_reported=codes.DCM.PerfusionAnalysisBySusceptibilityMRTechnique,
+        # from CID 100 (TID 1500 row 4 is DCID 100; DCM 126303 "Perfusion analysis by susceptibility
+        # MR technique" extends it, which pixelmed reports as an error): the study is an MRI
+        procedure_reported=PROCEDURE_MRI,
         imaging_measurements=groups,
     )
     # The SEG references every DWI source and FLAIR instance; the SR must list them as evidence.
