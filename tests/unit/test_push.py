@@ -68,14 +68,8 @@ def encoded_files(tmp_path_factory):
     return [(o.sop_instance_uid, o.sop_class_uid, o.path) for o in result.objects]
 
 
-@pytest.fixture
-def setup(data_dir: Path, encoded_files):
-    port = free_port()
-    settings = load_settings(
-        data_dir=data_dir,
-        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": port}],
-        push_backoff_initial_s=5, push_backoff_max_s=60, push_retry_period_s=3600,
-    )
+def job_with_deliveries(settings, files) -> int:
+    """A fresh job store with one running job and a pending delivery per file and destination."""
     url = settings.effective_database_url
     init_db(url)
     with session_scope(url) as s:
@@ -85,8 +79,19 @@ def setup(data_dir: Path, encoded_files):
         job = Job(study_id=study.id, version=1, state=JobState.RUNNING, trigger="manual")
         s.add(job)
         s.flush()
-        register_deliveries(s, job.id, encoded_files, settings.destinations)
-        job_id = job.id
+        register_deliveries(s, job.id, files, settings.destinations)
+        return job.id
+
+
+@pytest.fixture
+def setup(data_dir: Path, encoded_files):
+    port = free_port()
+    settings = load_settings(
+        data_dir=data_dir,
+        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        push_backoff_initial_s=5, push_backoff_max_s=60, push_retry_period_s=3600,
+    )
+    job_id = job_with_deliveries(settings, encoded_files)
     scp = CountingSCP(port)
     yield settings, job_id, scp
     scp.stop()

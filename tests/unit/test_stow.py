@@ -25,11 +25,10 @@ from sqlalchemy import select
 
 from common.config import Destination, StowDestination, load_settings
 from common.jobstore.db import session_scope
-from common.jobstore.models import Delivery, DeliveryState, Job, JobState, Study
-from common.jobstore.queries import init_db
+from common.jobstore.models import Delivery, DeliveryState, Job, JobState
 from tests.conftest import free_port
-from tests.unit.test_push import encoded_files  # noqa: F401 - module fixture: our real objects
-from worker.pipeline.push import push_due, register_deliveries, utcnow
+from tests.unit.test_push import encoded_files, job_with_deliveries  # noqa: F401 - encoded_files: a fixture
+from worker.pipeline.push import push_due, utcnow
 from worker.pipeline.stow import send_files
 
 
@@ -132,18 +131,7 @@ class StowOrigin:
 def _job_with_deliveries(data_dir: Path, files, **dest) -> tuple:
     settings = load_settings(data_dir=data_dir, destinations=[dest], push_backoff_initial_s=5,
                              push_backoff_max_s=60, push_retry_period_s=3600)
-    url = settings.effective_database_url
-    init_db(url)
-    with session_scope(url) as s:
-        study = Study(study_uid="1.2.3.4")
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, version=1, state=JobState.RUNNING, trigger="manual")
-        s.add(job)
-        s.flush()
-        register_deliveries(s, job.id, files, settings.destinations)
-        job_id = job.id
-    return settings, job_id
+    return settings, job_with_deliveries(settings, files)
 
 
 def _rows(settings, job_id) -> list[Delivery]:
