@@ -255,3 +255,31 @@ class AuditEntry(Base):
     target: Mapped[str | None] = mapped_column(String(200))  # e.g. "job:12"
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     ip: Mapped[str | None] = mapped_column(String(64))
+
+
+class ShadowRecord(Base):
+    """Shadow validation (issue 17): one row per job whose study had both a synthetic and a
+    DSC-derived Tmax map, so the dashboard can aggregate how the synthetic map performs at this site.
+
+    Volumes in mL; ``dice_*`` is None when both regions are empty. Upserted by job (a retried job
+    replaces its row). The rest of the comparison (HIR, mismatch, AIF quality) is in ``detail``.
+    """
+
+    __tablename__ = "shadow_records"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    dice_t6: Mapped[float | None] = mapped_column(Float)
+    dice_t10: Mapped[float | None] = mapped_column(Float)
+    synthetic_t6_ml: Mapped[float] = mapped_column(Float)
+    real_t6_ml: Mapped[float] = mapped_column(Float)
+    synthetic_t10_ml: Mapped[float] = mapped_column(Float)
+    real_t10_ml: Mapped[float] = mapped_column(Float)
+    core_ml: Mapped[float] = mapped_column(Float)
+    synthetic_defuse3: Mapped[bool | None] = mapped_column(Boolean)
+    real_defuse3: Mapped[bool | None] = mapped_column(Boolean)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)

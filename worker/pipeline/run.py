@@ -453,6 +453,10 @@ def stage_measure(ctx: Context, rec: Any) -> StageOutput:
     real, real_warnings = perfusion_for_job(_selection(ctx), vols["dwi"], vols["brain"], core, geo.origin,
                                             geo.spacing, geo.direction, ctx.job_dir / "perfusion")
     if real is not None:
+        from worker.pipeline.shadow import shadow_for_job  # issue 17: synthetic vs DSC, kept per job
+
+        real = shadow_for_job(ctx, real, tmax, vols["brain"], measures, _load_json(ctx.work / "model.json"))
+        _save_json(ctx.work / "perfusion.json", real)
         rec.update_result(perfusion=real)
     return StageOutput({"measures": measures, "perfusion": real and real.get("measures")}, real_warnings)
 
@@ -488,6 +492,9 @@ def stage_encode(ctx: Context, rec: Any) -> StageOutput:
         samples=int(model.get("samples", 0)) or None,
     )
     res = encode_outputs(inp, ctx.dicom_dir)
+    from worker.pipeline.encode_perfusion import encode_job_perfusion  # issue 17: DSC-derived objects
+
+    res.objects += encode_job_perfusion(inp, ctx.work / "perfusion.json", ctx.dicom_dir)
     objects = res.manifest()
     if ctx.job_id is not None and ctx.settings.destinations:
         from worker.pipeline.push import register_deliveries
