@@ -23,7 +23,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from common.config import Settings, get_settings
 from common.jobstore.db import session_scope
 from common.jobstore.models import User
-from service.api import routes_api, routes_ops, routes_pages
+from service.api import routes_api, routes_ops, routes_pages, routes_shadow  # issue 17: routes_shadow
 from service.api.actions import Enqueuer
 from service.api.auth import LoginLimiter, ensure_first_admin, session_secret
 from service.api.deps import LoginRequired
@@ -117,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_ops.router)
     app.include_router(routes_api.router)
     app.include_router(routes_pages.router)
+    app.include_router(routes_shadow.router)  # issue 17: shadow validation page and API
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     return app
 
