@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--matrix", type=int, default=128, choices=(128, 256), help="DWI in-plane matrix")
     p.add_argument("--vendor", default="mixed", choices=("siemens", "ge", "philips", "mixed"),
                    help="DICOM header style (mixed: chosen per case from its seed)")
+    p.add_argument("--family", default="geometric", choices=("geometric", "template", "mixed"),
+                   help="anatomy: geometric (analytic head), template (MNI ICBM152 brain warped per case) "
+                   "or mixed (chosen per case from its seed)")
+    p.add_argument("--randomise", action="store_true",
+                   help="domain randomisation (contrasts, noise, resolution, pose, confounders, FVH and "
+                   "look-alikes) and the balanced case mix; see docs/phantom.md")
     p.add_argument("--with-dsc", action="store_true", help="also simulate a DSC-PWI series")
     p.add_argument("--preview", action="store_true", help="write a montage PNG per case")
     p.add_argument("--training-only", action="store_true",
@@ -41,7 +47,8 @@ def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
     from phantom.api import make_case, write_dicom_study, write_training_case
 
     t0 = time.perf_counter()
-    case = make_case(seed, matrix=opts["matrix"], with_dsc=opts["with_dsc"])
+    case = make_case(seed, matrix=opts["matrix"], with_dsc=opts["with_dsc"], family=opts["family"],
+                     randomise=opts["randomise"])
     if opts["vendor"] != "mixed":
         case.vendor = opts["vendor"]
         case.truth["vendor"] = opts["vendor"]
@@ -55,7 +62,7 @@ def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
 
         montage(case, case_dir / "preview.png")
     t = case.truth
-    summary = {k: t[k] for k in ("occlusion", "side", "collaterals", "onset_h", "core_ml", "tmax6_ml")}
+    summary = {k: t[k] for k in ("occlusion", "side", "collaterals", "onset_h", "core_ml", "tmax6_ml", "family")}
     return seed, str(case_dir), time.perf_counter() - t0, summary
 
 
@@ -68,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     opts = {"matrix": args.matrix, "with_dsc": args.with_dsc, "vendor": args.vendor, "out": str(args.out),
-            "training_only": args.training_only, "preview": args.preview}
+            "training_only": args.training_only, "preview": args.preview, "family": args.family,
+            "randomise": args.randomise}
     jobs = [(args.seed + i, opts) for i in range(args.cases)]
     workers = args.workers or min(os.cpu_count() or 1, args.cases)
     t0 = time.perf_counter()
@@ -84,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for seed, case_dir, dt, s in results:
             done += 1
-            print(f"[{done}/{args.cases}] seed {seed} {s['occlusion']} {s['side']} {s['collaterals']} "
+            print(f"[{done}/{args.cases}] seed {seed} {s['family']} {s['occlusion']} {s['side']} {s['collaterals']} "
                   f"onset {s['onset_h']} h core {s['core_ml']:.1f} mL Tmax>6 {s['tmax6_ml']:.1f} mL "
                   f"({dt:.1f} s) {case_dir}", flush=True)
     finally:

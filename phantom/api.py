@@ -18,8 +18,10 @@ from phantom.anatomy import TERRITORY_NAMES
 from phantom.geometry import Grid, RigidPose, centred_grid, rotation_matrix
 from phantom.render import HeadModel
 
-PHANTOM_VERSION = "1.0"
+#: 1.1 added the template family and domain randomisation; geometric unrandomised arrays equal 1.0's
+PHANTOM_VERSION = "1.1"
 VENDORS = ("siemens", "ge", "philips")
+FAMILIES = ("geometric", "template")
 
 # Per-acquisition scanner-like scales (signal of white matter ~ these values).
 _DWI_SCALE = 1100.0
@@ -29,6 +31,16 @@ _T1_SCALE = 800.0
 
 def case_id_for(seed: int) -> str:
     return f"case_{seed:06d}"
+
+
+def family_for(seed: int, family: str) -> str:
+    """The anatomy family of case ``seed``: ``family`` itself, or for ``"mixed"`` a seed-derived 50/50 pick."""
+    if family in FAMILIES:
+        return family
+    if family != "mixed":
+        raise ValueError(f"family must be one of {FAMILIES + ('mixed',)}, got {family!r}")
+    return "template" if np.random.default_rng(np.random.SeedSequence([int(seed), 8200])).random() < 0.5 \
+        else "geometric"
 
 
 @dataclass
@@ -111,6 +123,17 @@ def _dwi_grid(rng: np.random.Generator, matrix: int) -> tuple[Grid, dict]:
     return g, {"fov_mm": fov, "slice_thickness_mm": thick, "slice_gap_mm": gap}
 
 
+def _dwi_grid_randomised(acq: dict, matrix: int) -> tuple[Grid, dict]:
+    """DWI grid from domain-randomised acquisition draws: thickness, gap, FOV, coverage and cropping."""
+    thick = round(acq["slice_thickness_mm"], 1)
+    gap = round(acq["slice_gap_mm"], 1)
+    nz = int(np.clip(round(acq["coverage_mm"] / (thick + gap)), 12, 40))
+    fov = float(round(acq["fov_mm"]))
+    g = centred_grid((nz, matrix, matrix), (thick + gap, fov / matrix, fov / matrix),
+                     centre=np.asarray(acq["centre_shift_mm"], dtype=float))
+    return g, {"fov_mm": fov, "slice_thickness_mm": thick, "slice_gap_mm": gap}
+
+
 def _flair_grid(rng: np.random.Generator, matrix: int, dwi_centre: np.ndarray) -> tuple[Grid, dict]:
     m = 2 * matrix if matrix <= 128 else matrix
     fov = float(round(rng.uniform(220, 240)))
@@ -144,13 +167,19 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
 
 
 def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
-              scenario: dict[str, Any] | None = None) -> PhantomCase:
+              scenario: dict[str, Any] | None = None, family: str = "geometric",
+              randomise: bool = False) -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
     a DSC-PWI series consistent with the Tmax truth is simulated on the DWI grid. ``scenario``
     optionally pins stroke parameters (keys: occlusion, side, collaterals, onset_h) while the rest
     of the case still follows the seed - for demos and for tests that vary one factor.
+
+    ``family``: ``"geometric"`` (analytic head, the v1.0 phantom), ``"template"`` (the MNI ICBM152
+    brain warped per case, phantom.template) or ``"mixed"`` (seed-derived pick). ``randomise`` turns
+    on domain randomisation (phantom.randomise) and the balanced case mix; without it and with the
+    geometric family every array equals the v1.0 phantom's.
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -160,10 +189,25 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     r = [np.random.default_rng(s) for s in streams]
     r_anat, r_fields, r_stroke, r_lesion, r_geom, r_dwi, r_flair, r_dsc, r_vendor, r_extra = r
 
-    head = HeadModel(r_anat, r_fields, r_stroke, r_lesion, scenario=scenario)
+    fam = family_for(int(seed), family)
+    dr = None
+    if randomise:
+        from phantom.randomise import DomainParams, case_scenario
+
+        dr = DomainParams.sample(int(seed))
+        mix = case_scenario(np.random.default_rng(np.random.SeedSequence([int(seed), 8102])))
+        scenario = mix if scenario is None else {"case_type": "pinned", **scenario}
+    if fam == "template":
+        from phantom.template import TemplateHead
+
+        head = TemplateHead(r_anat, r_fields, r_stroke, r_lesion, scenario=scenario, dr=dr)
+    else:
+        head = HeadModel(r_anat, r_fields, r_stroke, r_lesion, scenario=scenario, dr=dr)
     vendor = str(r_vendor.choice(VENDORS))
     pose = RigidPose(rotation_matrix(head.anat.tilt_deg), head.anat.shift_mm.astype(float))
     grid, dwi_acq = _dwi_grid(r_geom, int(matrix))
+    if dr is not None:
+        grid, dwi_acq = _dwi_grid_randomised(dr.acq, int(matrix))
     flair_grid, flair_acq = _flair_grid(r_geom, int(matrix), np.asarray(grid.origin) +
                                         grid.direction @ (np.array(grid.shape[::-1]) - 1) / 2 *
                                         np.array(grid.spacing[::-1]))
@@ -188,12 +232,26 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
 
     dwi_snr = float(r_dwi.uniform(45, 70))  # trace image: 3 directions, averaged
     flair_snr = float(r_flair.uniform(30, 50))
-    m = head.render(grid, pose)
-    dwi_bias = signal.bias_field(r_dwi, grid.shape, float(r_dwi.uniform(0.05, 0.18)))
-    psf = 0.45 * (128.0 / matrix) ** 0.5
-    d = signal.acquire_dwi(r_dwi, m["s0"], m["adc"], dwi_snr, dwi_bias, psf, _DWI_SCALE)
-    fl_bias_dwi = signal.bias_field(r_flair, grid.shape, float(r_flair.uniform(0.05, 0.18)))
-    flair_on_dwi = signal.acquire(r_flair, m["flair"], flair_snr, fl_bias_dwi, psf, _FLAIR_SCALE, 0.42)
+    if dr is None:
+        m = head.render(grid, pose)
+        dwi_bias = signal.bias_field(r_dwi, grid.shape, float(r_dwi.uniform(0.05, 0.18)))
+        psf = 0.45 * (128.0 / matrix) ** 0.5
+        d = signal.acquire_dwi(r_dwi, m["s0"], m["adc"], dwi_snr, dwi_bias, psf, _DWI_SCALE)
+        fl_bias_dwi = signal.bias_field(r_flair, grid.shape, float(r_flair.uniform(0.05, 0.18)))
+        flair_on_dwi = signal.acquire(r_flair, m["flair"], flair_snr, fl_bias_dwi, psf, _FLAIR_SCALE, 0.42)
+    else:
+        from phantom.randomise import render_partial_volume
+
+        a = dr.acq
+        dwi_snr, flair_snr = a["dwi_snr"], a["flair_snr"]
+        m = render_partial_volume(head, grid, pose, a["partial_volume_samples"], dwi_acq["slice_thickness_mm"])
+        psf = a["dwi_psf"] * (128.0 / matrix) ** 0.5
+        d = signal.acquire_dwi(r_dwi, m["s0"], m["adc"], dwi_snr, signal.bias_field(r_dwi, grid.shape, a["dwi_bias"]),
+                               psf, a["dwi_scale"], noise=dr.noise)
+        flair_on_dwi = signal.acquire(r_flair, m["flair"] ** a["flair_gamma"], flair_snr,
+                                      signal.bias_field(r_flair, grid.shape, a["flair_bias"]),
+                                      a["flair_psf"] * (128.0 / matrix) ** 0.5, a["flair_scale"], 0.42,
+                                      noise=dr.noise)
 
     s = head.stroke
     truth: dict[str, Any] = {
@@ -204,12 +262,19 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         "note": "SYNTHETIC PHANTOM - not patient data - NOT FOR DIAGNOSTIC USE",
         "phantom_version": PHANTOM_VERSION,
         "matrix": int(matrix),
+        "family": fam,
+        "randomised": dr is not None,
     }
     truth.update(_volumes(m["tmax"], m["core"], m["brain"], grid))
     truth.update(s.to_dict())
     truth["flair_core_ratio"] = round(signal.flair_core_ratio(s.onset_h), 4)
     truth["fvh_voxels"] = int(m["fvh"].sum())
     truth["anatomy"] = head.anat.to_dict()
+    if dr is not None:
+        truth["domain"] = dr.to_dict()
+    if fam == "template":
+        truth["template"] = {**head.atlas.source, "warp_mm": round(head.warp_mm, 3),
+                             "fine_warp_mm": round(head.fine_mm, 3)}
     truth["dwi_grid"] = grid.to_dict()
     truth["flair_grid"] = flair_grid.to_dict()
     truth["flair_motion"] = motion
@@ -227,10 +292,21 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
 
     def render_flair() -> np.ndarray:
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7001]))
-        mf = head.render(flair_grid, flair_pose)
-        bias = signal.bias_field(rng, flair_grid.shape, 0.12)
-        psf_f = 0.45 * (256.0 / flair_grid.shape[2]) ** 0.5
-        out = signal.acquire(rng, mf["flair"], flair_snr, bias, psf_f, _FLAIR_SCALE, 0.42)
+        if dr is None:
+            mf = head.render(flair_grid, flair_pose)
+            bias = signal.bias_field(rng, flair_grid.shape, 0.12)
+            psf_f = 0.45 * (256.0 / flair_grid.shape[2]) ** 0.5
+            out = signal.acquire(rng, mf["flair"], flair_snr, bias, psf_f, _FLAIR_SCALE, 0.42)
+        else:
+            from phantom.randomise import render_partial_volume
+
+            a = dr.acq
+            mf = render_partial_volume(head, flair_grid, flair_pose, a["partial_volume_samples"],
+                                       flair_acq["slice_thickness_mm"])
+            out = signal.acquire(rng, mf["flair"] ** a["flair_gamma"], flair_snr,
+                                 signal.bias_field(rng, flair_grid.shape, a["flair_bias"]),
+                                 a["flair_psf"] * (256.0 / flair_grid.shape[2]) ** 0.5, a["flair_scale"], 0.42,
+                                 noise=dr.noise)
         case._lazy["flair_truth"] = {"tmax": mf["tmax"], "core": mf["core"], "fvh": mf["fvh"]}
         return out
 

@@ -52,14 +52,16 @@ class Sampler:
     fields (last axis) in one pass, which is several times faster than one map_coordinates each.
     """
 
-    def __init__(self, head_points: np.ndarray) -> None:
+    def __init__(self, head_points: np.ndarray, grid_min: np.ndarray = MODEL_MIN, step: float = MODEL_STEP,
+                 shape: tuple[int, int, int] = MODEL_SHAPE) -> None:
+        # grid_min/step/shape describe another axis-aligned (z, y, x) grid (the template atlas)
         self.shape = head_points.shape[:-1]
-        idx = (head_points.reshape(-1, 3) - MODEL_MIN) / MODEL_STEP
-        hi = np.array([MODEL_SHAPE[2], MODEL_SHAPE[1], MODEL_SHAPE[0]], dtype=np.float32) - 1.001
+        idx = (head_points.reshape(-1, 3) - grid_min) / step
+        hi = np.array([shape[2], shape[1], shape[0]], dtype=np.float32) - 1.001
         idx = np.clip(idx, 0, hi)
         i0 = np.floor(idx).astype(np.int32)
         w = (idx - i0).astype(np.float32)
-        nz, ny, nx = MODEL_SHAPE
+        nz, ny, nx = shape
         base = (i0[:, 2] * ny + i0[:, 1]) * nx + i0[:, 0]
         self._corners = []
         for dz in (0, 1):

@@ -16,13 +16,31 @@ from phantom.geometry import Grid, RigidPose
 _FVH_THRESHOLD = {"good": -0.3, "moderate": 0.0, "poor": 0.35}
 
 
+def fvh_strength(extra_axial: np.ndarray, vessel_field: np.ndarray, tmax: np.ndarray, collaterals: str,
+                 dr=None) -> tuple[np.ndarray, np.ndarray]:
+    """FVH voxels (slow flow in sulcal vessels over Tmax > 6 s tissue) and their FLAIR strength 0..1.
+
+    Domain randomisation scales the strength per case (strong, weak) or removes FVH altogether.
+    """
+    vessel = extra_axial & (vessel_field > _FVH_THRESHOLD[collaterals]) & (tmax > 6.0)
+    strength = np.where(vessel, np.clip((tmax - 6.0) / 5.0, 0.3, 1.0), 0.0).astype(np.float32)
+    if dr is not None:
+        if dr.fvh_gain <= 0:
+            vessel = np.zeros_like(vessel)
+        strength = (strength * dr.fvh_gain).astype(np.float32)
+    return vessel, strength
+
+
 class HeadModel:
     """Anatomy parameters, random fields and the lesion fields of one case."""
 
     def __init__(self, rng_anat: np.random.Generator, rng_fields: np.random.Generator,
                  rng_stroke: np.random.Generator, rng_lesion: np.random.Generator,
-                 scenario: dict | None = None) -> None:
+                 scenario: dict | None = None, dr=None) -> None:
         self.anat = anatomy.AnatomyParams.sample(rng_anat)
+        self.dr = dr  # phantom.randomise.DomainParams or None (the unrandomised v1.0 phantom)
+        if dr is not None:
+            dr.apply_anatomy(self.anat)
         self.fields = anatomy.AnatomyFields(rng_fields)
         self.stroke = lesion.StrokeParams.sample(rng_stroke, scenario)
         q = model_points()
@@ -31,9 +49,12 @@ class HeadModel:
         terr, sup = anatomy.territories(q, self.anat, f, t["cerebrum"])
         self.perf = lesion.perfusion_fields(rng_lesion, terr, sup, t["brain"], self.stroke)
 
-    def render(self, grid: Grid, pose: RigidPose) -> dict[str, np.ndarray]:
-        """Noise-free tissue maps and truth on ``grid`` for a head placed by ``pose``."""
-        q = pose.to_head(grid.world_points())
+    def render(self, grid: Grid, pose: RigidPose, z_offset_mm: float = 0.0) -> dict[str, np.ndarray]:
+        """Noise-free tissue maps and truth on ``grid`` for a head placed by ``pose``.
+
+        ``z_offset_mm`` samples off the slice centre (through-slice partial volume averages several).
+        """
+        q = pose.to_head(grid.world_points(z_offset_mm))
         sample = Sampler(q)
         f = self.fields.sampled(sample)
         t = anatomy.tissue_classes(q, self.anat, f)
@@ -45,11 +66,12 @@ class HeadModel:
         core &= tmax > 6.0
         s = self.stroke
         core_adc = np.clip(s.core_adc + 28.0 * f["lesion"], 360, 575).astype(np.float32)
-        thr = _FVH_THRESHOLD[s.collaterals]
-        vessel = t["extra_axial_csf"] & (f["vessel"] > thr) & (tmax > 6.0)
-        fvh_strength = np.where(vessel, np.clip((tmax - 6.0) / 5.0, 0.3, 1.0), 0.0).astype(np.float32)
-        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh_strength}
-        maps = signal.tissue_maps(t, les, s.onset_h)
+        vessel, fvh = fvh_strength(t["extra_axial_csf"], f["vessel"], tmax, s.collaterals, self.dr)
+        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh}
+        tables = None if self.dr is None else self.dr.tables
+        maps = signal.tissue_maps(t, les, s.onset_h, tables=tables)
+        if self.dr is not None:
+            self.dr.flair_lookalikes(maps, t["extra_axial_csf"], f["vessel"], f["shape"], tmax)
         maps.update(
             tmax=tmax,
             core=core,

@@ -57,14 +57,40 @@ def blur_inplane(a: np.ndarray, sigma_px: float) -> np.ndarray:
     return ndimage.gaussian_filter(a, sigma=(0, sigma_px, sigma_px), mode="nearest")
 
 
-def tissue_maps(t: dict[str, np.ndarray], lesion: dict[str, np.ndarray], onset_h: float
+def default_tables() -> dict[str, np.ndarray]:
+    """Per-class relative contrasts (index = phantom.anatomy class code) of the unrandomised phantom."""
+    return {"s0": _S0.copy(), "adc": _ADC.copy(), "flair": _FLAIR.copy(), "t1": _T1.copy()}
+
+
+def mixture_maps(fractions: np.ndarray, tables: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Partial-volume S0, ADC, FLAIR and T1 of voxels holding class ``fractions`` (last axis, classes 0..K-1).
+
+    Signals mix linearly; the ADC is the one a scanner would measure from the mixed b0 and b1000.
+    """
+    tb = tables or default_tables()
+    k = fractions.shape[-1]
+    s0 = fractions @ tb["s0"][:k]
+    s1 = fractions @ (tb["s0"][:k] * np.exp(-B_VALUE * tb["adc"][:k] * 1e-6))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adc = np.where(s0 > 1e-4, np.log(np.maximum(s0, 1e-6) / np.maximum(s1, 1e-9)) / B_VALUE * 1e6, 0.0)
+    return {"s0": s0.astype(np.float32), "adc": adc.astype(np.float32),
+            "flair": (fractions @ tb["flair"][:k]).astype(np.float32), "t1": (fractions @ tb["t1"][:k]).astype(np.float32)}
+
+
+def tissue_maps(t: dict[str, np.ndarray], lesion: dict[str, np.ndarray], onset_h: float,
+                tables: dict[str, np.ndarray] | None = None, base: dict[str, np.ndarray] | None = None
                 ) -> dict[str, np.ndarray]:
-    """Noise-free S0, ADC, FLAIR and T1 (relative units) with every pathology applied."""
+    """Noise-free S0, ADC, FLAIR and T1 (relative units) with every pathology applied.
+
+    ``tables`` replaces the per-class contrasts (domain randomisation); ``base`` gives the healthy
+    maps directly (partial-volume mixtures of the template family) instead of one class per voxel.
+    """
     cls = t["cls"]
-    s0 = _S0[cls]
-    adc = _ADC[cls]
-    fl = _FLAIR[cls]
-    t1 = _T1[cls]
+    if base is not None:
+        s0, adc, fl, t1 = base["s0"], base["adc"], base["flair"], base["t1"]
+    else:
+        tb = tables or {"s0": _S0, "adc": _ADC, "flair": _FLAIR, "t1": _T1}
+        s0, adc, fl, t1 = tb["s0"][cls], tb["adc"][cls], tb["flair"][cls], tb["t1"][cls]
     # confounders: WMH (FLAIR-bright, ADC up) and old infarct (cavity + gliotic rim)
     w = t["wmh"]
     s0 = s0 * (1 + 0.35 * w)
@@ -103,14 +129,14 @@ def tissue_maps(t: dict[str, np.ndarray], lesion: dict[str, np.ndarray], onset_h
 
 
 def acquire_dwi(rng: np.random.Generator, s0: np.ndarray, adc: np.ndarray, snr: float, bias: np.ndarray,
-                psf_px: float, scale: float = 1100.0) -> dict[str, np.ndarray]:
+                psf_px: float, scale: float = 1100.0, noise=rician) -> dict[str, np.ndarray]:
     """b0, b1000 (trace) and scanner ADC (1e-6 mm2/s) from noisy magnitudes, as a scanner computes it."""
     s1 = s0 * np.exp(-B_VALUE * adc * 1e-6)
     s0b = blur_inplane(s0, psf_px) * bias * scale
     s1b = blur_inplane(s1, psf_px) * bias * scale
     sigma = scale * _S0[WM] / snr
-    b0 = rician(rng, s0b, sigma)
-    b1 = rician(rng, s1b, sigma)
+    b0 = noise(rng, s0b, sigma)
+    b1 = noise(rng, s1b, sigma)
     mask = ndimage.binary_opening(b0 > 0.12 * scale * _S0[WM] * 2.0, iterations=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         a = np.log(np.maximum(b0, 1e-3) / np.maximum(b1, 1e-3)) / B_VALUE * 1e6
@@ -119,6 +145,6 @@ def acquire_dwi(rng: np.random.Generator, s0: np.ndarray, adc: np.ndarray, snr: 
 
 
 def acquire(rng: np.random.Generator, rel: np.ndarray, snr: float, bias: np.ndarray, psf_px: float,
-            scale: float, ref: float) -> np.ndarray:
+            scale: float, ref: float, noise=rician) -> np.ndarray:
     s = blur_inplane(rel, psf_px) * bias * scale
-    return rician(rng, s, scale * ref / snr)
+    return noise(rng, s, scale * ref / snr)
