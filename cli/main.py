@@ -19,6 +19,7 @@ SUBCOMMANDS = (
     "phantom",
     "train",
     "evaluate",
+    "dataset",
     "users",
 )
 

@@ -1,0 +1,58 @@
+"""``synthperf dataset build STUDIES_DIR --out DATA [--jobs N]``: a site's own training set from its
+studies with DWI, FLAIR and DSC (worker/dataset_build.py), in the layout ``synthperf train`` reads,
+with a QC report that excludes bad cases with their reason. Resumable: re-run to continue."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("dataset", help="build a training set from studies with DSC (research)",
+                              description=__doc__)
+    sub = p.add_subparsers(dest="dataset_command", required=True)
+    b = sub.add_parser("build", help="studies with DWI, FLAIR and DSC -> training cases + QC report")
+    b.add_argument("studies", type=Path, help="folder with one sub-folder of DICOM files per study "
+                   "(the spool folder works as it is)")
+    b.add_argument("--out", required=True, type=Path, help="training data folder (<case>/{dwi,adc,flair,core,"
+                   "tmax,brain}.nii.gz, qc/, qc_report.json, qc_report.csv)")
+    b.add_argument("--jobs", type=int, default=1, help="studies processed in parallel (default 1)")
+    b.add_argument("--min-coverage", type=float, default=None, help="exclude below this fraction of the brain "
+                   "with a DSC Tmax (default 0.7)")
+    b.add_argument("--config", help="settings YAML (thresholds, core parameters)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.config import load_settings
+    from worker.dataset_build import QcLimits, build_dataset
+
+    if args.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    try:
+        limits = QcLimits() if args.min_coverage is None else QcLimits(min_coverage=args.min_coverage)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        def progress(it, n):  # type: ignore[no-untyped-def]
+            return tqdm(it, total=n, desc="studies", unit="study")
+
+    try:
+        report = build_dataset(args.studies, args.out, load_settings(args.config), args.jobs, limits, progress)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report['included']} of {report['studies']} studies are training cases in {args.out} "
+          f"({report['skipped_as_done']} were done before); QC report: {args.out / 'qc_report.json'}")
+    for ex in report["excluded"]:
+        print(f"  excluded {ex['case_id']}: {'; '.join(ex['reasons'])}")
+    return 0
