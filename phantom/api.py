@@ -195,7 +195,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         from phantom.randomise import DomainParams, case_scenario
 
         dr = DomainParams.sample(int(seed))
-        mix = case_scenario(np.random.default_rng(np.random.SeedSequence([int(seed), 8102])))
+        mix = case_scenario(int(seed))
         scenario = mix if scenario is None else {"case_type": "pinned", **scenario}
     if fam == "template":
         from phantom.template import TemplateHead

@@ -78,7 +78,8 @@ class StrokeParams:
             out.case_type = str(sc["case_type"])
             out.no_core = bool(sc.get("no_core", False))
             if out.no_core:  # transient hypoperfusion: delay, but not yet (or never) infarcting
-                out.tpeak_s = float(rng.uniform(6.8, 10.0))
+                out.tpeak_s = float(rng.uniform(8.0, 11.0))
+                out.reach_mm = min(out.reach_mm, float(rng.uniform(3.0, 8.0)))
             if occ == "lacunar":
                 out.lacune_radius_mm = float(rng.uniform(3.0, 7.5))
         return out

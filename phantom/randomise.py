@@ -27,8 +27,9 @@ CASE_TYPES = {"no-stroke": 0.18, "lacunar": 0.12, "tia": 0.10, "M2": 0.18, "M1":
 NOISE_KINDS = ("rician", "noncentral-chi", "gaussian")
 
 
-def case_scenario(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw a case type and the scenario keys (phantom.lesion.StrokeParams) that make it."""
+def case_scenario(seed: int) -> dict[str, Any]:
+    """Case ``seed``'s type and the scenario keys (phantom.lesion.StrokeParams) that make it."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 8102]))
     kind = str(rng.choice(list(CASE_TYPES), p=list(CASE_TYPES.values())))
     side = str(rng.choice(["left", "right"]))
     sc: dict[str, Any] = {"case_type": kind, "side": side}
