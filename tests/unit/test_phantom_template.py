@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from phantom.anatomy import CSF, GM, WM
-from phantom.api import make_case, write_training_case
+from phantom.api import family_for, make_case, write_training_case
 from phantom.randomise import CASE_TYPES, case_scenario
 
 SEEDS = range(500, 520)
@@ -117,3 +117,17 @@ def test_no_stroke_fraction_and_case_types(batch):
             assert t["core_ml"] == 0 and t["tmax6_ml"] > 0
         if t["case_type"] == "lacunar":
             assert t["core_ml"] < 5 and t["tmax6_ml"] < 15 and not t["defuse3_target_mismatch"]
+
+
+def test_cli_family_and_randomise_on_the_fast_path(tmp_path, capsys):
+    import json
+
+    from cli.main import main
+
+    rc = main(["phantom", "--out", str(tmp_path), "--cases", "2", "--seed", "41", "--family", "mixed",
+               "--randomise", "--training-only", "--workers", "1"])
+    assert rc == 0
+    truths = [json.loads((tmp_path / f"case_0000{s}" / "truth.json").read_text()) for s in (41, 42)]
+    assert all(t["randomised"] and "domain" in t and t["family"] in ("geometric", "template") for t in truths)
+    assert [t["family"] for t in truths] == [family_for(s, "mixed") for s in (41, 42)]
+    assert "[2/2]" in capsys.readouterr().out
