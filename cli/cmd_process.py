@@ -31,6 +31,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: settings seed)")
     p.add_argument("--model", default=None, help="model name or weights folder (default: settings model_name)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    p.add_argument("--inference-path", default=None,
+                   help="how the network runs: auto (measured here, cached in data_dir/runtime) or fp32, channels_last, "
+                        "bf16, compile, onnxruntime, openvino (default: settings inference_path)")
     p.add_argument("--keep-work", action="store_true", help="keep intermediate arrays in OUT_DIR/work")
     p.add_argument("--config", default=None, help="YAML settings file")
     p.set_defaults(func=run)
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     try:
         options = RunOptions.from_settings(settings, steps=args.steps, samples=args.samples, seed=args.seed,
-                                           model_name=args.model, device=args.device)
+                                           model_name=args.model, device=args.device,
+                                           inference_path=args.inference_path)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

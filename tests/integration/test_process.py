@@ -83,6 +83,11 @@ def test_process_result_agrees_with_nifti_and_dicom(phantom_study, model_ref, tm
     assert set(result["timings_s"]) >= {"classify", "load", "core", "synthesize", "measure", "encode", "total"}
     assert result["versions"]["synthperf"] and result["versions"]["model_version"]
     assert result["versions"]["steps"] == 2 and result["versions"]["samples"] == 2
+    # how the network ran here: measured on this machine (or read from its cache), never assumed
+    inference = result["versions"]["inference"]
+    assert inference["how"] in ("measured", "cached") and inference["capability"]
+    assert inference["path"] in ("fp32", "channels_last", "bf16", "onnxruntime", "openvino")
+    assert inference["path"] != "bf16" or inference["native_bf16"]
 
     imgs = {n: nib.load(out / f"{n}.nii.gz") for n in ("tmax", "tmax_sd", "core", "tmax6")}
     vml = float(np.prod(imgs["tmax"].header.get_zooms()[:3])) / 1000.0
@@ -104,6 +109,12 @@ def test_process_result_agrees_with_nifti_and_dicom(phantom_study, model_ref, tm
     assert sorted(frames.ravel().tolist()) == pytest.approx(sorted(tmax.ravel().tolist()), abs=1e-5)
     assert pm.SeriesDescription.startswith("SYNTHETIC")
     assert not (out / "work").exists()
+
+
+def test_process_refuses_an_unknown_inference_path(phantom_study, model_ref, tmp_path, capsys):
+    _, study_dir = phantom_study
+    assert run_process(study_dir, tmp_path / "out", model_ref, "--inference-path", "tensorrt") == 2
+    assert "inference path 'tensorrt'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

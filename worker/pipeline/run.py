@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 from sqlalchemy import select
 
-from common.config import Settings
+from common.config import INFERENCE_PATHS, Settings
 from common.errors import InputMissingError, InvalidInputError, SynthperfError
 from common.jobstore.db import session_scope
 from common.jobstore.models import Instance, Job, JobState, Series, Stage, StageState
@@ -82,6 +82,8 @@ class RunOptions:
         opts = cls(**base)
         if (opts.steps is not None and opts.steps < 1) or (opts.samples is not None and opts.samples < 1):
             raise ValueError(f"steps ({opts.steps}) and samples ({opts.samples}) must be >= 1")
+        if opts.inference_path != "auto" and opts.inference_path not in INFERENCE_PATHS:
+            raise ValueError(f"inference path {opts.inference_path!r}: choose auto or one of {', '.join(INFERENCE_PATHS)}")
         return opts
 
 
