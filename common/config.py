@@ -142,14 +142,14 @@ class Settings(BaseSettings):
         default=900, ge=60,
         description="Redis redelivers an unacknowledged task after this; a backstop only (leases recover sooner).",
     )
-
-    # --- DICOM SCP
-    ae_title: str = "SYNTHPERF"
     chain_stages: bool = Field(
         default=True,
         description="Stroke first: a worker that consumes the next task's queue runs its stages at once instead "
         "of queueing them behind other studies (off = hand every task off through the broker).",
     )
+
+    # --- DICOM SCP
+    ae_title: str = "SYNTHPERF"
     scp_host: str = "0.0.0.0"
     scp_port: int = Field(default=11112, ge=0, le=65535)
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -211,6 +211,9 @@ class Settings(BaseSettings):
     )
     inference_try_compile: bool = Field(
         default=False, description="Let auto also measure torch.compile (minutes of warm-up per worker process)."
+    )
+    inference_cache_dir: Path | None = Field(
+        default=None, description="Where the per-machine inference-path measurements live; empty = data_dir/runtime."
     )
     rules_file: Path | None = None
     adc_core_threshold: float = Field(default=620.0, gt=0, description="ADC in 1e-6 mm2/s")
@@ -276,9 +279,6 @@ class Settings(BaseSettings):
                 raise ValueError(f"{cidr!r} is not a CIDR network (e.g. 10.0.0.0/8)") from exc
         return v
 
-    inference_cache_dir: Path | None = Field(
-        default=None, description="Where the per-machine inference-path measurements live; empty = data_dir/runtime."
-    )
     @field_validator("ae_title", "push_calling_aet")
     @classmethod
     def _check_own_ae(cls, v: str) -> str:
