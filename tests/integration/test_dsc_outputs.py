@@ -19,7 +19,16 @@ import pytest
 from common.config import load_settings
 from tests.conftest import require_tool
 from worker.pipeline.encode_perfusion import MAPS
-from worker.pipeline.run import Context, MemoryRecorder, RunOptions, _geometry, _load_npz, _save_json, _save_npz, run_stages
+from worker.pipeline.run import (
+    Context,
+    MemoryRecorder,
+    RunOptions,
+    _geometry,
+    _load_npz,
+    _save_json,
+    _save_npz,
+    run_stages,
+)
 
 phantom_api = pytest.importorskip("phantom.api")
 SCENARIO = {"occlusion": "M1", "side": "left", "collaterals": "moderate", "onset_h": 3.0}
