@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated paths not to time (e.g. compile)")
     ap.add_argument("--uncertainty-samples", default="2,4,8,16")
     ap.add_argument("--uncertainty-cases", type=int, default=3)
+    ap.add_argument("--uncertainty-steps", type=int, default=0, help="DDIM steps for the uncertainty table (0: default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     # 3b. how many samples the uncertainty (SD) map needs to be stable
     counts = [int(s) for s in args.uncertainty_samples.split(",") if s]
     if counts and args.uncertainty_cases:
+        d = synth.cfg.sample.steps
+        synth.cfg.sample.steps = args.uncertainty_steps or d
         res["uncertainty"] = uncertainty_stability(synth, cases[: args.uncertainty_cases], counts, 32)
+        res["uncertainty_steps"] = synth.cfg.sample.steps
+        synth.cfg.sample.steps = d
 
     # 4. the 1000-step ancestral DDPM reference vs default DDIM steps, one sample, few cases
     sub = cases[: args.ancestral_cases]
@@ -363,7 +368,8 @@ def write_doc(r: dict) -> None:
             lines.append(f"- initial-noise correlation along z rho={rho}: roughness ratio {v['z_roughness_ratio']:.2f}, Dice {v['dice6']:.3f}")
     u = r.get("uncertainty")
     if u:
-        lines += ["", "Uncertainty (SD) map against a 32-sample SD map from other seeds (mean over cases, inside the brain):", "",
+        lines += ["", f"Uncertainty (SD) map at {r.get('uncertainty_steps', '?')} DDIM step(s) against a 32-sample SD map "
+                  "from other seeds (mean over cases, inside the brain):", "",
                   "| samples | SD map correlation | median abs dSD / median SD | s/case |", "|---:|---:|---:|---:|"]
         for row in u:
             lines.append(f"| {row['samples']} | {row['sd_correlation']:.3f} | {row['sd_median_rel_diff']:.2f} | "

@@ -22,9 +22,33 @@ residue indices past ``L/2`` mean the tissue led the AIF, so they are reported a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _single_threaded_blas(fn: _F) -> _F:
+    """Run ``fn``'s matrix products on one OpenBLAS thread.
+
+    Why: in the full test run (one process that had loaded torch, ONNX Runtime and OpenVINO and
+    forked many subprocesses) numpy's multi-threaded OpenBLAS sgemm in oSVD spun for over ten
+    minutes in its own synchronisation with no worker thread left to answer. The products here are
+    ~1 GFLOP per chunk, about 20 ms on one core, so one thread costs nothing that matters and cannot
+    hang that way.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 DEFAULT_OI = 0.035
 SSVD_THRESHOLD = 0.2
@@ -101,6 +125,7 @@ def toeplitz_matrix(aif: np.ndarray, dt: float) -> np.ndarray:
     return np.where(i >= 0, aif[np.clip(i, 0, n - 1)], 0.0) * dt
 
 
+@_single_threaded_blas
 def osvd(aif: np.ndarray, conc: np.ndarray, dt: float, oi_threshold: float = DEFAULT_OI,
          chunk: int = 65536) -> Deconvolution:
     """Oscillation-index regularised block-circulant SVD deconvolution (Wu et al. 2003).
@@ -142,6 +167,7 @@ def osvd(aif: np.ndarray, conc: np.ndarray, dt: float, oi_threshold: float = DEF
     return Deconvolution(k=k_out, dt=float(dt), circular=True, n_kept=kept)
 
 
+@_single_threaded_blas
 def ssvd(aif: np.ndarray, conc: np.ndarray, dt: float, threshold: float = SSVD_THRESHOLD) -> Deconvolution:
     """Standard truncated SVD on the Toeplitz matrix with a fixed relative threshold (baseline)."""
     aif, conc = _check_inputs(aif, conc, dt)

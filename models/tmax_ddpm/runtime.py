@@ -148,39 +148,40 @@ def onnx_file(net: torch.nn.Module, in_channels: int, grid: int, folder: Path, m
     return path
 
 
-def _onnxruntime_denoiser(model: Path, threads: int) -> Denoise:
+def _runtime_module(name: str) -> Any:
+    """Import an optional inference runtime; its absence makes the path unavailable, not an error."""
     try:
-        import onnxruntime as ort
+        return __import__(name)
     except ImportError as exc:
-        raise PathUnavailable("onnxruntime is not installed") from exc
+        raise PathUnavailable(f"{name} is not installed") from exc
+
+
+def _numpy_denoiser(infer: Callable[[dict[str, np.ndarray]], Any]) -> Denoise:
+    """Wrap a runtime that takes and returns numpy (ONNX Runtime, OpenVINO) as a torch denoiser."""
+
+    def run(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = infer({"x": inp.detach().cpu().float().contiguous().numpy(), "t": t.cpu().numpy()})
+        return torch.from_numpy(np.array(y, dtype=np.float32))
+
+    return run
+
+
+def _onnxruntime_denoiser(model: Path, threads: int) -> Denoise:
+    ort = _runtime_module("onnxruntime")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-
-    def run(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = sess.run(None, {"x": inp.detach().cpu().float().contiguous().numpy(), "t": t.cpu().numpy()})[0]
-        return torch.from_numpy(np.asarray(y, dtype=np.float32))
-
-    return run
+    return _numpy_denoiser(lambda feed: sess.run(None, feed)[0])
 
 
 def _openvino_denoiser(model: Path, threads: int) -> Denoise:
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise PathUnavailable("openvino is not installed") from exc
-    core = ov.Core()
+    ov = _runtime_module("openvino")
     # f32 explicitly: OpenVINO's default on CPUs with bf16 units is bf16, which is a different path
-    compiled = core.compile_model(ov.convert_model(str(model)), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    compiled = ov.Core().compile_model(ov.convert_model(str(model)), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
-
-    def run(inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = request.infer({"x": inp.detach().cpu().float().contiguous().numpy(), "t": t.cpu().numpy()})
-        return torch.from_numpy(np.array(next(iter(out.values())), dtype=np.float32))
-
-    return run
+    return _numpy_denoiser(lambda feed: next(iter(request.infer(feed).values())))
 
 
 def _compiled_denoiser(net: torch.nn.Module) -> Denoise:

@@ -747,12 +747,18 @@ def _encode_sr(inp: EncodeInput, seg: hd.seg.Segmentation) -> hd.sr.Comprehensiv
         is_verified=False,
     )
     _finish_header(sr, inp, description)
+    declare_local_codes(sr)
+    return sr
+
+
+def declare_local_codes(ds: Dataset) -> None:
+    """Name our private coding scheme (LOCAL_SCHEME) in the object, as PS3.3 C.12.1.1.3.1 asks of an
+    SR that uses codes outside the standard schemes."""
     scheme = Dataset()
     scheme.CodingSchemeDesignator = LOCAL_SCHEME
     scheme.CodingSchemeName = "synthperf local codes"
     scheme.CodingSchemeResponsibleOrganization = "synthperf"
-    sr.CodingSchemeIdentificationSequence = DicomSequence([scheme])
-    return sr
+    ds.CodingSchemeIdentificationSequence = DicomSequence([scheme])
 
 
 # --------------------------------------------------------------------------- entry point

@@ -62,6 +62,7 @@ from worker.pipeline.encode import (
     _software_versions,
     _source_images,
     _write,
+    declare_local_codes,
     output_uid,
     store_frames_ascending,
 )
@@ -240,11 +241,7 @@ def encode_dsc_sr(inp: EncodeInput, synth_seg: hd.seg.Segmentation, dsc_seg: hd.
         instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
     )
     _dsc_header(sr, inp, SR_SERIES[1])
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = LOCAL_SCHEME
-    scheme.CodingSchemeName = "synthperf local codes"
-    scheme.CodingSchemeResponsibleOrganization = "synthperf"
-    sr.CodingSchemeIdentificationSequence = DicomSequence([scheme])
+    declare_local_codes(sr)
     return sr
 
 
