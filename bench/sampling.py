@@ -31,7 +31,7 @@ import torch
 from models.tmax_ddpm.data import list_cases, load_case
 from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.metrics import dice
-from models.tmax_ddpm.runtime import CUDA_PATHS, PATHS, TOLERANCE_S, CpuFeatures
+from models.tmax_ddpm.runtime import CUDA_PATHS, PATHS, PROBE_BATCH, TOLERANCE_S, CpuFeatures
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench.sampling:begin -->", "<!-- bench.sampling:end -->"
@@ -96,7 +96,7 @@ def bench_paths(model: str, device: str, study, skip: set[str]) -> dict:
             rows.append(row)
             continue
         if name == "bf16" and device == "cpu" and not CpuFeatures.detect().native_bf16:
-            row["error"] = "not a candidate: no native bf16 on this CPU (emulated bf16 is 30x slower than fp32)"
+            row["error"] = "not a candidate: no native bf16 on this CPU (emulated bf16 was measured 33x slower than fp32 on an AVX2 EPYC, issue 14)"
             rows.append(row)
             continue
         try:
@@ -330,7 +330,7 @@ def write_paths_doc(r: dict) -> None:
             why = row["error"]
             lines.append(f"| {row['path']} | — | — | — | — | {why} |")
     ratio = p["auto_ratio_vs_fp32"]
-    lines += ["", f"`auto` (the default) measured the candidates on this study's central 32 slices and picked "
+    lines += ["", f"`auto` (the default) measured the candidates on {PROBE_BATCH} of this study's central slices and picked "
               f"**{p['auto']}**: {ratio:.2f}x the fp32 eager time per study" if ratio is not None else
               f"`auto` picked {p['auto']}",
               f"(fastest path in the table: {p['fastest']}, {p['fastest_ratio_vs_fp32']:.2f}x). Tolerance: max abs dTmax "
