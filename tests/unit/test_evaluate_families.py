@@ -1,0 +1,90 @@
+"""`synthperf evaluate` on a held-out folder that mixes phantom families and holds a no-stroke study:
+per-family figures, the family column, and the false hypoperfusion called on the healthy brain."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.evaluate import evaluate, format_summary
+from models.tmax_ddpm.checkpoint import export_weights
+from models.tmax_ddpm.data import load_case
+from models.tmax_ddpm.inference import TmaxSynthesizer
+from models.tmax_ddpm.metrics import defuse3
+from models.tmax_ddpm.network import build_network
+from phantom.api import make_case, write_training_case
+
+# _one_thread: test_model's autouse fixture (one intra-op thread), active here by being imported
+from tests.unit.test_model import _one_thread, tiny_config, write_synthetic_case  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Both phantom families with a stroke and a no-stroke study each, and one legacy case without a
+    ``family`` key. Returns the folder and the no-stroke case id per family."""
+    root = tmp_path_factory.mktemp("mixed")
+    write_training_case(make_case(1, matrix=32, family="geometric"), root)
+    write_training_case(make_case(5, matrix=32, family="template"), root)
+    healthy = {"geometric": make_case(2, matrix=32, family="geometric", scenario={"occlusion": "none"}),
+               "template": make_case(3, matrix=32, family="template")}  # seed 3 draws no stroke
+    for c in healthy.values():
+        assert c.truth["occlusion"] == "none" and not c.core.any() and not (c.tmax > 6).any()
+        write_training_case(c, root)
+    write_synthetic_case(root, "legacy_000", seed=5)  # truth.json without "family": counts as geometric
+    return root, {f: c.case_id for f, c in healthy.items()}
+
+
+def _model_tmax6_ml(weights: Path, case_dir: Path) -> float:
+    """The model's Tmax>6 s volume on one case, computed apart from evaluate (same seed and sampling)."""
+    case = load_case(case_dir)
+    im, brain = case.images, case.brain
+    res = TmaxSynthesizer.load(str(weights), device="cpu").synthesize(
+        im["dwi"], im["flair"], im["core"], brain, adc=im["adc"], spacing_zyx=case.spacing_zyx,
+        steps=1, samples=1, seed=0)
+    return float(((res.mean > 6) & brain).sum()) * float(np.prod(case.spacing_zyx)) / 1000.0
+
+
+def test_evaluate_reports_per_family_and_no_stroke(mixed: tuple[Path, dict[str, str]], tmp_path: Path):
+    root, healthy = mixed
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    export_weights(build_network(cfg.model).state_dict(), cfg, tmp_path / "w")
+    s = evaluate(str(tmp_path / "w"), root, tmp_path / "eval", steps=1, samples=1, device="cpu", progress=False)
+
+    assert s["cases"] == 5
+    fam = s["per_family"]
+    assert set(fam) == {"geometric", "template"}
+    assert fam["geometric"]["cases"] == 3 and fam["template"]["cases"] == 2
+    for f in ("geometric", "template"):
+        for m in ("model", "core", "territory"):
+            assert 0 <= fam[f][m]["dice6_mean"] <= 1
+            assert fam[f][m]["vol6_abs_err_ml"] >= 0
+    assert s["no_stroke"]["cases"] == 2
+
+    # the false volume is the model's own Tmax>6 s call on each healthy brain
+    false_ml = {f: _model_tmax6_ml(tmp_path / "w", root / cid) for f, cid in healthy.items()}
+    for f, v in false_ml.items():
+        ns = fam[f]["no_stroke"]
+        assert ns["cases"] == 1
+        assert ns["model"]["false_tmax6_ml_median"] == pytest.approx(v)
+        assert ns["model"]["defuse3_yes"] == int(defuse3(0.0, v)["target"])
+        # the core baseline calls nothing where there is no core
+        assert ns["core"]["false_tmax6_ml_max"] == 0 and ns["core"]["defuse3_yes"] == 0
+    assert s["no_stroke"]["model"]["false_tmax6_ml_median"] == pytest.approx(np.median(list(false_ml.values())))
+    assert s["no_stroke"]["model"]["defuse3_yes"] == sum(int(defuse3(0.0, v)["target"]) for v in false_ml.values())
+
+    with open(tmp_path / "eval" / "per_case.csv") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert {r["family"] for r in rows.values()} == {"geometric", "template"}
+    assert rows["legacy_000"]["family"] == "geometric"
+    assert {c for c, r in rows.items() if r["no_stroke"] == "True"} == set(healthy.values())
+    saved = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert saved["per_family"]["template"]["cases"] == 2
+    table = format_summary(s)
+    assert any(line.startswith("template") for line in table.splitlines())
+    assert any(line.startswith("geometric") and "model" in line for line in table.splitlines())
