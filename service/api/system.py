@@ -105,7 +105,8 @@ def software_versions() -> dict[str, str]:
 
 
 def inference_runtimes(settings: Settings, limit: int = 8) -> list[dict[str, Any]]:
-    """The workers' inference-path measurements (data_dir/runtime/runtime-*.json), newest first.
+    """The workers' inference-path measurements (data_dir/runtime/runtime-*.json), newest first,
+    one per machine and device (the newest; older ones were made with other versions or threads).
 
     Written by the worker's model (models.tmax_ddpm.runtime) when it measured which path is fastest on
     its machine; read here as plain JSON so the service needs nothing of the model. Each entry: the
@@ -117,11 +118,18 @@ def inference_runtimes(settings: Settings, limit: int = 8) -> list[dict[str, Any
     if not folder.is_dir():
         return []
     out = []
-    for path in sorted(folder.glob("runtime-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:limit]:
+    seen: set[tuple[str, str]] = set()
+    for path in sorted(folder.glob("runtime-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if len(out) >= limit:
+            break
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        machine = (str(d.get("host", "?")), str(d.get("device", "?")))
+        if machine in seen:  # an older measurement of the same machine (other versions or threads): history
+            continue
+        seen.add(machine)
         trials = [t for t in d.get("trials", []) if isinstance(t, dict)]
         out.append({
             "host": d.get("host", "?"), "device": d.get("device", "?"), "path": d.get("path", "?"),

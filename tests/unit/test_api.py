@@ -8,6 +8,7 @@ The job store is a real SQLite file migrated by init_db and filled with realisti
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -515,6 +516,9 @@ def test_system_page_shows_the_measured_inference_path(env):
                 PathTrial("onnxruntime", False, error="ImportError: no onnxruntime")],
         skipped={"bf16": "no native bf16 on this CPU (capability AVX2)"})
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    older = {**choice.to_dict(), "path": "fp32", "threads": 1, "trials": []}  # the same machine, measured before
+    (settings.runtime_dir / "runtime-fedcba9876543210.json").write_text(json.dumps(older))
+    os.utime(settings.runtime_dir / "runtime-fedcba9876543210.json", (1_000_000_000, 1_000_000_000))
     (settings.runtime_dir / "runtime-0123456789abcdef.json").write_text(json.dumps(choice.to_dict()))
     with _client(settings) as c:
         login(c, VIEWER)
