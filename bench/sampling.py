@@ -87,6 +87,7 @@ def bench_paths(model: str, device: str, study, skip: set[str]) -> dict:
     im = study.images
     brain = im["brain"] > 0
     names = list(CUDA_PATHS if device.startswith("cuda") else PATHS)
+    native_bf16 = CpuFeatures.detect().native_bf16
     rows, ref = [], None
     tmp = Path(tempfile.mkdtemp(prefix="bench_paths_"))
     for name in names:
@@ -95,7 +96,7 @@ def bench_paths(model: str, device: str, study, skip: set[str]) -> dict:
             row["error"] = "skipped (--skip)"
             rows.append(row)
             continue
-        if name == "bf16" and device == "cpu" and not CpuFeatures.detect().native_bf16:
+        if name == "bf16" and device == "cpu" and not native_bf16:
             row["error"] = "not a candidate: no native bf16 on this CPU (emulated bf16 was measured 33x slower than fp32 on an AVX2 EPYC, issue 14)"
             rows.append(row)
             continue

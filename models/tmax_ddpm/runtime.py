@@ -299,12 +299,16 @@ class RuntimeChoice:
 
 
 def runtime_versions() -> dict[str, str]:
+    """Versions for the cache key, read from package metadata: a cached choice must not import
+    OpenVINO and ONNX Runtime (seconds of start-up) just to learn their versions."""
+    from importlib import metadata
+
     out = {"torch": torch.__version__}
-    for mod in ("onnxruntime", "openvino"):
+    for dist in ("onnxruntime", "openvino"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod] = "absent"
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "absent"
     return out
 
 
