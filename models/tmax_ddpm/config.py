@@ -96,6 +96,17 @@ class TrainConfig:
     aug_scale: float = 0.08
     aug_shift: float = 0.05  # fraction of the field of view
     aug_prob_affine: float = 0.7
+    # appearance randomisation on the fly (SynthSeg-style, issue 15): per sample and per grey-level
+    # image, with probability aug_prob_appearance each of: gamma exp(U(-g, g)) on (x + 1), a smooth
+    # multiplicative bias field of amplitude up to aug_bias, Gaussian blur up to aug_blur_px (sigma,
+    # model-grid pixels), resolution loss (down by up to aug_lowres along a random axis, then back up)
+    # and Rician-like noise up to aug_noise (in units of the brain median). 0 switches one off.
+    aug_prob_appearance: float = 0.8
+    aug_gamma: float = 0.35
+    aug_bias: float = 0.3
+    aug_blur_px: float = 1.0
+    aug_lowres: float = 2.0
+    aug_noise: float = 0.08
     # runtime
     checkpoint_minutes: float = 5.0
     log_every: int = 25

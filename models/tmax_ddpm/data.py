@@ -170,6 +170,11 @@ class SliceBank:
                 s = 1 + cfg.aug_intensity * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1)
                 sl = slice(j * k, (j + 1) * k)
                 cond[:, sl] = ((cond[:, sl] + 1) * s - 1).clamp(-1, 4)
+        grey = [j for j, name in enumerate(self.inputs) if name in ("dwi", "flair", "adc")]
+        if grey and cfg.aug_prob_appearance > 0:
+            for j in grey:
+                sl = slice(j * k, (j + 1) * k)
+                cond[:, sl] = randomise_appearance(cond[:, sl], cfg, g)
         # small affine: rotation, isotropic scale, shift (same for all channels of a sample)
         if cfg.aug_prob_affine > 0:
             use = torch.rand(b, generator=g) < cfg.aug_prob_affine
@@ -192,3 +197,56 @@ class SliceBank:
                 sl = slice(j * k, (j + 1) * k)
                 cond[:, sl] = torch.where(cond[:, sl] > 0, 1.0, -1.0)
         return cond.contiguous(), x0.contiguous()
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (k, h, w) in-plane; sigma in pixels."""
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=img.dtype)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    w = w / w.sum()
+    t = img[:, None]
+    t = F.conv2d(F.pad(t, (r, r, 0, 0), mode="replicate"), w.view(1, 1, 1, -1))
+    t = F.conv2d(F.pad(t, (0, 0, r, r), mode="replicate"), w.view(1, 1, -1, 1))
+    return t[:, 0]
+
+
+def randomise_appearance(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """On-the-fly appearance randomisation of one normalised grey-level image (b, k, h, w).
+
+    Why: the network must not key on the intensity curves, noise, sharpness or resolution of the
+    generator it learned from (issue 15; SynthSeg, Billot et al. 2023). Works on v = x + 1, which is
+    0 outside the brain and about 1 at the brain median, so every change keeps the background at -1
+    and the median near 0 after normalisation, as at inference. The k adjacent slices of a sample get
+    the same change (they come from one acquisition).
+    """
+    b, k, h, w = x.shape
+    out = x.clone()
+    for i in range(b):
+        if float(torch.rand(1, generator=g)) >= cfg.aug_prob_appearance:
+            continue
+        v = out[i] + 1.0
+        inside = v > 1e-3
+        u = torch.rand(6, generator=g)
+        if cfg.aug_gamma > 0:
+            gamma = math.exp((2 * float(u[0]) - 1) * cfg.aug_gamma)
+            v = v.clamp_min(0) ** gamma
+        if cfg.aug_bias > 0:
+            coarse = (2 * torch.rand(1, 1, 4, 4, generator=g) - 1) * cfg.aug_bias * float(u[1])
+            field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0, 0]
+            v = v * torch.exp(field)
+        if cfg.aug_blur_px > 0 and float(u[2]) < 0.5:
+            v = _gaussian_blur(v, 0.3 + float(u[3]) * cfg.aug_blur_px)
+        if cfg.aug_lowres > 1 and float(u[4]) < 0.5:
+            f = 1 + float(torch.rand(1, generator=g)) * (cfg.aug_lowres - 1)
+            along_y = float(torch.rand(1, generator=g)) < 0.5
+            size = (max(8, int(h / f)), w) if along_y else (h, max(8, int(w / f)))
+            v = F.interpolate(F.interpolate(v[None], size=size, mode="area"), size=(h, w), mode="bilinear",
+                              align_corners=False)[0]
+        if cfg.aug_noise > 0:
+            s = float(u[5]) * cfg.aug_noise
+            n1 = torch.randn(v.shape, generator=g) * s
+            n2 = torch.randn(v.shape, generator=g) * s
+            v = torch.sqrt((v + n1) ** 2 + n2**2)  # magnitude images carry Rician noise
+        out[i] = torch.where(inside, v - 1.0, -1.0).clamp(-1, 4)
+    return out
