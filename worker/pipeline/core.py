@@ -79,6 +79,17 @@ class CoreParams:
     edge_fraction_max: float = 0.5  # at the skull base: components mostly on the brain edge dropped
     rim_edge_fraction_max: float = 0.85  # elsewhere: only components almost wholly on the edge
     symmetric_overlap_min: float = 0.3  # a component mirrored onto another one this much = bilateral artefact
+    # Partial volume (issue 15): the voxels on a core's boundary hold lesion and normal tissue, so their
+    # ADC lies between the two and often above 620 although most of the voxel is infarct. A voxel
+    # touching a core found by the rule joins it when its estimated lesion fraction - the mean of the
+    # ADC fraction (local normal ADC - ADC) / (local normal ADC - the core's median ADC) and the DWI
+    # fraction (ratio - 1) / (the core's median ratio - 1) - is at least pv_fraction_min, and each of
+    # the two is at least pv_each_min. Repeated pv_iterations times; 0 turns it off.
+    # Only cores whose median ADC lies at least pv_seed_margin (a fraction of the threshold) below it grow.
+    pv_iterations: int = 2
+    pv_fraction_min: float = 0.5
+    pv_each_min: float = 0.2
+    pv_seed_margin: float = 0.1
     learned_weights: Path | None = None
     device: str = "auto"
 
@@ -97,6 +108,13 @@ class CoreParams:
             raise ValueError(f"csf_adc ({self.csf_adc}) must exceed adc_threshold ({self.adc_threshold})")
         if self.adc_median_px < 1:
             raise ValueError(f"adc_median_px must be >= 1, got {self.adc_median_px}")
+        if not 0 <= self.pv_iterations <= 5:
+            raise ValueError(f"pv_iterations must lie in 0..5, got {self.pv_iterations}")
+        if not 0 < self.pv_fraction_min <= 1 or not 0 <= self.pv_each_min <= self.pv_fraction_min:
+            raise ValueError(f"pv_fraction_min must lie in (0, 1] and pv_each_min in [0, pv_fraction_min], got "
+                             f"{self.pv_fraction_min} and {self.pv_each_min}")
+        if not 0 <= self.pv_seed_margin < 1:
+            raise ValueError(f"pv_seed_margin must lie in [0, 1), got {self.pv_seed_margin}")
         for name in ("rim_fraction_max", "skull_base_fraction", "edge_fraction_max", "rim_edge_fraction_max"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
@@ -313,7 +331,53 @@ def segment_core_rule(
     cand = _drop_small(cand, params.min_component_ml / voxel_ml)
     if cand.any():
         cand = _drop_artefacts(cand, valid, csf, brain, spacing, params, direction, warnings)
+    if cand.any() and params.pv_iterations > 0:
+        cand = _grow_partial_volume(cand, adc_u, ratio, valid & ~csf, normal, spacing, params)
     return cand, warnings
+
+
+def _grow_partial_volume(
+    core: np.ndarray,
+    adc_u: np.ndarray,
+    ratio: np.ndarray,
+    allowed: np.ndarray,
+    normal: np.ndarray,
+    spacing: tuple[float, ...],
+    params: CoreParams,
+) -> np.ndarray:
+    """Add the boundary voxels that are mostly lesion by ADC and DWI together (see CoreParams.pv_*).
+
+    Only voxels touching a core the strict rule found can join, so no new lesion appears and the
+    artefact screens above still decide which lesions exist. The lesion's own ADC and DWI ratio (the
+    medians of the strict core) and the local normal-appearing ADC are the two ends of the mixture,
+    which makes the estimate relative: it does not depend on the scanner's DWI gain or on how far a
+    generator's or a patient's lesion ADC lies below 620.
+    """
+    # Confident seeds: components whose median ADC lies clearly below the threshold. A component
+    # that only just crossed it (noise at a stricter threshold, tissue at the edge of the convention)
+    # does not grow, so the threshold still decides which tissue is core.
+    lab, n = _components(core)
+    med = np.asarray(ndi.median(adc_u, lab, np.arange(1, n + 1)), dtype=float).reshape(-1)
+    confident = np.concatenate([[False], med <= (1.0 - params.pv_seed_margin) * params.adc_threshold])
+    seeds = confident[lab]
+    if not seeds.any():
+        return core
+    core_adc = float(np.median(adc_u[seeds]))
+    core_ratio = float(np.median(ratio[seeds]))
+    adc_ref = _local_reference(adc_u, normal, spacing, params.reference_sigma_mm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_adc = (adc_ref - adc_u) / np.maximum(adc_ref - core_adc, 50.0)
+        f_dwi = (ratio - 1.0) / max(core_ratio - 1.0, 0.05)
+    ok = (allowed & np.isfinite(f_adc) & np.isfinite(f_dwi) & (f_adc >= params.pv_each_min)
+          & (f_dwi >= params.pv_each_min) & (0.5 * (f_adc + f_dwi) >= params.pv_fraction_min))
+    struct = ndi.generate_binary_structure(3, 1)
+    grown = seeds.copy()
+    for _ in range(params.pv_iterations):
+        add = ndi.binary_dilation(grown, struct) & ok & ~grown
+        if not add.any():
+            break
+        grown |= add
+    return core | grown
 
 
 def _drop_artefacts(
