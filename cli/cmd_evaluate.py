@@ -1,5 +1,7 @@
 """`synthperf evaluate RUN_DIR DATA`: the paper's table on held-out cases, with two baselines, overall and per
-phantom family (cross-generator validation), plus false hypoperfusion on no-stroke studies."""
+phantom family (cross-generator validation), plus false hypoperfusion on no-stroke studies, the per-study
+confidence and its AUROC for a bad case, and core Dice of the core rule before and after its partial-volume
+step (issue 15)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-core", action="store_true", help="skip scoring the core rule against the truth core "
+                   "(before and after its partial-volume step; needs adc.nii.gz)")
     p.set_defaults(func=run)
+
+
+def core_methods() -> dict:
+    """The worker's core rule as evaluate scores it: with its partial-volume step (``rule``, what the
+    service reports) and without (``rule_strict``, the rule before issue 15). The direction comes from
+    the NIfTI affine (RAS) turned into SimpleITK's LPS convention."""
+    from pathlib import Path
+
+    import nibabel as nib
+    import numpy as np
+
+    from worker.pipeline.core import CoreParams, segment_core
+
+    def direction(case_dir: Path) -> tuple[float, ...]:
+        aff = nib.load(str(case_dir / "dwi.nii.gz")).affine[:3, :3]
+        d = np.diag([-1.0, -1.0, 1.0]) @ aff / np.linalg.norm(aff, axis=0)
+        return tuple(float(v) for v in d.ravel())
+
+    def make(params: CoreParams):
+        def fn(case_dir: Path, im: dict, spacing: tuple[float, float, float]) -> np.ndarray:
+            if "adc" not in im:
+                raise ValueError(f"{case_dir}: no adc.nii.gz for the core rule; pass --no-core")
+            return segment_core(im["adc"], im["dwi"], im["brain"] > 0, spacing, params,
+                                direction=direction(case_dir)).mask
+        return fn
+
+    return {"rule": make(CoreParams()), "rule_strict": make(CoreParams(pv_iterations=0))}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         s = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, limit=args.limit,
-                     seed=args.seed, device=args.device)
+                     seed=args.seed, device=args.device, core_methods=None if args.no_core else core_methods())
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(s))
-    print(f"written to {s['out_dir']} (per_case.csv with a family column, summary.json with per_family and "
-          "no_stroke, bland_altman.png)")
+    print(f"written to {s['out_dir']} (per_case.csv with family, confidence and core columns, summary.json with "
+          "per_family, no_stroke, confidence and core, bland_altman.png)")
     return 0

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-MEASURE_KEYS = ("core_ml", "tmax6_ml", "tmax10_ml", "mismatch_ml", "mismatch_ratio", "hir", "defuse3", "extend")
+MEASURE_KEYS = ("core_ml", "tmax6_ml", "tmax10_ml", "mismatch_ml", "mismatch_ratio", "hir", "defuse3", "extend",
+                "confidence")
 
 
 def register(subparsers: Any) -> None:
@@ -125,7 +126,12 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out / "work")
     if status == 0:
         m = result
+        conf = m.get("confidence") or {}
+        call = "withheld (low confidence)" if m["defuse3"] is None else ("yes" if m["defuse3"] else "no")
         print(f"core {m['core_ml']:.1f} mL, Tmax>6s {m['tmax6_ml']:.1f} mL, mismatch {m['mismatch_ml']:.1f} mL, "
-              f"DEFUSE-3 {'yes' if m['defuse3'] else 'no'} (SYNTHETIC - not for diagnostic use)")
+              f"DEFUSE-3 {call} (SYNTHETIC - not for diagnostic use)")
+        if conf:
+            print(f"confidence {conf.get('score', 0):.2f} ({'LOW' if conf.get('low') else 'ok'}, threshold "
+                  f"{conf.get('threshold')}){': ' + '; '.join(conf.get('reasons') or []) if conf.get('low') else ''}")
         print(f"wrote {result['outputs']['count'] if result['outputs'] else 0} DICOM objects and result.json to {out}")
     return status

@@ -19,6 +19,7 @@ SUBCOMMANDS = (
     "phantom",
     "train",
     "evaluate",
+    "reference",
     "dataset",
     "users",
 )

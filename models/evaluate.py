@@ -13,6 +13,17 @@ get their own figures: the false Tmax>6 s volume each method calls and how often
 Every method is given the truth core, so a method's mismatch-volume error equals its Tmax>6 s volume
 error; it is not reported twice (the Bland-Altman plot shows the mismatch volumes themselves).
 The family is read from the JSON, not from phantom/, which models must not import.
+
+Knowing when it does not know (issue 15 item 4): every case also gets the per-study confidence the
+service computes (models.confidence, with the input reference stored beside the weights), and the
+summary gives the area under the ROC curve of low confidence against a bad case: Tmax>6 s Dice < 0.5
+on a stroke study, or more than 15 mL of Tmax>6 s called on a no-stroke study. On no-stroke studies
+Dice is not the criterion (it is 1 for an empty call and 0 for any call at all).
+
+Core on unfamiliar data (item 5): the caller may pass ``core_methods`` - name -> function of
+(case folder, images, spacing) returning a core mask - and each is scored against the truth core
+(Dice on cases with a core, volumes on all). models/ holds no core rule (the rule lives in the
+worker); ``synthperf evaluate`` passes the worker's rule before and after the partial-volume step.
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from models.confidence import ConfidenceParams, assess, auroc, load_reference
 from models.tmax_ddpm.data import list_cases, load_case
 from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.metrics import defuse3, dice, mae, psnr, ssim, volume_ml
@@ -32,6 +45,20 @@ from models.tmax_ddpm.metrics import defuse3, dice, mae, psnr, ssim, volume_ml
 METHODS = ("model", "core", "territory")
 #: the family of a case whose truth.json has no ``family`` key (written before families existed)
 DEFAULT_FAMILY = "geometric"
+#: a case is "bad" (the positive class of the confidence AUROC) below this Tmax>6 s Dice on a stroke
+#: study, or above this false Tmax>6 s volume (mL) on a no-stroke study
+BAD_DICE6 = 0.5
+BAD_FALSE_ML = 15.0
+
+#: name -> f(case folder, images by name, spacing (z, y, x) mm) -> core mask (bool, z y x)
+CoreMethod = Callable[[Path, Mapping[str, np.ndarray], tuple[float, float, float]], np.ndarray]
+
+
+def is_bad(row: Mapping) -> bool:
+    """The failure the confidence score should predict (module docstring)."""
+    if row.get("no_stroke"):
+        return float(row["model_tmax6_ml"]) > BAD_FALSE_ML
+    return float(row["model_dice6"]) < BAD_DICE6
 
 
 def case_family(truth: dict) -> str:
@@ -52,7 +79,8 @@ def territory_baseline(territory: np.ndarray | None, core: np.ndarray) -> np.nda
     return (lab == label) | core
 
 
-def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, samples: int | None, seed: int) -> dict:
+def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, samples: int | None, seed: int,
+                  reference: Mapping | None = None, core_methods: Mapping[str, CoreMethod] | None = None) -> dict:
     case = load_case(case_dir)
     im = case.images
     brain = case.brain
@@ -101,6 +129,18 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     row["model_dice10"] = dice(p10, t10)
     row["model_tmax10_ml"] = volume_ml(p10, voxel_ml)
     row["model_vol10_err_ml"] = row["model_tmax10_ml"] - row["true_tmax10_ml"]
+    conf = assess(res.mean, res.sd, core, brain, case.spacing_zyx, dwi=im["dwi"], flair=im.get("flair"),
+                  adc=im.get("adc"), reference=reference, params=ConfidenceParams())
+    row["confidence"] = round(conf.score, 4)
+    row["confidence_low"] = conf.low
+    row.update({f"confidence_{k}": v for k, v in conf.parts.items()})
+    row["confidence_reasons"] = "; ".join(conf.reasons)
+    row["bad"] = is_bad(row)
+    for name, fn in (core_methods or {}).items():
+        m = np.asarray(fn(case_dir, im, case.spacing_zyx), dtype=bool) & brain
+        row[f"core_{name}_ml"] = volume_ml(m, voxel_ml)
+        if core.any():
+            row[f"core_{name}_dice"] = dice(m, core)
     return row
 
 
@@ -132,6 +172,44 @@ def no_stroke_summary(rows: list[dict]) -> dict:
     return out
 
 
+def confidence_summary(rows: list[dict]) -> dict:
+    """AUROC of low confidence for a bad case, and how the cases split at the threshold."""
+    rows = [r for r in rows if "confidence" in r]
+    if not rows:
+        return {}
+    bad = [bool(r["bad"]) for r in rows]
+    conf = [float(r["confidence"]) for r in rows]
+    low = [bool(r["confidence_low"]) for r in rows]
+    high = [r for r in rows if not r["confidence_low"]]
+    return {
+        "auroc": auroc([-c for c in conf], bad),
+        "cases": len(rows),
+        "bad": int(sum(bad)),
+        "low": int(sum(low)),
+        "bad_and_low": int(sum(b and lo for b, lo in zip(bad, low, strict=True))),
+        "good_and_low": int(sum((not b) and lo for b, lo in zip(bad, low, strict=True))),
+        "confidence_median": float(np.median(conf)),
+        "high_confidence_model_dice6_mean": _mean(high, "model_dice6"),
+        "high_confidence_defuse3_agreement": (float(np.mean([r["model_defuse3_agree"] for r in high]))
+                                              if high else None),
+    }
+
+
+def core_summary(rows: list[dict]) -> dict:
+    """Core Dice (cases with a truth core) and absolute volume error of each core method."""
+    names = sorted({k[len("core_"):-len("_ml")] for r in rows for k in r
+                    if k.startswith("core_") and k.endswith("_ml") and k != "core_ml"})
+    out: dict = {}
+    for n in names:
+        d = [r[f"core_{n}_dice"] for r in rows if f"core_{n}_dice" in r]
+        err = [r[f"core_{n}_ml"] - r["core_ml"] for r in rows if f"core_{n}_ml" in r]
+        out[n] = {"cases_with_core": len(d), "dice_mean": float(np.mean(d)) if d else None,
+                  "dice_median": float(np.median(d)) if d else None,
+                  "vol_abs_err_ml": float(np.mean(np.abs(err))) if err else None,
+                  "vol_bias_ml": float(np.mean(err)) if err else None}
+    return out
+
+
 def _summarise_rows(rows: list[dict]) -> dict:
     s: dict = {"cases": len(rows)}
     for k in ("mae_s", "psnr_db", "ssim", "model_dice10", "model_vol10_err_ml", "seconds", "mean_sd_in_hypo_s"):
@@ -151,6 +229,8 @@ def _summarise_rows(rows: list[dict]) -> dict:
     s["model_vol10_abs_err_ml"] = _abs_mean(rows, "model_vol10_err_ml")
     s["true_defuse3_rate"] = float(np.mean([r["true_defuse3"] for r in rows])) if rows else None
     s["no_stroke"] = no_stroke_summary(rows)
+    s["confidence"] = confidence_summary(rows)
+    s["core"] = core_summary(rows)
     return s
 
 
@@ -198,8 +278,11 @@ def evaluate(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    core_methods: Mapping[str, CoreMethod] | None = None,
 ) -> dict:
-    """Run the evaluation; writes per_case.csv, summary.json and bland_altman.png into out_dir."""
+    """Run the evaluation; writes per_case.csv, summary.json and bland_altman.png into out_dir.
+
+    ``core_methods``: core segmentations to score against the truth core (module docstring)."""
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -215,7 +298,8 @@ def evaluate(
 
         it = tqdm(cases, desc="evaluating", unit="case")
     t0 = time.perf_counter()
-    rows = [evaluate_case(synth, c, steps, samples, seed) for c in it]
+    reference = load_reference(synth.source)
+    rows = [evaluate_case(synth, c, steps, samples, seed, reference, core_methods) for c in it]
     summary = summarise(rows)
     summary.update(
         {
@@ -225,6 +309,8 @@ def evaluate(
             "steps": steps or synth.cfg.sample.steps,
             "samples": samples or synth.cfg.sample.samples,
             "seconds_total": round(time.perf_counter() - t0, 1),
+            "input_reference": bool(reference),
+            "confidence_threshold": ConfidenceParams().threshold,
         }
     )
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
@@ -279,4 +365,23 @@ def format_summary(s: dict) -> str:
     if ns_lines:
         lines.append(f"{'no-stroke':<10} {'cases':>5}  {'method':<10} {'false T>6 med':>15}  {'max':>7}  DEFUSE-3 yes")
         lines += ns_lines
+    conf = [(label, g["confidence"]) for label, g in groups if g.get("confidence")]
+    if conf:
+        lines.append(f"confidence (threshold {s.get('confidence_threshold', 0.5)}; bad = Dice>6 < {BAD_DICE6} or false "
+                     f"Tmax>6 > {BAD_FALSE_ML:.0f} mL on no-stroke){'' if s.get('input_reference', True) else '; NO input reference stored with the model'}")
+        lines.append(f"{'family':<10} {'cases':>5}  {'bad':>4}  {'low':>4}  {'bad&low':>7}  {'good&low':>8}  {'AUROC':>6}  "
+                     "Dice>6 / DEFUSE-3 agreement of high-confidence cases")
+        for label, c in conf:
+            lines.append(f"{label:<10} {c['cases']:>5}  {c['bad']:>4}  {c['low']:>4}  {c['bad_and_low']:>7}  "
+                         f"{c['good_and_low']:>8}  {_fmt(c['auroc'], '>6.3f')}  "
+                         f"{_fmt(c['high_confidence_model_dice6_mean'], '.3f')} / "
+                         f"{_fmt(c['high_confidence_defuse3_agreement'], '.2f')}")
+    core = [(label, g["core"]) for label, g in groups if g.get("core")]
+    if core:
+        lines.append(f"{'core':<10} {'cases':>5}  {'method':<14} {'Dice (median)':<15}  {'|vol err|':>9}  {'vol bias':>8}")
+        for label, c in core:
+            for name, r in c.items():
+                lines.append(f"{label:<10} {r['cases_with_core']:>5}  {name:<14} "
+                             f"{_fmt(r['dice_mean'], '.3f')} ({_fmt(r['dice_median'], '.3f')})  "
+                             f"{_fmt(r['vol_abs_err_ml'], '>9.1f')}  {_fmt(r['vol_bias_ml'], '>+8.1f')}")
     return "\n".join(lines)

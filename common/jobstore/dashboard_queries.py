@@ -35,7 +35,8 @@ from common.jobstore.models import (
 PIPELINE_STAGES = ("classify", "load", "core", "synthesize", "measure", "encode", "push")
 
 # The measure keys the pipeline writes into Job.result (directly or under "measures").
-MEASURE_KEYS = ("core_ml", "tmax6_ml", "tmax10_ml", "mismatch_ml", "mismatch_ratio", "hir", "defuse3", "extend")
+MEASURE_KEYS = ("core_ml", "tmax6_ml", "tmax10_ml", "mismatch_ml", "mismatch_ratio", "hir", "defuse3", "extend",
+                "confidence")
 
 ALL_JOB_STATES = (*JobState.ACTIVE, *JobState.FINAL)
 

@@ -87,6 +87,10 @@ CODE_DEFUSE3 = Code("DEFUSE3", LOCAL_SCHEME, "DEFUSE-3 target mismatch profile")
 CODE_EXTEND = Code("EXTEND", LOCAL_SCHEME, "EXTEND target mismatch profile")
 PROCEDURE_MRI = Code("25056-3", "LN", "MRI unspecified body region")
 CODE_SYNTHETIC = Code("SYNTHETIC", LOCAL_SCHEME, "Synthetic perfusion - not for diagnostic use")
+# issue 15: the per-study confidence score (0..1) and whether it fell below the threshold; a low
+# confidence study carries no DEFUSE-3/EXTEND evaluation
+CODE_CONFIDENCE = Code("CONFIDENCE", LOCAL_SCHEME, "Synthetic perfusion confidence score")
+CODE_LOW_CONFIDENCE = Code("LOW_CONFIDENCE", LOCAL_SCHEME, "Low confidence - no mismatch profile call")
 
 SEGMENTS = (
     # number, label, category, type, modifier, key in masks, display colour (CIELab approx)
@@ -705,11 +709,19 @@ def _encode_sr(inp: EncodeInput, seg: hd.seg.Segmentation) -> hd.sr.Comprehensiv
     evaluations = [
         hd.sr.QualitativeEvaluation(name=code, value=codes.SCT.Yes if bool(m.get(key)) else codes.SCT.No)
         for code, key in ((CODE_DEFUSE3, "defuse3"), (CODE_EXTEND, "extend"))
-        if m.get(key) is not None
+    conf = m.get("confidence") if isinstance(m.get("confidence"), Mapping) else None
+    low = bool(conf and conf.get("low"))
+    if conf is not None and _num(conf.get("score")) is not None:
+        measurements.append(hd.sr.Measurement(name=CODE_CONFIDENCE, value=_num(conf.get("score")),
+                                              unit=Code("1", "UCUM", "no units"), algorithm_id=algo))
+        if m.get(key) is not None and not low
     ]
     evaluations.append(hd.sr.QualitativeEvaluation(name=CODE_SYNTHETIC, value=codes.SCT.Yes))
     # The mismatch profile is a TID 1411 group on the Tmax>6 s segment (the region it describes),
     # not a TID 1501 group without a region: pixelmed's TID 1500 check applies one template to
+    if conf is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=CODE_LOW_CONFIDENCE,
+                                                       value=codes.SCT.Yes if low else codes.SCT.No))
     # every group of "Imaging Measurements" and failed a 1501 group beside 1411 groups
     # (docs/conformance.md, validators).
     groups.append(

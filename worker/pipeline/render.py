@@ -256,12 +256,19 @@ def summary_rows(measures: Mapping[str, object]) -> list[tuple[str, str, bool]]:
         v = measures.get(key)
         return None if v is None else float(v)  # type: ignore[arg-type]
 
+    conf = measures.get("confidence") if isinstance(measures.get("confidence"), Mapping) else None
+    low = bool(conf and conf.get("low"))
+
     def flag(key: str) -> str:
         v = measures.get(key)
+        if low and key in ("defuse3", "extend"):
+            return "withheld"  # issue 15: no trial call from a low-confidence map
         return "n/a" if v is None else ("YES" if bool(v) else "no")
 
     hir = f("hir")
-    return [
+    conf_rows = [] if conf is None else [
+        ("Confidence" + ("  - LOW, no trial call" if low else ""), f"{float(conf.get('score', 0.0)):.2f}", False)]
+    return conf_rows + [
         ("Core  (ADC < 620 x10^-6 mm2/s)", _fmt_ml(f("core_ml")), False),
         ("Tmax > 6 s  (hypoperfusion)", _fmt_ml(f("tmax6_ml")), False),
         ("Tmax > 10 s  (severe)", _fmt_ml(f("tmax10_ml")), False),
@@ -293,6 +300,11 @@ def render_summary(
     for line in header_lines:
         draw.text((24, y), line, font=font(14), fill=(190, 190, 190))
         y += 20
+    conf = measures.get("confidence")
+    if isinstance(conf, Mapping) and conf.get("low"):  # issue 15: say it before any number
+        draw.text((24, y + 2), "LOW CONFIDENCE - maps shown, no DEFUSE-3/EXTEND call", font=font(15, bold=True),
+                  fill=(255, 150, 40))
+        y += 22
     y += 14
     label_f, value_f = font(17), font(19, bold=True)
     for label, value, hot in summary_rows(measures):

@@ -377,6 +377,8 @@ def stage_load(ctx: Context, rec: Any) -> StageOutput:
         "adc_units": "1e-6 mm2/s",  # load.py always returns ADC in 1e-6 mm^2/s
         "adc_computed": bool(getattr(loaded, "adc_computed", False)),
         "b_high": float(getattr(loaded, "b_high", 0.0) or 0.0),
+        # FLAIR registration record: the confidence score reads its overlap and motion (issue 15)
+        "registration": getattr(loaded, "registration", None) or {},
     }
     _save_json(ctx.work / "load.json", meta)
     registration = getattr(loaded, "registration", None) or {}
@@ -448,6 +450,15 @@ def stage_measure(ctx: Context, rec: Any) -> StageOutput:
                          MeasureThresholds.from_settings(ctx.settings), flair=vols["flair"],
                          spacing_zyx=_spacing_zyx(geo), direction=geo.direction)
     measures = m.to_dict()
+    # issue 15: per-study confidence; a low-confidence study keeps its maps but gets no DEFUSE-3/EXTEND call
+    from worker.pipeline.confidence import apply_confidence, study_confidence
+
+    tmax_all = _load_npz(ctx.work / "tmax.npz")
+    confidence = study_confidence(
+        tmax, tmax_all["sd"], core, vols["brain"].astype(bool), _spacing_zyx(geo), dwi=vols["dwi"],
+        flair=vols["flair"], adc=vols.get("adc"), model_source=_load_json(ctx.work / "model.json").get("model_source"),
+        registration=_load_json(ctx.work / "load.json").get("registration"), direction=geo.direction)
+    measures = apply_confidence(measures, confidence)
     _save_json(ctx.work / "measures.json", measures)
     rec.update_result(measures=measures)
     from worker.pipeline.perfusion import perfusion_for_job  # real maps when a DSC series came

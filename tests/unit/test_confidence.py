@@ -1,0 +1,188 @@
+"""Per-study confidence (issue 15 item 4): the AUROC by hand, the parts on constructed and on real phantom
+data with the demo model, and a low-confidence study losing its DEFUSE-3/EXTEND call in the SR and on
+the summary page while keeping its maps."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import highdicom as hd
+import numpy as np
+import pytest
+
+from models.confidence import (
+    ConfidenceParams,
+    assess,
+    auroc,
+    consistency_parts,
+    input_features,
+    input_part,
+    load_reference,
+    reference_from_features,
+)
+from models.registry import resolve
+
+
+def test_auroc_by_hand() -> None:
+    # positives 0.35, 0.8 against negatives 0.1, 0.4: 0.35>0.1, 0.8>0.1, 0.8>0.4 win, 0.35<0.4 loses -> 3/4
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    # ties count one half: positive 0.5 ties both negatives (2 x 0.5), positive 0.9 beats both (2) -> 3/4
+    assert auroc([0.5, 0.5, 0.5, 0.9], [True, False, False, True]) == pytest.approx(0.75)
+    assert auroc([1, 2, 3], [False, False, True]) == 1.0 and auroc([3, 2, 1], [False, False, True]) == 0.0
+    assert auroc([1, 2], [True, True]) is None  # no negative: undefined
+    with pytest.raises(ValueError, match="one length"):
+        auroc([1, 2, 3], [True, False])
+
+
+def test_auroc_agrees_with_scikit_learn_on_tied_scores() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 200).astype(float)  # many ties
+    labels = rng.random(200) < 0.3 + 0.1 * scores
+    assert auroc(scores, labels) == pytest.approx(metrics.roc_auc_score(labels, scores))
+
+
+def _brain(shape=(20, 64, 64)) -> np.ndarray:
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    return ((z - 10) ** 2 / 9.0**2 + (y - 32) ** 2 / 28.0**2 + (x - 32) ** 2 / 24.0**2) < 1
+
+
+def test_consistency_parts_on_constructed_maps() -> None:
+    brain, sp = _brain(), (5.0, 2.0, 2.0)
+    z, y, x = np.mgrid[:20, :64, :64]
+    flair = np.where(brain, 100.0, 0.0)
+    core = brain & ((z - 10) ** 2 + (y - 30) ** 2 + (x - 18) ** 2 < 16)
+    # one-sided hypoperfusion reaching the core: supported, not symmetric
+    one_sided = np.where(brain & (x < 26) & (np.abs(z - 10) < 6), 9.0, 2.0)
+    parts, reasons, _ = consistency_parts(one_sided, core, brain, flair, sp)
+    assert parts == {"support": 1.0, "symmetry": 1.0} and not reasons
+    # the same region with no core and no FLAIR vessel sign: all of it unsupported
+    parts, reasons, d = consistency_parts(one_sided, np.zeros_like(core), brain, flair, sp)
+    assert parts["support"] == 0.0 and d["unsupported_ml"] > 60 and "no FLAIR vessel sign" in reasons[0]
+    # ... unless the FLAIR shows bright sulcal vessels on that side only
+    fvh = brain & (x < 14) & (np.abs(z - 10) < 5) & (y % 6 == 0)
+    parts, _, d = consistency_parts(one_sided, np.zeros_like(core), brain, np.where(fvh, 250.0, flair), sp)
+    assert d["fvh_sign"] and parts["support"] == 1.0
+    # the same bright vessels in both hemispheres are look-alikes, not a sign
+    both = fvh | (fvh[:, :, ::-1] & brain)
+    _, _, d = consistency_parts(one_sided, np.zeros_like(core), brain, np.where(both, 250.0, flair), sp)
+    assert not d["fvh_sign"]
+    # a cortical ribbon in both hemispheres: symmetric
+    ribbon = brain & ~np.roll(brain, 3, axis=2) | brain & ~np.roll(brain, -3, axis=2)
+    parts, reasons, d = consistency_parts(np.where(ribbon, 9.0, 2.0), core, brain, flair, sp)
+    assert d["symmetric_share"] > 0.6 and parts["symmetry"] == 0.0 and any("mirrored" in r for r in reasons)
+
+
+def test_input_part_ranks_unfamiliar_inputs_lower() -> None:
+    rng = np.random.default_rng(1)
+    rows = [{"a": float(v), "b": 1.0} for v in rng.normal(0, 1, 50)]
+    ref = reference_from_features(rows)
+    inside, _, _ = input_part({"a": 0.0, "b": 1.0}, ref)
+    near, _, _ = input_part({"a": 4.0, "b": 1.0}, ref)
+    far, reasons, dist = input_part({"a": 20.0, "b": 1.0}, ref)
+    assert inside == 1.0 and 1.0 > near > far > 0
+    assert dist["b"] == 0 and "a 20 outside the training range" in reasons[0]
+    with pytest.raises(ValueError, match="at least 5"):
+        reference_from_features(rows[:3])
+
+
+@lru_cache(maxsize=1)
+def _demo():
+    import torch
+
+    from models.tmax_ddpm.inference import TmaxSynthesizer
+
+    torch.set_num_threads(1)
+    return TmaxSynthesizer.load("demo", device="cpu", inference_path="fp32")
+
+
+def _assess_phantom(seed: int, **kw):
+    from phantom.api import make_case
+
+    case = make_case(seed, **kw)
+    res = _demo().synthesize(case.dwi, case.flair_on_dwi, case.core, case.brain, adc=case.adc,
+                             spacing_zyx=case.spacing_zyx, steps=1, samples=4, seed=0)  # 4 samples: half the cost
+    conf = assess(res.mean, res.sd, case.core, case.brain, case.spacing_zyx, dwi=case.dwi, flair=case.flair_on_dwi,
+                  adc=case.adc, reference=load_reference(resolve("demo")))
+    t6_ml = float(((res.mean > 6) & case.brain).sum()) * float(np.prod(case.spacing_zyx)) / 1000
+    return case, conf, t6_ml
+
+
+@pytest.mark.slow
+def test_demo_model_healthy_template_brain_gets_low_confidence() -> None:
+    """Seed 200002 (template family, randomised) has no stroke; the demo model, trained on the geometric
+    family only, calls about 100 mL of Tmax>6 s on it, all false."""
+    case, conf, t6_ml = _assess_phantom(200002, family="template", randomise=True)
+    assert not case.core.any() and not (case.tmax > 6).any()
+    assert t6_ml > 15, f"the demo model called only {t6_ml:.1f} mL here; pick another healthy case"
+    assert conf.low and conf.score < ConfidenceParams().threshold
+    assert conf.parts["support"] < 0.5 and conf.parts["inputs"] < 1.0
+    assert any("no FLAIR vessel sign" in r for r in conf.reasons)
+
+
+@pytest.mark.slow
+def test_demo_model_in_family_stroke_gets_high_confidence() -> None:
+    """Seed 7 (geometric, unrandomised: the family the demo model was trained on) - the make run demo
+    study, a small core with a large hypoperfused territory."""
+    case, conf, t6_ml = _assess_phantom(7)
+    assert case.core.any() and t6_ml > 30
+    assert not conf.low, conf
+    assert conf.parts["inputs"] > 0.9 and conf.parts["support"] == 1.0 and conf.parts["symmetry"] == 1.0
+
+
+def test_input_features_name_resolution_and_coverage() -> None:
+    brain = _brain()
+    img = np.where(brain, 100.0, 0.0)
+    f = input_features(img, img, img * 8, brain, (5.0, 2.0, 2.0))
+    assert f["spacing_slice_mm"] == 5.0 and f["spacing_inplane_mm"] == 2.0
+    assert f["coverage_z_mm"] == 5.0 * (np.flatnonzero(brain.any(axis=(1, 2))).size)
+    assert f["adc_p50"] == 800.0 and f["dwi_p25"] == 0.0  # a flat image is its own median
+    with pytest.raises(ValueError, match="non-empty"):
+        input_features(img, img, None, np.zeros_like(brain), (5.0, 2.0, 2.0))
+
+
+# ----------------------------------------------------------------------------------- withheld calls
+
+
+def _low_confidence_measures(m: dict) -> dict:
+    from worker.pipeline.confidence import apply_confidence
+
+    conf = {"score": 0.12, "low": True, "threshold": 0.5, "parts": {"support": 0.12},
+            "reasons": ["108 mL of Tmax>6 s lies more than 40 mm from any core with no FLAIR vessel sign"]}
+    return apply_confidence(m, conf)
+
+
+def test_low_confidence_withholds_the_calls_in_measures_and_summary_page() -> None:
+    from worker.pipeline.render import summary_rows
+
+    m = {"core_ml": 0.0, "tmax6_ml": 108.0, "tmax10_ml": 20.0, "mismatch_ml": 108.0, "mismatch_ratio": None,
+         "hir": 0.19, "defuse3": True, "extend": True}
+    low = _low_confidence_measures(m)
+    assert low["defuse3"] is None and low["extend"] is None and low["confidence"]["low"]
+    assert low["tmax6_ml"] == 108.0  # the volumes stay
+    rows = {label: value for label, value, _ in summary_rows(low)}
+    assert rows["DEFUSE-3 target mismatch"] == "withheld" and rows["EXTEND mismatch"] == "withheld"
+    assert any(label.startswith("Confidence") and "LOW" in label for label in rows)
+    from worker.pipeline.confidence import apply_confidence
+
+    high = apply_confidence(m, {"score": 0.9, "low": False, "threshold": 0.5})
+    assert high["defuse3"] is True and {label: v for label, v, _ in summary_rows(high)}["DEFUSE-3 target mismatch"] == "YES"
+
+
+def test_low_confidence_sr_has_no_mismatch_call_and_says_low_confidence(tmp_path) -> None:
+    from tests.unit.test_encode import dciodvfy_errors, make_input
+    from worker.pipeline.encode import encode_outputs
+
+    inp, _ = make_input(enhanced=False)
+    inp.measures = _low_confidence_measures(dict(inp.measures))
+    result = encode_outputs(inp, tmp_path)
+    by_kind = {o.kind: o for o in result.objects}
+    assert {"tmax", "tmax_sd", "seg", "summary", "sr"} <= set(by_kind)  # the maps are still made
+    sr = hd.sr.srread(by_kind["sr"].path)
+    profile = sr.content.get_volumetric_roi_measurement_groups()[-1]
+    flags = {q.name.value: q.value.meaning for q in profile.get_qualitative_evaluations()}
+    assert "DEFUSE3" not in flags and "EXTEND" not in flags
+    assert flags["LOW_CONFIDENCE"] == "Yes" and flags["SYNTHETIC"] == "Yes"
+    values = {x.name.value: x.value for x in profile.get_measurements()}
+    assert values["CONFIDENCE"] == pytest.approx(0.12)
+    assert dciodvfy_errors(by_kind["sr"].path) == []
