@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench venv tools demo-model clean
+.PHONY: run test lint bench venv tools demo-model clean images
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ $(CHECKOV):
 test: venv tools $(CHECKOV) lint
 	SYNTHPERF_REQUIRE_TOOLS=1 SYNTHPERF_SLOW_SCALE=small PYTHON=$(PY) \
 	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider tests
+
+# The service and CPU-worker images, built with podman on a local Debian base (no registry of base
+# images here; docs/operations.md, "Images"). Layers are cached under var/images. Targets: IMAGES=...
+IMAGES ?= service worker-cpu
+images:
+	bash deploy/images/build.sh $(IMAGES)
 
 bench: venv tools
 	PYTHON=$(PY) bash deploy/dev/with_redis.sh $(PY) -m bench

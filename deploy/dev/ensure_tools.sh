@@ -29,35 +29,8 @@ if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 echo "installing Debian packages: ${need[*]}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-# Another apt/dpkg (unattended upgrades, a second make test) may hold the package locks: wait for it,
-# up to SYNTHPERF_APT_LOCK_TIMEOUT seconds (default 600), instead of failing on "Could not get lock".
-lock_timeout=${SYNTHPERF_APT_LOCK_TIMEOUT:-600}
-apt_waiting() {
-  local deadline=$((SECONDS + lock_timeout)) out rc said=""
-  while true; do
-    set +e
-    out=$($SUDO apt-get -o DPkg::Lock::Timeout="$lock_timeout" "$@" 2>&1)
-    rc=$?
-    set -e
-    if [ $rc -eq 0 ]; then return 0; fi
-    if ! grep -qiE 'could not get lock|unable to acquire the dpkg|is another process using it' <<<"$out"; then
-      printf '%s\n' "$out" >&2
-      return $rc
-    fi
-    if [ $SECONDS -ge $deadline ]; then
-      printf '%s\n' "$out" >&2
-      echo "ensure_tools: another apt/dpkg process still holds the package lock after ${lock_timeout} s;" \
-           "let it finish (ps aux | grep -E 'apt|dpkg') or raise SYNTHPERF_APT_LOCK_TIMEOUT, then run make test again" >&2
-      return 75
-    fi
-    [ -n "$said" ] || echo "ensure_tools: waiting for another apt/dpkg process to release its lock (up to ${lock_timeout} s)"
-    said=1
-    sleep 5
-  done
-}
-apt_waiting update -qq
-apt_waiting install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# apt_install.sh waits for another apt/dpkg holding the package locks (SYNTHPERF_APT_LOCK_TIMEOUT).
+bash "$(dirname "$0")/apt_install.sh" "${need[@]}"
 # Debian's orthanc package starts a system service on 4242/8042; tests start their own on free ports.
 if printf '%s\n' "${need[@]}" | grep -qx orthanc; then
   (service orthanc stop || true) >/dev/null 2>&1
