@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     result["measures"] = measures
     result["series"] = {"selected": rec.result.get("series"), "classification": rec.result.get("classification")}
     result["registration"] = rec.result.get("registration")
+    result["core"] = rec.result.get("core")  # method, core_ml, strict_adc620_ml, partial_volume_ml
     result["perfusion"] = rec.result.get("perfusion")  # real, DSC-derived measures when a DSC came
     result["timings_s"] = {name: st.get("duration_s") for name, st in rec.stages.items()}
     result["timings_s"]["total"] = round(time.perf_counter() - t0, 3)

@@ -414,6 +414,10 @@ def stage_core(ctx: Context, rec: Any) -> StageOutput:
     _save_npz(ctx.work / "core.npz", core=res.mask.astype(np.uint8))
     detail = {"method": res.method, "adc_units": res.adc_units, "units_guessed": res.units_guessed,
               "core_ml": res.volume_ml(_spacing_zyx(geo))}
+    if res.method == "rule":  # what the reported core is made of (worker/pipeline/core.py, issue 15)
+        detail["strict_adc620_ml"] = res.strict_volume_ml(_spacing_zyx(geo))
+        detail["partial_volume_ml"] = detail["core_ml"] - detail["strict_adc620_ml"]
+    rec.update_result(core=detail)
     return StageOutput(detail, list(res.warnings))
 
 
