@@ -350,33 +350,35 @@ def assess(
     reference: Mapping[str, Any] | None = None, registration: Mapping[str, Any] | None = None,
     lr_axis: int = 2, params: ConfidenceParams | None = None,
 ) -> Confidence:
-    """The per-study confidence (module docstring)."""
+    """The per-study confidence (module docstring). Reasons come weakest part first."""
     p = params or ConfidenceParams()
     parts: dict[str, float] = {}
-    reasons: list[str] = []
+    why: list[tuple[float, list[str]]] = []  # (part score, its reasons)
     missing: list[str] = []
     details: dict[str, Any] = {}
     if reference is not None:
         feats = input_features(dwi, flair, adc, brain, spacing_zyx)
         parts["inputs"], r, per = input_part(feats, reference)
-        reasons += r
+        why.append((parts["inputs"], r))
         details["input_distance"] = {k: round(v, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:3]}
     else:
         missing.append("inputs (no input_reference.json stored with the model)")
     parts["uncertainty"], r, d = uncertainty_part(tmax, sd, brain, p)
-    reasons += r
+    why.append((parts["uncertainty"], r))
     details.update(d)
     reg, r = registration_part(registration)
     if reg is None:
         missing.append("registration (no FLAIR registration record)")
     else:
         parts["registration"] = reg
-        reasons += r
+        why.append((reg, r))
     cons, r, d = consistency_parts(tmax, core, brain, flair, spacing_zyx, lr_axis, p)
     parts.update(cons)
-    reasons += r
+    for text in r:  # one reason per consistency part, in the order support, symmetry
+        why.append((cons["support"] if "vessel sign" in text else cons["symmetry"], [text]))
     details.update(d)
     score = float(np.prod(list(parts.values()))) if parts else 0.0
+    reasons = [t for _, texts in sorted(why, key=lambda w: w[0]) for t in texts]
     return Confidence(score=score, low=score < p.threshold, threshold=p.threshold,
                       parts={k: round(v, 4) for k, v in parts.items()}, reasons=reasons, missing=missing,
                       details=details)

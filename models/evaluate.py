@@ -230,7 +230,7 @@ def _summarise_rows(rows: list[dict]) -> dict:
     s["true_defuse3_rate"] = float(np.mean([r["true_defuse3"] for r in rows])) if rows else None
     s["no_stroke"] = no_stroke_summary(rows)
     s["confidence"] = confidence_summary(rows)
-    s["core"] = core_summary(rows)
+    s["core_rule"] = core_summary(rows)  # not "core": that key is the core baseline's
     return s
 
 
@@ -376,7 +376,7 @@ def format_summary(s: dict) -> str:
                          f"{c['good_and_low']:>8}  {_fmt(c['auroc'], '>6.3f')}  "
                          f"{_fmt(c['high_confidence_model_dice6_mean'], '.3f')} / "
                          f"{_fmt(c['high_confidence_defuse3_agreement'], '.2f')}")
-    core = [(label, g["core"]) for label, g in groups if g.get("core")]
+    core = [(label, g["core_rule"]) for label, g in groups if g.get("core_rule")]
     if core:
         lines.append(f"{'core':<10} {'cases':>5}  {'method':<14} {'Dice (median)':<15}  {'|vol err|':>9}  {'vol bias':>8}")
         for label, c in core:
