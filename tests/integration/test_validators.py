@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from tests.conftest import REPO_ROOT, require_tool
 from tests.unit.test_encode import make_input
+from worker.pipeline.confidence import apply_confidence
 from worker.pipeline.encode import Geometry, encode_outputs
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,8 @@ KNOWN_SR_WARNINGS = {
     r'Code \(121233,DCM,"Source Image for Segmentation"\) has different code meaning': "code meaning case",
     r'CODE \(276214006,SCT,"Finding category"\): Content Item not in template': "finding category",
     r'TEXT \(11100[13],DCM,"Algorithm (Name|Version)"\): Content Item not in template': "algorithm identification",
-    r'CODE \((DEFUSE3|EXTEND|SYNTHETIC),99SYNTHPERF,[^)]*\): Content Item not in template': "local evaluations",
+    r'CODE \((DEFUSE3|EXTEND|SYNTHETIC|LOW_CONFIDENCE),99SYNTHPERF,[^)]*\): Content Item not in template':
+        "local evaluations",
 }
 KNOWN_SEG_ERRORS = {r"^Error: GeneralSeriesModule/Laterality/: : Missing conditional attribute$": "laterality"}
 DCMQI = REPO_ROOT / ".venv" / "bin"
@@ -52,6 +54,11 @@ def objects(tmp_path_factory):
     out = {}
     for style in ("classic", "enhanced"):
         inp, _ = make_input(style == "enhanced")
+        # as the pipeline writes them (issue 15): a confidence record on every study; the classic SR carries
+        # the mismatch calls beside it, the enhanced one is low confidence and carries none
+        low = style == "enhanced"
+        inp.measures = apply_confidence(dict(inp.measures), {"score": 0.2 if low else 0.8, "low": low,
+                                                            "threshold": 0.5, "reasons": []})
         folder = tmp_path_factory.mktemp(f"val_{style}")
         res = encode_outputs(inp, folder)
         out[style] = (inp, {o.kind: Path(o.path) for o in res.objects if o.kind != "overlay"})
@@ -143,6 +150,7 @@ def test_dcmqi_reads_the_sr_back_to_our_numbers(objects, style, tmp_path):
         ("Mismatch profile", 2, "MISMATCH_VOL"): m["mismatch_ml"],
         ("Mismatch profile", 2, "MISMATCH_RATIO"): m["mismatch_ratio"],
         ("Mismatch profile", 2, "HIR"): m["hir"],
+        ("Mismatch profile", 2, "CONFIDENCE"): m["confidence"]["score"],
     }
     assert values.keys() == expected.keys()
     for key, value in expected.items():
