@@ -82,11 +82,9 @@ def built(image_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         pytest.fail(f"build.sh {' '.join(TARGETS)} exited {proc.returncode}; last lines of {log}:\n"
                     + "\n".join(log.read_text().splitlines()[-40:]))
     yield images_dir
-    if not small_scale():  # a cold store is only for this run: its layers are root-owned gigabytes
-        for target in TARGETS:
-            subprocess.run([*podman_cmd(images_dir), "rmi", "-f", f"synthperf-{target}:{TAG}"],
-                           capture_output=True, timeout=300)
-        subprocess.run([*podman_cmd(images_dir), "system", "reset", "--force"], capture_output=True, timeout=300)
+    if not small_scale():  # a cold store is only for this run: its layers are gigabytes
+        subprocess.run([*podman_cmd(images_dir), "rmi", "--all", "--force"], capture_output=True, timeout=300)
+        shutil.rmtree(images_dir, ignore_errors=True)
 
 
 def image_file(images_dir: Path, image: str, path: str) -> str | None:
