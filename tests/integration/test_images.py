@@ -17,7 +17,7 @@ What each form covers:
   ``make images``). With that cache warm it costs seconds (about 13 s when nothing changed, 30 s
   after a code change: the wheel, its install and the smoke check are rebuilt, the 2.2 GB dependency
   layer is not). The first run on a fresh machine has no cache and pays the cold build (debootstrap,
-  Python and dcmtk from Debian, every dependency from the package index: several minutes; figures in
+  Python and dcmtk from Debian, every dependency from the package index: 453 s on 2 loaded cores; figures in
   docs/operations.md, "Images").
 * full (SYNTHPERF_SLOW_SCALE=full): the same two targets from nothing in a temporary folder
   (debootstrap, import, every layer built anew), so no cached layer can hide a step that no longer
