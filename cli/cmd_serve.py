@@ -7,6 +7,8 @@ SIGINT/SIGTERM stop all of it cleanly (the SCP first, so no new instance is acce
 rest winds down). One process tree (issue 16): ``<data_dir>/serve.pid`` (an flock) refuses a
 second ``serve`` on the same data dir, and a SIGKILL of ``serve`` takes the worker and its pool
 with it (parent-death signal), so a restart never finds an orphaned worker beside its new one.
+Named gateway replicas (``replica_id``, issue 19) lock ``serve-<replica_id>.pid`` instead, so several
+may share one data dir; the job store's replica registry refuses a second gateway on SQLite.
 ``--demo`` (used by ``make run``) also sends a phantom study to ourselves through
 :func:`send_demo_study`.
 """
@@ -87,8 +89,15 @@ def _start_api(settings: Any) -> tuple[Any, threading.Thread] | None:
     return server, thread
 
 
+def _replica_suffix(settings: Any) -> str:
+    """``""`` for the only gateway, ``-<replica_id>`` for a named replica (issue 19): replicas that share
+    one data dir (a ReadWriteMany volume) each hold their own pid files, and two ``serve`` under one
+    name on one data dir still refuse each other."""
+    return f"-{settings.replica_id}" if settings.replica_id else ""
+
+
 def _worker_pid_file(settings: Any) -> Path:
-    return settings.data_dir / "worker.pid"
+    return settings.data_dir / f"worker{_replica_suffix(settings)}.pid"
 
 
 def _kill_leftover_worker(settings: Any) -> None:
@@ -129,6 +138,7 @@ def _start_worker(settings: Any, env_overrides: dict[str, str]) -> subprocess.Po
 
 def run(args: argparse.Namespace) -> int:
     from common.config import SettingsError, load_settings
+    from common.jobstore.replicas import ReplicaConflictError
     from common.procs import InstanceLockError, PidFileLock
     from service.gateway import Gateway
 
@@ -140,11 +150,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    instance_lock = PidFileLock(settings.data_dir / "serve.pid")
+    instance_lock = PidFileLock(settings.data_dir / f"serve{_replica_suffix(settings)}.pid")
     try:
         instance_lock.acquire()
     except InstanceLockError as exc:
-        print(f"synthperf serve: another serve runs on data dir {settings.data_dir}: {exc}", file=sys.stderr)
+        who = f" as replica {settings.replica_id!r}" if settings.replica_id else ""
+        print(f"synthperf serve: another serve runs on data dir {settings.data_dir}{who}: {exc}", file=sys.stderr)
         return 2
     if not args.no_worker:
         _kill_leftover_worker(settings)
@@ -168,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         gateway = Gateway(settings)
         port = gateway.start()
+    except ReplicaConflictError as exc:
+        print(f"synthperf serve: {exc}", file=sys.stderr)
+        instance_lock.release()
+        return 2
     except OSError as exc:
         print(f"synthperf serve: cannot listen on DICOM port {settings.scp_port}: {exc}; "
               "choose another with --port", file=sys.stderr)

@@ -188,6 +188,16 @@ class Settings(BaseSettings):
         default=True, description="fsync each received file before Success (power-loss safe); off = faster."
     )
 
+    # --- gateway replicas (issue 19): several gateways on one PostgreSQL job store, each named
+    replica_id: str = Field(
+        default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="This gateway's name among several on one job store (the pod name in Kubernetes); empty = "
+        "the only gateway. Names its serve.pid lock, so replicas can share one data dir.",
+    )
+    replica_lease_s: float = Field(
+        default=30.0, gt=0, description="A gateway's registry row counts as live this long after its last renewal."
+    )
+
     # --- completion
     stable_age_s: float = Field(default=10.0, gt=0)
     completion_ceiling_s: float = Field(default=600.0, gt=0)

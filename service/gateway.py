@@ -16,6 +16,7 @@ from common.config import Settings
 from common.heartbeat import Heartbeat
 from common.jobstore.leases import LeaseReaper
 from common.jobstore.queries import init_db
+from common.jobstore.replicas import ReplicaRegistration
 from service.ingest.completion import CompletionLoop, Enqueue, celery_enqueuer
 from service.ingest.dataset import MalformedDatasetError
 from service.ingest.receiver import Receiver
@@ -24,6 +25,8 @@ from service.scp.contexts import STORAGE_SOP_CLASSES
 from service.scp.server import ScpServer
 
 log = logging.getLogger("synthperf.gateway")
+
+SHARED_TEMP_AGE_S = 3600.0  # a temp file in a shared spool untouched this long is a dead replica's leftover
 
 
 def _celery_sender(settings: Settings) -> Callable[[str, tuple[object, ...]], object]:
@@ -55,6 +58,9 @@ class Gateway:
         self.url = settings.effective_database_url
         init_db(self.url)
         self.spool = Spool(settings.spool_dir, fsync=settings.spool_fsync)
+        # Who this gateway is among several (issue 19); register() refuses a second one on SQLite.
+        self.registration = ReplicaRegistration(self.url, settings.replica_id, str(settings.data_dir.resolve()),
+                                                lease_s=settings.replica_lease_s)
         self.completion = CompletionLoop.from_settings(settings, enqueue or celery_enqueuer(settings))
         self.receiver = Receiver(
             self.url, self.spool, frozenset(STORAGE_SOP_CLASSES), on_series_complete=self.completion.kick
@@ -68,8 +74,12 @@ class Gateway:
                                   max_attempts=settings.max_stage_attempts, period_s=settings.lease_reap_s)
 
     def recover(self) -> dict[str, int]:
-        """Remove temp files and record complete files that have no row (crash leftovers)."""
-        removed = self.spool.remove_temp_files()
+        """Remove temp files and record complete files that have no row (crash leftovers).
+
+        A named replica may share its spool with others (one ReadWriteMany volume): their temp
+        files are writes in flight, so only those abandoned for an hour are removed.
+        """
+        removed = self.spool.remove_temp_files(older_than_s=SHARED_TEMP_AGE_S if self.settings.replica_id else 0.0)
         recorded = 0
         for path in self.spool.final_files():
             sop = path.name[: -len(".dcm")]
@@ -88,6 +98,13 @@ class Gateway:
         return {"temp_removed": removed, "recorded": recorded}
 
     def start(self) -> int:
+        """Register, recover the spool, then listen; raises ReplicaConflictError before any of it
+        when this gateway may not run beside a live one (a second gateway on SQLite)."""
+        others = self.registration.register()
+        if others:
+            log.info("gateway replica %r starts beside %d live replica(s): %s", self.settings.replica_id, len(others),
+                     ", ".join(o.replica_id or "(unnamed)" for o in others))
+        self.registration.start()
         self.recover()
         port = self.scp.start()
         self.completion.start()
@@ -100,7 +117,13 @@ class Gateway:
         self.completion.stop()
         self.heartbeat.stop()
         self.reaper.stop()
+        self.registration.stop()
         try:
             self.heartbeat.beat()
         except Exception:  # noqa: BLE001
             pass
+        try:
+            self.registration.unregister()
+        except Exception:  # noqa: BLE001 - the row expires by itself
+            log.warning("could not remove this gateway's replica row; it expires after %.0f s",
+                        self.settings.replica_lease_s)

@@ -221,6 +221,24 @@ class Heartbeat(Base):
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # e.g. active associations, device, queues
 
 
+class GatewayReplica(Base):
+    """One row per running gateway (SCP + completion), renewed with its heartbeat (issue 19).
+
+    It is how "several replicas" is defined: more than one live row. On SQLite a gateway refuses to
+    start beside another live one (one file, one node); on PostgreSQL the rows are the replica
+    registry the system page and the completion claim log read. ``replica_id`` is the configured
+    name (empty for the only gateway), ``owner`` the "host:pid" holding it.
+    """
+
+    __tablename__ = "gateway_replicas"
+
+    replica_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    data_dir: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class UserRole:
     """Dashboard roles. Viewers watch (patient identifiers masked); admins also act and see identifiers."""
 

@@ -304,8 +304,24 @@ def _aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
-def studies_with_pending_instances(session: Session) -> list[StudyProgress]:
-    """Studies holding instances that no job covers yet (new study or late arrivals)."""
+def claim_study(session: Session, study_id: int) -> bool:
+    """Lock the study's row for this transaction, or False at once if another transaction holds it.
+
+    ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL: of several gateway replicas' completion
+    loops that find one study due, one gets the row and makes the job; the others skip it without
+    waiting (issue 19). The lock lasts until the transaction ends, so a replica that dies while
+    holding it loses it with its connection. SQLite has no row locks (SQLAlchemy leaves the clause
+    out) and serves one gateway only (``common.jobstore.replicas``), so there it is always True.
+    """
+    got = session.execute(
+        select(Study.id).where(Study.id == study_id).with_for_update(skip_locked=True)
+    ).scalar()
+    return got is not None
+
+
+def studies_with_pending_instances(session: Session, study_id: int | None = None) -> list[StudyProgress]:
+    """Studies holding instances that no job covers yet (new study or late arrivals); only
+    ``study_id`` when given (the re-check under :func:`claim_study`)."""
     counts = (
         select(Series.study_id.label("study_id"), func.count(Instance.id).label("n"))
         .join(Instance, Instance.series_id == Series.id)
@@ -321,6 +337,7 @@ def studies_with_pending_instances(session: Session) -> list[StudyProgress]:
         .outerjoin(latest, latest.c.study_id == Study.id)
         .outerjoin(Job, (Job.study_id == Study.id) & (Job.version == latest.c.v))
         .where(counts.c.n > func.coalesce(Job.instance_count, 0))
+        .where(Study.id == study_id if study_id is not None else true())
     ).all()
     out: list[StudyProgress] = []
     for study_id, study_uid, n, covered, job_id, job_created in rows:

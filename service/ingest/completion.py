@@ -105,6 +105,7 @@ class CompletionLoop:
         self._thread: threading.Thread | None = None
         self._unsent: list[int] = []  # job ids whose enqueue failed; retried every pass
         self.jobs_created = 0
+        self.claims_skipped = 0  # due studies left to another replica (claimed there, or already done there)
         self.last_pass_at: float | None = None
         self.next_due_s: float | None = None  # seconds until the earliest pending study can fire
 
@@ -125,10 +126,18 @@ class CompletionLoop:
         self._wake.set()
 
     def run_once(self, now: datetime | None = None) -> list[int]:
-        """One pass: create and enqueue the jobs that are due; return their ids."""
+        """One pass: create and enqueue the jobs that are due; return their ids.
+
+        Every gateway replica runs this loop (issue 19). The due studies are found without locks;
+        each is then claimed in its own short transaction (``queries.claim_study``: ``FOR UPDATE SKIP
+        LOCKED`` on PostgreSQL) and looked at again under the claim, so a study another replica is
+        making a job for is skipped, and one whose job another replica has just committed is no
+        longer pending. One study's job per firing, whichever replica fires it.
+        """
         now = now or datetime.now(UTC)
         created: list[tuple[int, str, str, int]] = []
         next_due: float | None = None
+        due_ids: list[int] = []
         with session_scope(self.database_url) as s:
             for p in queries.studies_with_pending_instances(s):
                 trigger = decide(p, now, self.stable_age_s, self.ceiling_s, self.incomplete_wait_s)
@@ -140,8 +149,22 @@ class CompletionLoop:
                     )
                     next_due = due if next_due is None else min(next_due, due)
                     continue
+                due_ids.append(p.study_id)
+        for study_id in due_ids:
+            with session_scope(self.database_url) as s:
+                if not queries.claim_study(s, study_id):
+                    self.claims_skipped += 1  # another replica holds it right now
+                    continue
+                fresh = queries.studies_with_pending_instances(s, study_id)
+                trigger = decide(fresh[0], now, self.stable_age_s, self.ceiling_s, self.incomplete_wait_s) \
+                    if fresh else None
+                if trigger is None:
+                    self.claims_skipped += 1  # another replica made the job between our look and our claim
+                    continue
+                p = fresh[0]
                 job = queries.create_job(s, p.study_id, trigger, p.instance_count)
                 created.append((job.id, p.study_uid, trigger, p.instance_count))
+        with session_scope(self.database_url) as s:
             for job_id in queries.supersede_finished(s):
                 log.info("job %d superseded by a newer job of its study", job_id, extra={"job_id": job_id})
         self.next_due_s = next_due
@@ -183,7 +206,8 @@ class CompletionLoop:
         return min(idle_s, max(self.poll_s / 4, self.next_due_s))
 
     def info(self) -> dict[str, object]:
-        return {"jobs_created": self.jobs_created, "unsent": len(self._unsent), "last_pass_at": self.last_pass_at}
+        return {"jobs_created": self.jobs_created, "claims_skipped": self.claims_skipped, "unsent": len(self._unsent),
+                "last_pass_at": self.last_pass_at}
 
     def _run(self) -> None:
         import time

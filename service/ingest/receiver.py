@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
@@ -37,6 +38,10 @@ CANNOT_UNDERSTAND = 0xC000  # not a complete DICOM data set (non-DICOM payload, 
 MISSING_UID = 0xC001  # Study, Series or SOP Instance UID absent
 INVALID_UID = 0xC002  # a UID that is not digits and dots (and so can never become a path)
 
+# A final spool file with no row younger than this may be another gateway's store in flight (shared
+# spool, issue 19): wait up to ROW_WAIT_S for its row before treating it as a crash leftover.
+YOUNG_FILE_S = 10.0
+ROW_WAIT_S = 2.0
 TOUCH_INTERVAL_S = 0.5  # study/series last_received_at move at most this often (completion reads instances)
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1460.1"
@@ -195,7 +200,7 @@ class Receiver:
             # index refuses a known UID; only then do we look at what is stored.
             stored = self.spool.store(relpath, chunks)
             if not stored.created:
-                existing = self._writer.find(sop_uid)
+                existing = self._writer.find(sop_uid) or self._await_row(sop_uid, stored.path)
                 if existing is not None:
                     return self._duplicate(existing, sha, sop_uid, relpath)
                 # A final file without a row: left by a run that died before recording it.
@@ -204,13 +209,35 @@ class Receiver:
             try:
                 self._record(h, relpath, stored.size, sha, ts, calling_aet)
             except queries.DuplicateInstanceError:
-                # Same SOP Instance UID already recorded under another Study/Series path.
-                stored.path.unlink(missing_ok=True)
+                # Recorded meanwhile: under another Study/Series path (our file is an orphan), or by
+                # another gateway sharing this spool, whose row names the very file we linked or
+                # replaced: that file is the recorded copy and must stay.
                 existing = self._writer.find(sop_uid)
                 if existing is None:
                     raise
+                if existing[2] != relpath:
+                    stored.path.unlink(missing_ok=True)
                 return self._duplicate(existing, sha, sop_uid, relpath)
         return Outcome(SUCCESS, relpath=relpath)
+
+    def _await_row(self, sop_uid: str, path: Path) -> tuple[int, str, str] | None:
+        """The row of a file that has no row yet, if one appears within ``ROW_WAIT_S``.
+
+        A young final file without a row is, in a spool shared by several gateways, another
+        gateway's store between its link and its row; an old one is a crash leftover (the start-up
+        recovery records those), which this copy replaces at once.
+        """
+        try:
+            young = time.time() - path.stat().st_mtime < YOUNG_FILE_S
+        except FileNotFoundError:
+            return None
+        deadline = time.monotonic() + ROW_WAIT_S
+        while young and time.monotonic() < deadline:
+            time.sleep(0.05)
+            existing = self._writer.find(sop_uid)
+            if existing is not None:
+                return existing
+        return None
 
     def _duplicate(self, existing: tuple[int, str, str], sha: str, sop_uid: str, relpath: str) -> Outcome:
         _id, old_sha, old_path = existing

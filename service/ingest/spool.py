@@ -20,6 +20,7 @@ import errno
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,10 +170,23 @@ class Spool:
             _fsync_dir(final.parent)
         return StoredFile(final, relpath, final.stat().st_size, created=True)
 
-    def remove_temp_files(self) -> int:
-        """Delete leftovers of interrupted writes; return how many were removed."""
+    def remove_temp_files(self, older_than_s: float = 0.0) -> int:
+        """Delete leftovers of interrupted writes; return how many were removed.
+
+        ``older_than_s`` > 0 spares temp files modified more recently: in a spool shared by several
+        gateways (one ReadWriteMany volume) they are another gateway's writes in flight.
+        """
+        if older_than_s < 0:
+            raise ValueError(f"older_than_s must not be negative, got {older_than_s}")
+        cutoff = time.time() - older_than_s
         removed = 0
         for path in self.root.glob(f"*/*/{TEMP_PREFIX}*"):
+            if older_than_s > 0:
+                try:
+                    if path.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
             _unlink_quiet(path)
             removed += 1
         return removed

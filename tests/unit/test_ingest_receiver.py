@@ -3,6 +3,8 @@ that record into the job store run on SQLite and on PostgreSQL (``jobstore_url``
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +224,8 @@ def test_unrecorded_leftover_is_replaced_and_temp_files_removed(rx: R.Receiver) 
     leftover = rx.spool.root / rel
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half a file from a crashed run")
+    hour_ago = time.time() - 3600  # a young file without a row may be another gateway's store in flight
+    os.utime(leftover, (hour_ago, hour_ago))
     (leftover.parent / f"{TEMP_PREFIX}x.dcm.1234").write_bytes(b"partial")
     assert rx.spool.remove_temp_files() == 1
     assert _send(rx, ds).status == R.SUCCESS
