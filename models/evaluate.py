@@ -138,9 +138,9 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     row["bad"] = is_bad(row)
     for name, fn in (core_methods or {}).items():
         m = np.asarray(fn(case_dir, im, case.spacing_zyx), dtype=bool) & brain
-        row[f"core_{name}_ml"] = volume_ml(m, voxel_ml)
+        row[f"coreseg_{name}_ml"] = volume_ml(m, voxel_ml)
         if core.any():
-            row[f"core_{name}_dice"] = dice(m, core)
+            row[f"coreseg_{name}_dice"] = dice(m, core)
     return row
 
 
@@ -197,12 +197,12 @@ def confidence_summary(rows: list[dict]) -> dict:
 
 def core_summary(rows: list[dict]) -> dict:
     """Core Dice (cases with a truth core) and absolute volume error of each core method."""
-    names = sorted({k[len("core_"):-len("_ml")] for r in rows for k in r
-                    if k.startswith("core_") and k.endswith("_ml") and k != "core_ml"})
+    names = sorted({k[len("coreseg_"):-len("_ml")] for r in rows for k in r
+                    if k.startswith("coreseg_") and k.endswith("_ml")})
     out: dict = {}
     for n in names:
-        d = [r[f"core_{n}_dice"] for r in rows if f"core_{n}_dice" in r]
-        err = [r[f"core_{n}_ml"] - r["core_ml"] for r in rows if f"core_{n}_ml" in r]
+        d = [r[f"coreseg_{n}_dice"] for r in rows if f"coreseg_{n}_dice" in r]
+        err = [r[f"coreseg_{n}_ml"] - r["core_ml"] for r in rows if f"coreseg_{n}_ml" in r]
         out[n] = {"cases_with_core": len(d), "dice_mean": float(np.mean(d)) if d else None,
                   "dice_median": float(np.median(d)) if d else None,
                   "vol_abs_err_ml": float(np.mean(np.abs(err))) if err else None,

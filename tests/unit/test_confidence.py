@@ -186,3 +186,31 @@ def test_low_confidence_sr_has_no_mismatch_call_and_says_low_confidence(tmp_path
     values = {x.name.value: x.value for x in profile.get_measurements()}
     assert values["CONFIDENCE"] == pytest.approx(0.12)
     assert dciodvfy_errors(by_kind["sr"].path) == []
+
+
+def test_evaluate_summaries_of_confidence_and_core_by_hand() -> None:
+    from models.evaluate import confidence_summary, core_summary, is_bad
+
+    rows = [  # two bad (a poor stroke map, a healthy brain with 40 mL called), two good
+        {"no_stroke": False, "model_dice6": 0.2, "model_tmax6_ml": 50.0, "confidence": 0.1, "confidence_low": True,
+         "model_defuse3_agree": False, "core_ml": 10.0, "coreseg_rule_ml": 9.0, "coreseg_rule_dice": 0.9,
+         "core_tmax6_ml": 10.0},
+        {"no_stroke": True, "model_dice6": 0.0, "model_tmax6_ml": 40.0, "confidence": 0.6, "confidence_low": False,
+         "model_defuse3_agree": False, "core_ml": 0.0, "coreseg_rule_ml": 0.5},
+        {"no_stroke": True, "model_dice6": 0.0, "model_tmax6_ml": 3.0, "confidence": 0.7, "confidence_low": False,
+         "model_defuse3_agree": True, "core_ml": 0.0, "coreseg_rule_ml": 0.0},
+        {"no_stroke": False, "model_dice6": 0.8, "model_tmax6_ml": 90.0, "confidence": 0.4, "confidence_low": True,
+         "model_defuse3_agree": True, "core_ml": 20.0, "coreseg_rule_ml": 22.0, "coreseg_rule_dice": 0.7},
+    ]
+    for r in rows:
+        r["bad"] = is_bad(r)
+    assert [r["bad"] for r in rows] == [True, True, False, False]  # 3 mL on a healthy brain is not bad
+    c = confidence_summary(rows)
+    # low confidence for bad: bad at 0.1, 0.6; good at 0.7, 0.4 -> pairs won (0.1<0.7, 0.1<0.4, 0.6<0.7) = 3 of 4
+    assert c["auroc"] == pytest.approx(0.75)
+    assert (c["bad"], c["low"], c["bad_and_low"], c["good_and_low"]) == (2, 2, 1, 1)
+    assert c["high_confidence_model_dice6_mean"] == pytest.approx(0.0)
+    core = core_summary(rows)
+    assert set(core) == {"rule"}  # the core baseline's own core_* columns are not a core method
+    assert core["rule"]["cases_with_core"] == 2 and core["rule"]["dice_mean"] == pytest.approx(0.8)
+    assert core["rule"]["vol_abs_err_ml"] == pytest.approx((1 + 0.5 + 0 + 2) / 4)
