@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 _F = TypeVar("_F", bound=Callable)
 
 
-def _single_threaded_blas(fn: _F) -> _F:
+def single_threaded_blas(fn: _F) -> _F:
     """Run ``fn``'s matrix products on one OpenBLAS thread.
 
     Why: in the full test run (one process that had loaded torch, ONNX Runtime and OpenVINO and
@@ -125,7 +125,7 @@ def toeplitz_matrix(aif: np.ndarray, dt: float) -> np.ndarray:
     return np.where(i >= 0, aif[np.clip(i, 0, n - 1)], 0.0) * dt
 
 
-@_single_threaded_blas
+@single_threaded_blas
 def osvd(aif: np.ndarray, conc: np.ndarray, dt: float, oi_threshold: float = DEFAULT_OI,
          chunk: int = 65536) -> Deconvolution:
     """Oscillation-index regularised block-circulant SVD deconvolution (Wu et al. 2003).
@@ -167,7 +167,7 @@ def osvd(aif: np.ndarray, conc: np.ndarray, dt: float, oi_threshold: float = DEF
     return Deconvolution(k=k_out, dt=float(dt), circular=True, n_kept=kept)
 
 
-@_single_threaded_blas
+@single_threaded_blas
 def ssvd(aif: np.ndarray, conc: np.ndarray, dt: float, threshold: float = SSVD_THRESHOLD) -> Deconvolution:
     """Standard truncated SVD on the Toeplitz matrix with a fixed relative threshold (baseline)."""
     aif, conc = _check_inputs(aif, conc, dt)

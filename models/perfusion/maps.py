@@ -21,6 +21,7 @@ import numpy as np
 from models.perfusion.aif import AifResult, select_aif
 from models.perfusion.deconv import DEFAULT_OI, osvd, residue_peak_time, ssvd
 from models.perfusion.signal import Bolus, Motion, concentration, detect_bolus, motion_check
+from models.perfusion.tmax_fit import fit_tmax
 
 KH = (1 - 0.45) / (1 - 0.25)
 RHO = 1.04
@@ -34,6 +35,7 @@ class DscOptions:
 
     oi_threshold: float = DEFAULT_OI
     method: str = "osvd"  # "osvd" or "ssvd" (baseline)
+    tmax_method: str = "fit"  # "fit" (model-based, models/perfusion/tmax_fit.py) or "residue" (argmax of the oSVD residue)
     truncation_fraction: float = 0.5
     motion_threshold_mm: float = 2.0
     min_aif_candidates: int = 40
@@ -41,6 +43,8 @@ class DscOptions:
     def __post_init__(self) -> None:
         if self.method not in ("osvd", "ssvd"):
             raise ValueError(f"method must be 'osvd' or 'ssvd', got {self.method!r}")
+        if self.tmax_method not in ("fit", "residue"):
+            raise ValueError(f"tmax_method must be 'fit' or 'residue', got {self.tmax_method!r}")
         if not 0 < self.oi_threshold < 1:
             raise ValueError(f"oi_threshold must be in (0, 1), got {self.oi_threshold!r}")
 
@@ -99,9 +103,15 @@ def _hemisphere_stat(values: np.ndarray, hemi: np.ndarray, side: int) -> float:
 
 
 def voxel_maps(conc: np.ndarray, aif: np.ndarray, dt: float, method: str = "osvd",
-               oi_threshold: float = DEFAULT_OI) -> dict[str, np.ndarray]:
+               oi_threshold: float = DEFAULT_OI, tmax_method: str = "fit") -> dict[str, np.ndarray]:
     """Per-voxel Tmax, CBF, CBV, MTT, TTP (and a late-peak flag) from concentration curves
-    ``conc`` (t, voxels) and the AIF (t,), both Delta R2* (1/s), frame interval ``dt`` s."""
+    ``conc`` (t, voxels) and the AIF (t,), both Delta R2* (1/s), frame interval ``dt`` s.
+
+    With oSVD, ``tmax_method="fit"`` (default) takes Tmax from the model fit seeded by the oSVD
+    residue's argmax (kept as ``tmax_residue``); ``"residue"`` keeps the argmax. sSVD (the baseline)
+    always reports its residue's argmax."""
+    if tmax_method not in ("fit", "residue"):
+        raise ValueError(f"tmax_method must be 'fit' or 'residue', got {tmax_method!r}")
     if method == "osvd":
         dec = osvd(aif, conc, dt, oi_threshold)
     elif method == "ssvd":
@@ -123,7 +133,9 @@ def voxel_maps(conc: np.ndarray, aif: np.ndarray, dt: float, method: str = "osvd
     with np.errstate(divide="ignore", invalid="ignore"):
         mtt = np.where(cbf > 0, 60.0 * cbv / cbf, np.nan)
     late = peak_v >= int(np.ceil((1 - LATE_FRACTION) * conc.shape[0]))
-    return {"tmax": dec.tmax(), "cbf": cbf.astype(np.float32), "cbv": cbv.astype(np.float32),
+    tmax_residue = dec.tmax()
+    tmax = fit_tmax(aif, conc, dt, tmax_residue) if method == "osvd" and tmax_method == "fit" else tmax_residue
+    return {"tmax": tmax, "tmax_residue": tmax_residue, "cbf": cbf.astype(np.float32), "cbv": cbv.astype(np.float32),
             "mtt": mtt.astype(np.float32), "ttp": residue_peak_time(conc, dt, circular=False),
             "late": late.astype(np.float32), "n_kept": dec.n_kept}
 
@@ -181,7 +193,7 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
                      hemisphere=hemi_v, avoid_hemisphere=avoid, min_candidates=opt.min_aif_candidates)
     warnings += aif.warnings
 
-    per = voxel_maps(conc, aif.curve, dt, opt.method, opt.oi_threshold)
+    per = voxel_maps(conc, aif.curve, dt, opt.method, opt.oi_threshold, opt.tmax_method)
     # voxels without a measurable bolus (CSF, background inside the mask) get no value rather than
     # the argmax of noise: peak Delta R2* under 5 baseline noise SDs
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -201,6 +213,7 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     maps["truncated_voxels"] = full(late.astype(np.float32))
     quality: dict = {"dt_s": dt, "n_frames": int(series.shape[0]), "method": opt.method,
                      "oi_threshold": opt.oi_threshold if opt.method == "osvd" else None,
+                     "tmax_method": opt.tmax_method if opt.method == "osvd" else "residue",
                      "late_peak_fraction": round(float(late.mean()), 4),
                      "no_bolus_fraction": round(float(no_bolus.mean()), 4), "bolus": bolus.to_dict(dt),
                      "motion": motion.to_dict(), "aif": aif.quality}

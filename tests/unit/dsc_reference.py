@@ -1,8 +1,15 @@
-"""A digital reference grid for DSC deconvolution in the style of Kudo et al. (Radiology 2013;267:201),
-built on the phantom's own DSC model (``phantom.dsc``: gamma-variate AIF with recirculation,
-exponential residue, exponential dispersion): every combination of delay, MTT, CBF, dispersion, TR
-and SNR, a few noise realisations each. Truth Tmax is the argmax of the delayed, dispersed residue
-(what deconvolution estimates), truth CBV = CBF x MTT.
+"""Digital reference grids for DSC deconvolution in the style of Kudo et al. (Radiology 2013;267:201).
+
+``reference_set`` is built on the phantom's own DSC model (``phantom.dsc``: gamma-variate AIF with
+recirculation, exponential residue, exponential dispersion): every combination of delay, MTT, CBF,
+dispersion, TR and SNR, a few noise realisations each. Truth Tmax is the argmax of the delayed,
+dispersed residue (what deconvolution estimates; Kudo's phantom has no dispersion, so there the argmax
+is the delay itself), truth CBV = CBF x MTT.
+
+``alternative_set`` shares none of those models, so that a method fitted to the phantom's shapes is
+caught out: Parker's population AIF (Parker et al., MRM 2006;56:993; two Gaussians and a
+sigmoid-modulated exponential), gamma-variate dispersion kernels (shape 2), and Kudo's exponential and
+linear residues plus a gamma-distributed transit-time residue (Mouridsen et al., MRM 2006;55:524).
 
 Used by tests/unit/test_perfusion_reference.py and bench/perfusion.py.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import gamma as gamma_dist
 
 from phantom.dsc import arterial_input, residue_peak_offset
 
@@ -77,6 +85,63 @@ def reference_set(tr: float, snr: float, reps: int = 3, seed: int = 0, delays=DE
                     rows.append((d, m, f, b, tmax))
                     curves.append(shape * f / 6000.0)
     conc = np.repeat(np.array(curves).T, reps, axis=1)  # (t, combos*reps), mM
+    truth = np.repeat(np.array(rows), reps, axis=0)
+    clean = np.exp(-TE_S * K2 * conc)
+    sigma = 1.0 / snr
+    noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
+    return ReferenceSet(tr=tr, snr=snr, signal=noisy.astype(np.float32), aif_r2s=(K2 * aif_fine[pick]).astype(np.float32),
+                        delay=truth[:, 0], mtt=truth[:, 1], cbf=truth[:, 2], beta=truth[:, 3], tmax=truth[:, 4])
+
+
+ALT_DELAYS_S = (-3.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0)
+ALT_MTTS_S = (3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+ALT_CBFS = (10.0, 30.0, 60.0)
+ALT_DISPERSION_MEANS_S = (0.5, 1.5, 3.0)
+ALT_RESIDUES = ("exponential", "linear", "gamma")
+ALT_AIF_T0_S = 8.0
+
+
+def parker_aif(t_s: np.ndarray, t0: float, peak_mm: float = 8.0) -> np.ndarray:
+    """Parker's population AIF (time in minutes in the paper) starting at ``t0``, scaled to ``peak_mm``."""
+    t = (t_s - t0) / 60.0
+    c = (0.809 / (0.0563 * np.sqrt(2 * np.pi)) * np.exp(-((t - 0.17046) ** 2) / (2 * 0.0563**2))
+         + 0.330 / (0.132 * np.sqrt(2 * np.pi)) * np.exp(-((t - 0.365) ** 2) / (2 * 0.132**2))
+         + 1.050 * np.exp(-0.1685 * t) / (1 + np.exp(-38.078 * (t - 0.483))))
+    c = np.where(t_s > t0, c, 0.0)
+    return c * peak_mm / c.max()
+
+
+def _alt_residue(kind: str, tau: np.ndarray, mtt: float) -> np.ndarray:
+    if kind == "exponential":
+        return np.exp(-tau / mtt)
+    if kind == "linear":
+        return np.clip(1.0 - tau / (2.0 * mtt), 0.0, 1.0)
+    return gamma_dist.sf(tau, 3.0, scale=mtt / 3.0)
+
+
+def alternative_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> ReferenceSet:
+    """The second grid: other AIF, dispersion and residue models; ``beta`` holds the mean dispersion time."""
+    rng = np.random.default_rng([seed, int(tr * 100), int(snr), 7])
+    t_fine = np.arange(0, N_FRAMES * tr + 20.0, _DT)
+    aif_fine = parker_aif(t_fine, ALT_AIF_T0_S)
+    pick = np.round(np.arange(N_FRAMES) * tr / _DT).astype(int)
+    rows, curves = [], []
+    for kind in ALT_RESIDUES:
+        for d in ALT_DELAYS_S:
+            for m in ALT_MTTS_S:
+                for mean_disp in ALT_DISPERSION_MEANS_S:
+                    h = gamma_dist.pdf(t_fine, 2.0, scale=mean_disp / 2.0)
+                    h /= h.sum() * _DT
+                    k = np.convolve(h, _alt_residue(kind, t_fine, m))[: t_fine.size] * _DT
+                    tmax = d + float(t_fine[np.argmax(k)])
+                    c = np.convolve(aif_fine, k)[: t_fine.size] * _DT
+                    shift = int(round(d / _DT))
+                    c = (np.concatenate([np.zeros(shift), c])[: t_fine.size] if shift >= 0
+                         else np.concatenate([c[-shift:], np.zeros(-shift)]))
+                    for f in ALT_CBFS:
+                        rows.append((d, m, f, mean_disp, tmax))
+                        curves.append(c[pick] * f / 6000.0)
+    conc = np.repeat(np.array(curves).T, reps, axis=1)
     truth = np.repeat(np.array(rows), reps, axis=0)
     clean = np.exp(-TE_S * K2 * conc)
     sigma = 1.0 / snr

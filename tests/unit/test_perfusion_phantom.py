@@ -59,10 +59,11 @@ def test_dsc_study_gives_maps_on_the_dwi_grid(tmp_path: Path, case, vendor: str,
     assert np.all(hemi.ravel()[aif_vox] != core_side)
     tmax = np.nan_to_num(res.maps["tmax"])
     dice = _dice((tmax > 6) & case.brain, (case.tmax > 6) & case.brain)
-    # measured 0.854 here (0.860 at 128^2 in bench.perfusion); oSVD's +1 s smoothing bias widens Tmax>6 s
-    assert dice >= 0.8
+    # measured 0.868 in all six vendor styles (0.854 with the oSVD residue argmax, whose +1 s bias
+    # widened Tmax > 6 s)
+    assert dice >= 0.85
     m = real_measures(res, brain, case.core, case.grid.voxel_volume_mm3 / 1000)
-    assert case.truth["tmax6_ml"] * 0.8 < m["tmax6_ml"] < case.truth["tmax6_ml"] * 1.6  # measured 1.24x
+    assert case.truth["tmax6_ml"] * 0.85 < m["tmax6_ml"] < case.truth["tmax6_ml"] * 1.2  # measured 1.03x
     paths = write_maps(res, loaded.dwi, tmp_path / "perf")
     back = sitk.ReadImage(paths["tmax"])
     assert back.GetSize() == loaded.dwi.GetSize()

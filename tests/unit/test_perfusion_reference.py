@@ -1,7 +1,8 @@
-"""DSC deconvolution on a Kudo-style digital reference grid built from the phantom's DSC model.
+"""DSC deconvolution on Kudo-style digital reference grids (tests/unit/dsc_reference.py).
 
-Two settings of the grid (TR 1.0 s at SNR 50, TR 1.6 s at SNR 100) keep the test fast; bench/perfusion.py
-runs the whole grid (TR 1.0-1.6 s x SNR 20-100) and records the figures in docs/benchmarks.md.
+Two settings of the phantom-model grid (TR 1.0 s at SNR 50, TR 1.6 s at SNR 100) and one of the
+alternative-model grid (other AIF, dispersion and residue models) keep the test fast; bench/perfusion.py
+runs every TR x SNR and records the figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import pytest
 
 from models.perfusion import concentration, detect_bolus, osvd, ssvd, voxel_maps
 from models.perfusion.deconv import oscillation_index
-from tests.unit.dsc_reference import TE_S, reference_set
+from models.perfusion.tmax_fit import fit_tmax
+from tests.unit.dsc_reference import TE_S, alternative_set, reference_set
 
 
 def _conc(rs):
@@ -26,30 +28,53 @@ def grid(request):
     return rs, voxel_maps(conc, rs.aif_r2s, rs.tr), voxel_maps(conc, rs.aif_r2s, rs.tr, "ssvd")
 
 
-def test_osvd_tmax_tracks_truth_and_beats_ssvd_on_delayed_voxels(grid):
+def test_model_based_tmax_is_unbiased_and_beats_the_residue_argmax_and_ssvd(grid):
     rs, o, s = grid
-    err = np.abs(o["tmax"] - rs.tmax)
-    # measured 1.25 s (TR 1.0, SNR 50) and 1.46 s (TR 1.6, SNR 100): the smoothing bias of a regularised
-    # residue; the issue's 0.5 s target is not met (docs/perfusion.md)
-    assert np.median(err) <= 2.0
-    assert np.corrcoef(o["tmax"], rs.tmax)[0, 1] >= 0.9
+    err = o["tmax"] - rs.tmax
+    err_res = o["tmax_residue"] - rs.tmax
+    err_s = s["tmax"] - rs.tmax
+    # measured: median abs error 0.57 s (TR 1.0, SNR 50) and 0.49 s (TR 1.6, SNR 100), bias +0.01/+0.06 s;
+    # the oSVD residue argmax is 1.2-1.5 s late (its regularisation smooths the residue's rise)
+    assert abs(np.median(err)) <= 0.25
+    assert np.median(err_res) >= 0.8
+    assert np.median(np.abs(err)) <= 0.7
+    assert np.median(np.abs(err)) <= 0.6 * np.median(np.abs(err_res))
+    assert np.corrcoef(o["tmax"], rs.tmax)[0, 1] >= 0.93  # measured 0.945 and 0.964
     delayed = rs.delay >= 3.0
-    err_s = np.abs(s["tmax"] - rs.tmax)
-    assert np.mean(err[delayed]) < np.mean(err_s[delayed])
+    assert np.mean(np.abs(err[delayed])) < 0.7 * np.mean(np.abs(err_s[delayed]))
+    assert np.mean(np.abs(err_res[delayed])) < np.mean(np.abs(err_s[delayed]))  # oSVD itself beats sSVD there
 
 
-def test_negative_delays_come_out_negative_with_osvd_never_with_ssvd(grid):
+def test_negative_delays_come_out_negative_never_with_ssvd(grid):
     rs, o, s = grid
-    early = (rs.delay == -3.0) & (rs.mtt <= 4.0) & (rs.cbf >= 40.0) & (rs.beta < 1.0)  # truth about -2 s
-    assert np.all(rs.tmax[early] < -1.0)
-    assert np.median(o["tmax"][early]) < 0.0
-    assert np.median(o["tmax"][early]) < np.median(o["tmax"][(rs.delay == 0.0) & (rs.mtt <= 4.0) & (rs.beta < 1.0)]) - 1.5
+    early = (rs.delay == -3.0) & (rs.tmax < -1.0)  # tissue leads the AIF by over a second
+    assert early.sum() >= 20
+    assert np.median(o["tmax"][early]) < -1.0
+    assert np.median(np.abs(o["tmax"][early] - rs.tmax[early])) <= 0.8
+    assert np.mean(o["tmax"][early] < 0) >= 0.8
     assert s["tmax"].min() >= 0.0  # the Toeplitz residue has no negative times
+
+
+def test_tmax_fit_is_not_tied_to_the_phantom_models():
+    """On curves from another AIF (Parker), gamma dispersion and linear/gamma residues the fit's shape
+    family is wrong, and it must still be unbiased and clearly better than the residue argmax and sSVD."""
+    rs = alternative_set(1.3, 50.0)
+    conc = _conc(rs)
+    o = voxel_maps(conc, rs.aif_r2s, rs.tr)
+    s = voxel_maps(conc, rs.aif_r2s, rs.tr, "ssvd")
+    err, err_res, err_s = (np.abs(v - rs.tmax) for v in (o["tmax"], o["tmax_residue"], s["tmax"]))
+    # measured: 0.69 s vs 1.67 s (argmax) and 1.77 s (sSVD); bias +0.10 s
+    assert abs(np.median(o["tmax"] - rs.tmax)) <= 0.3
+    assert np.median(err) <= 0.9
+    assert np.median(err) <= 0.6 * np.median(err_res)
+    assert np.median(err) <= 0.6 * np.median(err_s)
+    early = rs.tmax < -1.0  # measured median estimate -0.67 s
+    assert np.median(o["tmax"][early]) < -0.3
 
 
 def test_cbf_and_cbv_correlate_with_truth(grid):
     rs, o, _ = grid
-    assert np.corrcoef(o["cbf"], rs.cbf)[0, 1] >= 0.88  # measured 0.91 at both settings
+    assert np.corrcoef(o["cbf"], rs.cbf)[0, 1] >= 0.89  # measured 0.912 and 0.910
     assert np.corrcoef(o["cbv"], rs.cbv)[0, 1] >= 0.95  # measured 0.99
     ok = np.isfinite(o["mtt"])
     assert np.corrcoef(o["mtt"][ok], rs.mtt[ok])[0, 1] >= 0.8
@@ -73,3 +98,7 @@ def test_constructors_name_bad_arguments():
         osvd(np.ones(20), np.ones((19, 3)), 1.0)
     with pytest.raises(ValueError, match="dt"):
         ssvd(np.ones(20), np.ones((20, 3)), 0.0)
+    with pytest.raises(ValueError, match="tmax_method"):
+        voxel_maps(np.ones((20, 3)), np.ones(20), 1.0, tmax_method="peak")
+    with pytest.raises(ValueError, match="guess"):
+        fit_tmax(np.ones(20), np.ones((20, 3)), 1.0, np.zeros(2))
