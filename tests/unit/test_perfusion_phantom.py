@@ -4,6 +4,7 @@ form -> DWI grid -> maps; the AIF lands in the phantom's arteries; truncation an
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,13 @@ from phantom.anatomy import CSF
 from tests.conftest import small_scale
 from worker.pipeline.classify import classify_folder, select_inputs
 from worker.pipeline.load import load_study
-from worker.pipeline.perfusion import dsc_maps, hemispheres_and_band, real_measures, write_maps
+from worker.pipeline.perfusion import (
+    dsc_maps,
+    hemispheres_and_band,
+    perfusion_for_job,
+    real_measures,
+    write_maps,
+)
 
 phantom_api = pytest.importorskip("phantom.api")
 SCENARIO = {"occlusion": "M1", "side": "left", "collaterals": "moderate", "onset_h": 3.0}
@@ -84,3 +91,33 @@ def test_truncated_and_moving_dsc_are_warned(case):
     assert res.motion.moved and any("motion" in w for w in res.warnings)
     clean = compute_maps(case.dsc, case.dsc_times_s, 0.03, brain, **kw)
     assert not clean.bolus.truncated and not clean.motion.moved and not clean.warnings
+
+
+@pytest.mark.parametrize("fault,vendor,enhanced", [("truncated", "siemens", True), ("motion", "philips", True)])
+def test_truncated_or_moving_dsc_written_as_dicom_warns_the_job(tmp_path: Path, case, fault: str, vendor: str,
+                                                               enhanced: bool):
+    """The faults go through the real path: DICOM in a vendor style, classify, load, the job's DSC step;
+    the maps are still written, and the job carries the warning."""
+    bad = copy.copy(case)
+    if fault == "truncated":  # the acquisition stopped a few seconds after the bolus peak
+        n = int(case.truth["acquisition"]["dsc"]["bolus_arrival_s"]) + 9
+        bad.dsc, bad.dsc_times_s = case.dsc[:n], case.dsc_times_s[:n]
+    else:  # the head moved about 10 mm sideways from frame 40 on
+        bad.dsc = case.dsc.copy()
+        bad.dsc[40:] = np.roll(bad.dsc[40:], 3, axis=3)
+    out = phantom_api.write_dicom_study(bad, tmp_path / "study", vendor, enhanced=enhanced, split_b=False)
+    sel = select_inputs(classify_folder(out))
+    loaded = load_study(sel, register=False)
+    brain = sitk.GetArrayFromImage(loaded.brain) > 0
+    dwi = loaded.dwi
+    entry, warnings = perfusion_for_job(sel, sitk.GetArrayFromImage(dwi), brain, case.core & brain, dwi.GetOrigin(),
+                                        dwi.GetSpacing(), dwi.GetDirection(), tmp_path / "perf")
+    assert entry is not None and "error" not in entry
+    if fault == "truncated":
+        assert entry["checks"]["bolus"]["truncated"]
+        assert any(w.startswith("DSC: DSC truncated") for w in warnings), warnings
+    else:
+        assert entry["checks"]["motion"]["moved"] and entry["checks"]["motion"]["max_displacement_mm"] > 2.0
+        assert any(w.startswith("DSC: DSC head motion") for w in warnings), warnings
+    assert entry["warnings"] and Path(entry["outputs"]["tmax"]).is_file()
+    assert entry["method"]["tmax"] == "fit"

@@ -181,6 +181,7 @@ def perfusion_for_job(selection: Any, dwi: np.ndarray, brain: np.ndarray, core: 
              "aif": {**res.aif.quality, "curve_delta_r2s_per_s": [round(float(v), 4) for v in res.aif.curve]},
              "checks": {k: res.quality[k] for k in ("bolus", "motion", "late_peak_fraction")},
              "method": {"deconvolution": res.quality["method"], "oi_threshold": res.quality["oi_threshold"],
+                        "tmax": res.quality.get("tmax_method"),
                         "dt_s": res.dt, "te_s": series.te_s, "n_frames": int(series.signal.shape[0])},
              "series_uid": dsc.series_uid, "warnings": list(res.warnings),
              "outputs": write_maps(res, img, out_dir)}
