@@ -325,6 +325,22 @@ def test_what_each_overlay_holds(rendered):
     assert sj["jobTargetRef"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
+def test_gateway_replicas_are_named_by_their_pods(rendered):
+    """Issue 19: every gateway pod is a named replica (its own serve-<id>.pid on the shared volume, its
+    own registry row); the cluster overlays run two of them on a ReadWriteMany volume, rolling."""
+    for overlay in OVERLAYS:
+        gw = named(rendered[overlay], "Deployment", "synthperf-gateway")
+        env = {e["name"]: e for e in gw["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        assert env["SYNTHPERF_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", overlay
+        assert "replica_id" in Settings.model_fields
+        if overlay == "single-node":
+            assert gw["spec"]["replicas"] == 1 and gw["spec"]["strategy"]["type"] == "Recreate"
+        else:
+            assert gw["spec"]["replicas"] >= 2 and gw["spec"]["strategy"]["type"] == "RollingUpdate", overlay
+            pvc = named(rendered[overlay], "PersistentVolumeClaim", "synthperf-data")
+            assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], overlay
+
+
 def test_probes_name_what_the_service_serves(rendered):
     from service.api.routes_ops import router
 
