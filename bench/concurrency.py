@@ -11,9 +11,12 @@ one Celery worker, concurrency 1, on Redis -> pipeline -> C-STORE into a real Or
 
 It prints first, median and last against the single-study time, with the CPU capability and core
 count. ``--compare`` runs step 2 again with ``chain_stages`` off (every task handed off through the
-broker, the behaviour before issue 16) in a fresh service.
+broker, the behaviour before issue 16) in a fresh service. ``--workers-compare`` runs step 2 again in
+a fresh service with two workers (P6, issue 19): the throughput ratio is the one-worker batch's last
+result time over the two-worker batch's, same studies, same run, same machine.
 
     python -m bench.concurrency [--studies 3] [--studies 10 --compare] [--matrix 64] [--steps 2]
+    python -m bench.concurrency --studies 10 --workers-compare   # P6: two workers against one (issue 19)
 """
 
 from __future__ import annotations
@@ -71,12 +74,15 @@ def results_by_study(settings, study_count: int, timeout_s: float, service) -> d
 
 
 def run_batch(tmp: Path, name: str, studies: list[Path], orthanc, redis_url: str, model: str, args,
-              chain: bool, warmup: Path, single: Path | None) -> tuple[float | None, list[float]]:
-    """One fresh service; a warm-up study (not timed: the first synthesis in a process may measure
-    the inference paths), optionally the single study, then ``studies`` at once.
+              chain: bool, warmup: Path, single: Path | None, workers: int = 1) -> tuple[float | None, list[float]]:
+    """One fresh service with ``workers`` Celery workers (concurrency 1 each, both queues); a warm-up
+    study (not timed: the first synthesis in a process may measure the inference paths), optionally
+    the single study, then ``studies`` at once.
 
     Returns (single-study seconds or None, per-study seconds of the concurrent batch, sorted).
     """
+    import sys
+
     from tests.integration.harness import PrivateRedis, storescu
     from tests.integration.test_e2e import Service
 
@@ -84,9 +90,15 @@ def run_batch(tmp: Path, name: str, studies: list[Path], orthanc, redis_url: str
     service = Service(tmp / f"svc_{name}", broker.start(), orthanc, model, ddim_steps=args.steps,
                       samples=args.samples, stable_age_s=args.stable_age, chain_stages=chain)
     service.start()
+    for k in range(2, workers + 1):  # P6 (issue 19): more workers on the same machine
+        service.spawn(f"worker{k}", [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
+                                     "-Q", "cpu,gpu", "--concurrency", "1", "--disable-prefetch", "--loglevel",
+                                     "INFO", "--without-gossip", "--without-mingle", "-n", f"w{k}@%h"])
+    logs = [service.folder / "worker.log"] + [service.folder / f"worker{k}.log" for k in range(2, workers + 1)]
     try:
-        deadline = time.monotonic() + 180  # steady state: the pool process has loaded the model
-        while "model preloaded" not in (service.folder / "worker.log").read_text() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 180  # steady state: every pool process has loaded the model
+        while time.monotonic() < deadline and not all(
+                lg.is_file() and "model preloaded" in lg.read_text(errors="replace") for lg in logs):
             time.sleep(0.5)
         settings = service.settings
         storescu(warmup, service.scp_port)
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--stable-age", type=float, default=2.0, help="completion quiet time (s)")
     ap.add_argument("--compare", action="store_true", help="also run the batch with chain_stages off")
+    ap.add_argument("--workers-compare", action="store_true",
+                    help="P6: run the batch with one worker, then with two, on the same studies (issue 19)")
     ap.add_argument("--redis", default=os.environ.get("SYNTHPERF_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
     args = ap.parse_args(argv)
     if args.studies < 1:
@@ -151,6 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
             single_s, chained = run_batch(tmp, "chained", studies[2:], orthanc, args.redis, model, args, True,
                                           studies[0], studies[1])
             handoff = None
+            two_workers = None
+            if args.workers_compare:
+                import httpx
+
+                for oid in orthanc.instances():  # the same studies again: let the PACS store them anew
+                    httpx.delete(f"{orthanc.url}/instances/{oid}", timeout=10)
+                _, two_workers = run_batch(tmp, "two_workers", studies[2:], orthanc, args.redis, model, args, True,
+                                           studies[0], None, workers=2)
             if args.compare:
                 import httpx
 
@@ -176,6 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
                "chained": report("stroke first (chain_stages on) ", chained)}
         if handoff is not None:
             out["handoff"] = report("hand-off (chain_stages off)    ", handoff)
+        if two_workers is not None:
+            out["two_workers"] = report("two workers (chain_stages on)  ", two_workers)
+            ratio = chained[-1] / two_workers[-1]  # same studies, same run: throughput = studies / last result
+            out["p6_throughput_ratio"] = ratio
+            print(f"  P6 throughput two workers / one worker: {ratio:4.2f}x ({args.studies} studies: last result "
+                  f"{chained[-1]:.1f} s with one worker, {two_workers[-1]:.1f} s with two; "
+                  f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)")
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -329,6 +329,9 @@ def test_two_workers_on_one_shared_volume_deliver_ten_studies_once(tmp_path, red
         send_parallel([(study_files(st), port) for st in studies])
 
         def synthesizing(rows):  # type: ignore[no-untyped-def]
+            """A job in synthesis once three are done: both workers have been at work by then."""
+            if sum(j.state == JobState.DONE for j in rows) < 3:
+                return None
             for j in rows:
                 if j.current_stage == "synthesize" and j.state == JobState.RUNNING and j.lease_owner:
                     return j
