@@ -7,7 +7,8 @@ flagged before anyone reads a DEFUSE-3 call from it. Five parts, each in [0, 1] 
 
 ``inputs``
     The study's input statistics after the model's own normalisation (percentiles of DWI and FLAIR
-    over their brain median, ADC percentiles, the share of brain voxels at the clip limit), its
+    over their brain median, ADC percentiles, the share of brain voxels at the clip limit; over
+    normal-appearing brain, the core and two voxels around it left out), its
     resolution (in-plane and slice spacing), coverage (brain extent head-foot, brain volume) and how
     much of the in-plane field the brain fills, each compared with the same statistic over the
     model's training cases (``input_reference.json`` beside the weights, made by
@@ -58,7 +59,7 @@ from scipy import ndimage as ndi
 from models.tmax_ddpm.preprocess import normalise_image
 
 REFERENCE_FILE = "input_reference.json"
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2  # 2: intensity statistics over normal-appearing brain
 QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
 
 
@@ -121,23 +122,33 @@ def _ramp_down(value: float, ok: float, bad: float) -> float:
 
 def input_features(
     dwi: np.ndarray, flair: np.ndarray | None, adc: np.ndarray | None, brain: np.ndarray,
-    spacing_zyx: Sequence[float],
+    spacing_zyx: Sequence[float], lesion: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Input statistics after the model's normalisation, resolution and coverage (one flat dict)."""
+    """Input statistics after the model's normalisation, resolution and coverage (one flat dict).
+
+    Intensity statistics are taken over normal-appearing brain: ``lesion`` (the core), grown by two
+    voxels, is left out. Otherwise the lesion itself reads as "unfamiliar input" - a large core lowers
+    the ADC percentiles and raises the DWI ones - and large strokes, which the model handles best,
+    would score lowest (seen on held-out phantom cases before this was added).
+    """
     brain = np.asarray(brain) > 0
     if brain.ndim != 3 or not brain.any():
         raise ValueError("brain: needs a non-empty 3-D mask")
     sp = [float(s) for s in spacing_zyx]
+    normal = brain
+    if lesion is not None and np.asarray(lesion).any():
+        grown = ndi.binary_dilation(np.asarray(lesion) > 0, ndi.generate_binary_structure(3, 1), iterations=2)
+        normal = brain & ~grown if (brain & ~grown).any() else brain
     f: dict[str, float] = {}
     for name, img in (("dwi", dwi), ("flair", flair)):
         if img is None:
             continue
-        v = normalise_image(np.asarray(img), brain, name)[brain]
+        v = normalise_image(np.asarray(img), brain, name)[normal]
         for q in (5, 25, 75, 95):
             f[f"{name}_p{q:02d}"] = float(np.percentile(v, q))
         f[f"{name}_clipped"] = float(np.mean(v >= 3.999))
     if adc is not None:
-        a = np.nan_to_num(np.asarray(adc, dtype=np.float32))[brain]
+        a = np.nan_to_num(np.asarray(adc, dtype=np.float32))[normal]
         for q in (5, 50, 95):
             f[f"adc_p{q:02d}"] = float(np.percentile(a, q))
     f["spacing_inplane_mm"] = float(np.sqrt(sp[1] * sp[2]))
@@ -179,10 +190,11 @@ def reference_from_folder(data_dir: str | Path, limit: int | None = None, progre
         it = tqdm(cases, desc="input statistics", unit="case")
     rows = []
     for d in it:
-        names = tuple(n for n in ("dwi", "flair", "adc", "brain") if (d / f"{n}.nii.gz").exists())
+        names = tuple(n for n in ("dwi", "flair", "adc", "brain", "core") if (d / f"{n}.nii.gz").exists())
         c = load_case(d, names)
+        core = c.images["core"] > 0.5 if "core" in c.images else None
         rows.append(input_features(c.images["dwi"], c.images.get("flair"), c.images.get("adc"), c.brain,
-                                   c.spacing_zyx))
+                                   c.spacing_zyx, lesion=core))
     return reference_from_features(rows, source=str(data_dir))
 
 
@@ -357,7 +369,7 @@ def assess(
     missing: list[str] = []
     details: dict[str, Any] = {}
     if reference is not None:
-        feats = input_features(dwi, flair, adc, brain, spacing_zyx)
+        feats = input_features(dwi, flair, adc, brain, spacing_zyx, lesion=core)
         parts["inputs"], r, per = input_part(feats, reference)
         why.append((parts["inputs"], r))
         details["input_distance"] = {k: round(v, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:3]}

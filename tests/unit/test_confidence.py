@@ -141,6 +141,25 @@ def test_input_features_name_resolution_and_coverage() -> None:
         input_features(img, img, None, np.zeros_like(brain), (5.0, 2.0, 2.0))
 
 
+def test_input_features_leave_the_lesion_out() -> None:
+    """A large core is pathology, not unfamiliar input: with the core given, its DWI/ADC do not move the
+    intensity statistics; without it they do."""
+    brain, sp = _brain(), (5.0, 2.0, 2.0)
+    rng = np.random.default_rng(2)
+    dwi = np.where(brain, 100.0 * (1 + 0.05 * rng.standard_normal(brain.shape)), 0.0)
+    adc = np.where(brain, 800.0 * (1 + 0.05 * rng.standard_normal(brain.shape)), 0.0)
+    z, y, x = np.mgrid[:20, :64, :64]
+    core = brain & ((z - 10) ** 2 / 16 + (y - 30) ** 2 / 100 + (x - 20) ** 2 / 64 < 1)
+    assert core.sum() > 0.05 * brain.sum()
+    dwi_l, adc_l = np.where(core, 220.0, dwi), np.where(core, 450.0, adc)
+    clean = input_features(dwi, dwi, adc, brain, sp, lesion=core)
+    given = input_features(dwi_l, dwi, adc_l, brain, sp, lesion=core)
+    blind = input_features(dwi_l, dwi, adc_l, brain, sp)
+    for k in ("dwi_p95", "adc_p05"):
+        assert given[k] == pytest.approx(clean[k], abs=0.02 * abs(clean[k]) + 0.01), k
+        assert abs(blind[k] - clean[k]) > 5 * abs(given[k] - clean[k]) + 0.01, k
+
+
 # ----------------------------------------------------------------------------------- withheld calls
 
 
