@@ -404,6 +404,29 @@ def create_job(session: Session, study_id: int, trigger: str, instance_count: in
     return job
 
 
+COMPLETION_TRIGGERS = ("expected_count", "stable_age", "incomplete", "ceiling")
+
+
+def claim_unsent_jobs(session: Session, limit: int = 100) -> list[int]:
+    """Ids of queued jobs the completion made and no loop has handed to the broker yet, locked for
+    this transaction (``FOR UPDATE SKIP LOCKED``: two replicas never send the same job at once).
+
+    The caller sends each and sets ``enqueued_at`` before committing; a send that fails leaves the
+    job for the next pass (of any replica), and a gateway that dies between creating a job and
+    sending it leaves it here instead of in its lost memory.
+    """
+    return list(session.execute(
+        select(Job.id)
+        .where(Job.enqueued_at.is_(None), Job.state == JobState.QUEUED, Job.trigger.in_(COMPLETION_TRIGGERS))
+        .order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
+    ).scalars())
+
+
+def mark_enqueued(session: Session, job_id: int, at: datetime | None = None) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=at or utcnow())
+                    .execution_options(synchronize_session=False))
+
+
 SUPERSEDABLE_FINISHED = (JobState.DONE, JobState.FAILED, JobState.INPUT_MISSING, JobState.CANCELLED)
 
 

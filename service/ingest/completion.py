@@ -20,7 +20,8 @@ Instances that arrive after a job was created make the study pending again; the 
 creates a follow-up job that supersedes the earlier ones, whatever their state
 (``queries.create_job``; each pass also marks jobs that finished after being superseded,
 ``queries.supersede_finished``). Nothing is dropped. The job is handed to the broker by task
-name with its id only.
+name with its id only, by whichever replica's pass finds it unsent (``jobs.enqueued_at`` NULL), so a
+gateway that dies between making a job and sending it loses nothing.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class CompletionLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._unsent: list[int] = []  # job ids whose enqueue failed; retried every pass
+        self.unsent = 0  # jobs left unsent by the last pass (broker down); the job store keeps them
         self.jobs_created = 0
         self.claims_skipped = 0  # due studies left to another replica (claimed there, or already done there)
         self.last_pass_at: float | None = None
@@ -175,20 +176,25 @@ class CompletionLoop:
                 "job %d created for study %s by %s (%d instances)",
                 job_id, study_uid[-12:], trigger, count, extra={"job_id": job_id},
             )
-            self._unsent.append(job_id)
             ids.append(job_id)
-        self._send_pending()
+        self._send_unsent()
         return ids
 
-    def _send_pending(self) -> None:
-        still: list[int] = []
-        for job_id in self._unsent:
-            try:
-                self.enqueue(job_id)
-            except Exception as exc:  # noqa: BLE001 - broker down: keep the job, retry next pass
-                log.error("could not enqueue job %d (will retry): %s", job_id, exc, extra={"job_id": job_id})
-                still.append(job_id)
-        self._unsent = still
+    def _send_unsent(self) -> None:
+        """Hand every job not yet sent to the broker, whichever replica made it (the job store is the
+        outbox); stop at the first failure (the broker is down) and leave the rest for the next pass."""
+        with session_scope(self.database_url) as s:
+            pending = queries.claim_unsent_jobs(s)
+            sent = 0
+            for job_id in pending:
+                try:
+                    self.enqueue(job_id)
+                except Exception as exc:  # noqa: BLE001 - broker down: the job stays unsent, retried next pass
+                    log.error("could not enqueue job %d (will retry): %s", job_id, exc, extra={"job_id": job_id})
+                    break
+                queries.mark_enqueued(s, job_id)
+                sent += 1
+        self.unsent = len(pending) - sent
 
     def _sleep_s(self) -> float:
         """Until the earliest study can fire, but at least ``poll_s`` and at most ``idle_s``.
@@ -199,14 +205,14 @@ class CompletionLoop:
         completes wakes the loop through ``kick()``, since it brings its study's due time forward.
         """
         idle_s = max(self.poll_s, min(1.0, self.stable_age_s))
-        if self._unsent:
+        if self.unsent:
             return self.poll_s
         if self.next_due_s is None:
             return idle_s
         return min(idle_s, max(self.poll_s / 4, self.next_due_s))
 
     def info(self) -> dict[str, object]:
-        return {"jobs_created": self.jobs_created, "claims_skipped": self.claims_skipped, "unsent": len(self._unsent),
+        return {"jobs_created": self.jobs_created, "claims_skipped": self.claims_skipped, "unsent": self.unsent,
                 "last_pass_at": self.last_pass_at}
 
     def _run(self) -> None:

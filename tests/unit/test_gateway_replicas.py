@@ -81,7 +81,7 @@ def test_replicas_completion_loops_make_one_job_per_study(tmp_path: Path, postgr
     assert sorted(j[0] for j in jobs) == sorted(uids)  # one job per study, no unique-key failure
     assert all(j[1] == 1 and j[2] == 3 for j in jobs)
     enqueued = [i for s in sent for i in s]
-    assert sorted(enqueued) == sorted(set(enqueued)) and len(enqueued) == 12  # each job sent once, by its maker
+    assert sorted(enqueued) == sorted(set(enqueued)) and len(enqueued) == 12  # each job sent once
     assert sum(lp.jobs_created for lp in loops) == 12
     assert sum(lp.claims_skipped for lp in loops) <= 3 * 12  # the other looks at a study were skips
     for lp in loops:  # later passes in any replica find nothing more to do
@@ -129,6 +129,28 @@ def test_a_follow_up_for_late_instances_is_made_once_across_replicas(tmp_path: P
     assert sorted(len(m) for m in made) == [0, 1]
     jobs = _jobs(postgres_url)
     assert [(j[1], j[2], j[3]) for j in jobs] == [(1, 3, JobState.SUPERSEDED), (2, 5, JobState.QUEUED)]
+
+
+def test_a_job_whose_gateway_died_before_sending_it_is_sent_by_another(tmp_path: Path, jobstore_url: str) -> None:
+    """Gateway A commits the job, then dies (here: its broker send fails and it is never called
+    again); the job store is the outbox, so gateway B's next pass sends it, once."""
+    init_db(jobstore_url)
+    rx = Receiver(jobstore_url, Spool(tmp_path / "spool", fsync=False))
+    (uid,) = _studies(rx, 1)
+
+    def dead(_job_id: int) -> None:
+        raise ConnectionError("gateway A died before its send")
+
+    a = CompletionLoop(jobstore_url, dead, stable_age_s=10, ceiling_s=60, poll_s=0.1, incomplete_wait_s=30)
+    t = datetime.now(UTC) + timedelta(seconds=11)
+    [job_id] = a.run_once(t)
+    assert a.info()["unsent"] == 1
+    sent_b: list[int] = []
+    b = _loop(jobstore_url, sent_b)
+    assert b.run_once(t) == [] and sent_b == [job_id] and b.info()["unsent"] == 0
+    assert b.run_once(t + timedelta(seconds=1)) == [] and sent_b == [job_id]  # sent once, not every pass
+    with session_scope(jobstore_url) as s:
+        assert s.get(Job, job_id).enqueued_at is not None
 
 
 # --------------------------------------------------------------------------- registry
