@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 tools:
 	@bash deploy/dev/ensure_tools.sh
+	@bash deploy/dev/ensure_ohif.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .

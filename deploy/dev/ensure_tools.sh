@@ -14,6 +14,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)  # test certificates for t
 # Orthanc's DICOMweb plugin (STOW-RS delivery tests) and pixelmed's validators (SR, SEG, SC).
 compgen -G '/usr/share/orthanc/plugins/libOrthancDicomWeb.so*' >/dev/null || need+=(orthanc-dicomweb)
 command -v DicomSRValidator >/dev/null 2>&1 || need+=(pixelmed-apps)
+# npm fetches OHIF's built viewer for the viewer test and the demo (deploy/dev/ensure_ohif.sh).
+command -v npm >/dev/null 2>&1 || need+=(npm)
 # PostgreSQL: the job-store tests use the server on 127.0.0.1:5432 when one answers, otherwise they
 # start a private cluster with Debian's /usr/lib/postgresql/*/bin/initdb (tests/conftest.py).
 if ! timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5432' 2>/dev/null \

@@ -18,7 +18,14 @@ import pydicom
 import pytest
 
 from tests.unit.test_encode import SHAPE, dciodvfy_errors, make_input
-from worker.pipeline.encode import TMAX_INT_MAX, TMAX_INT_SLOPE, Geometry, encode_outputs, tmax_int_stored
+from worker.pipeline.encode import (
+    SEGMENT_RGB,
+    TMAX_INT_MAX,
+    TMAX_INT_SLOPE,
+    Geometry,
+    encode_outputs,
+    tmax_int_stored,
+)
 
 
 def _descending(inp):
@@ -127,3 +134,20 @@ def test_integer_map_stores_tenths_of_a_second_below_ohif_overflow(pair):
 def test_descending_grid_objects_pass_dciodvfy(pair, kind):
     errors = dciodvfy_errors(pair["down"][1][kind])
     assert not errors, f"{kind}: {errors}"
+
+
+def test_seg_carries_display_colours_that_stay_coloured_where_segments_overlap(pair):
+    """Each segment has RecommendedDisplayCIELabValue (OHIF warns over the image without it), and
+    any two of the colours averaged (a viewer blending overlapping fills) stay far from grey."""
+    inp, paths = pair["up"]
+    seg = pydicom.dcmread(paths["seg"], stop_before_pixels=True)
+    rgb = [np.asarray(hd.color.CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue).to_rgb(clip=True), float)
+           for s in seg.SegmentSequence]
+    expected = [SEGMENT_RGB[key] for key in ("core", "tmax6", "tmax10")]
+    np.testing.assert_allclose(rgb, expected, atol=2)
+    for i in range(len(rgb)):
+        for j in range(i + 1, len(rgb)):
+            mix = (rgb[i] + rgb[j]) / 2
+            assert mix.max() - mix.min() > 60, (i + 1, j + 1, mix)
+    # the SEG cites the DWI alone: OHIF places a SEG on whichever referenced series it met first (OHIF-2)
+    assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [inp.dwi_sources[0].SeriesInstanceUID]

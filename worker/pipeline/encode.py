@@ -93,12 +93,17 @@ CODE_CONFIDENCE = Code("CONFIDENCE", LOCAL_SCHEME, "Synthetic perfusion confiden
 CODE_LOW_CONFIDENCE = Code("LOW_CONFIDENCE", LOCAL_SCHEME, "Low confidence - no mismatch profile call")
 
 SEGMENTS = (
-    # number, label, category, type, modifier, key in masks, display colour (CIELab approx)
+    # number, label, category, type, modifier, key in masks
     (1, "Infarct core ADC<620", codes.SCT.MorphologicallyAbnormalStructure, SCT_INFARCT, None, "core"),
     (2, "Hypoperfusion Tmax>6s", codes.SCT.MorphologicallyAbnormalStructure, SCT_ISCHEMIA, None, "tmax6"),
     (3, "Severe hypoperf Tmax>10s", codes.SCT.MorphologicallyAbnormalStructure, SCT_ISCHEMIA,
      codes.SCT.Severe, "tmax10"),
 )
+# Recommended display colour of each segment (sRGB, stored as CIELab): the core in the overlay
+# SC's magenta, Tmax>6 s yellow, Tmax>10 s orange. Without it OHIF picks its own colours and warns
+# "RecommendedDisplayCIELabValue not found" over the image (issue 18). Viewers blend overlapping
+# segments: these three stay coloured where they overlap (magenta over green blends to grey).
+SEGMENT_RGB = {"core": render.CORE_RGB, "tmax6": (255, 220, 0), "tmax10": (255, 110, 0)}
 
 
 @dataclass(frozen=True)
@@ -449,7 +454,7 @@ def _encode_seg(inp: EncodeInput) -> hd.seg.Segmentation:
         version=f"{inp.software_version} / {_model_label(inp)} {inp.model_version}"[:64],
     )
     descriptions = []
-    for number, label, category, ptype, modifier, _key in SEGMENTS:
+    for number, label, category, ptype, modifier, key in SEGMENTS:
         desc = hd.seg.SegmentDescription(
             segment_number=number, segment_label=label,
             segmented_property_category=category, segmented_property_type=ptype,
@@ -458,6 +463,7 @@ def _encode_seg(inp: EncodeInput) -> hd.seg.Segmentation:
             tracking_uid=output_uid(inp.study_uid, inp.job_version, "segment", number),
             tracking_id=label,
             anatomic_regions=[SCT_BRAIN],
+            display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_RGB[key]),
         )
         if modifier is not None:
             item = desc.SegmentedPropertyTypeCodeSequence[0]
@@ -483,7 +489,10 @@ def _encode_seg(inp: EncodeInput) -> hd.seg.Segmentation:
         plane_orientation=geo.plane_orientation(),
         plane_positions=geo.plane_positions(),
         omit_empty_frames=False,
-        further_source_images=_flair_further(inp),
+        # The SEG references the DWI series only (its frames' grid), not the FLAIR the Tmax model
+        # read: OHIF 3.13 places a SEG on whichever referenced series it loaded first, and on an
+        # oblique FLAIR it refuses the SEG (docs/conformance.md, "Known viewer defects", OHIF-2).
+        # The Parametric Maps and the SR still cite the FLAIR.
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     _finish_header(seg, inp, description)
@@ -744,7 +753,8 @@ def _encode_sr(inp: EncodeInput, seg: hd.seg.Segmentation) -> hd.sr.Comprehensiv
         procedure_reported=PROCEDURE_MRI,
         imaging_measurements=groups,
     )
-    # The SEG references every DWI source and FLAIR instance; the SR must list them as evidence.
+    # The SR lists as evidence what the SEG references (every DWI source) and the FLAIR the model
+    # read (the SEG no longer cites it: OHIF-2).
     evidence = [seg, *inp.dwi_sources, *_flair_further(inp)]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
