@@ -105,8 +105,13 @@ class Gateway:
             log.info("gateway replica %r starts beside %d live replica(s): %s", self.settings.replica_id, len(others),
                      ", ".join(o.replica_id or "(unnamed)" for o in others))
         self.registration.start()
-        self.recover()
-        port = self.scp.start()
+        try:
+            self.recover()
+            port = self.scp.start()
+        except BaseException:
+            self.registration.stop()  # not running after all: let another gateway start at once
+            self.registration.unregister()
+            raise
         self.completion.start()
         self.heartbeat.start()
         self.reaper.start()

@@ -274,3 +274,34 @@ def test_two_gateways_storing_one_instance_on_a_shared_spool_keep_the_recorded_f
     assert path.is_file() and path.read_bytes().endswith(encode(ds))
     with session_scope(jobstore_url) as s:
         assert s.query(Instance).count() == 1
+
+
+def test_in_process_gateways_on_sqlite_one_at_a_time(tmp_path: Path) -> None:
+    """A gateway that cannot listen leaves no registration behind; a second gateway on the same
+    SQLite job store is refused while the first runs and starts once it stopped."""
+    import socket
+
+    from common.config import load_settings
+    from service.gateway import Gateway
+
+    settings = load_settings(data_dir=tmp_path / "d", disk_watermark_mb=0)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(OSError):
+            Gateway(settings, lambda _job: None, host="127.0.0.1", port=taken.getsockname()[1]).start()
+    finally:
+        taken.close()
+    first = Gateway(settings, lambda _job: None, host="127.0.0.1", port=0)
+    first.start()
+    try:
+        second = Gateway(settings.model_copy(update={"replica_id": "other"}), lambda _job: None, host="127.0.0.1",
+                         port=0)
+        with pytest.raises(ReplicaConflictError, match="SQLite serves one gateway"):
+            second.start()
+    finally:
+        first.stop()
+    second.start()
+    second.stop()
+    assert live_replicas(first.url, 30) == []
