@@ -189,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
         instance_lock.release()
         return 2
     print(f"synthperf: SCP {settings.ae_title} listening on {settings.scp_host}:{port}", flush=True)
+    demo_pacs = None
+    if args.demo:  # Orthanc with OHIF as the demo PACS, where installed and nothing is configured
+        from cli.demo_pacs import start_demo_pacs
+
+        demo_pacs, settings = start_demo_pacs(settings, child_env)
     api = None if args.no_api else _start_api(settings)
     worker = None if args.no_worker else _start_worker(settings, child_env)
     if args.demo:
@@ -217,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
             api[0].should_exit = True
             api[1].join(timeout=10)
         gateway.stop()
+        if demo_pacs is not None:  # after the worker: its last deliveries have gone out
+            demo_pacs.stop()
         _worker_pid_file(settings).unlink(missing_ok=True)
         instance_lock.release()
         log.info("stopped")

@@ -49,6 +49,35 @@ def _say_login(settings: Any) -> None:
         _say(f"  dashboard login: user '{settings.admin_user}', password in {secret_file.resolve()}")
 
 
+def _copy_to_demo_pacs(files: list[Path]) -> None:
+    """The scanner's copy of the study into the demo PACS (cli.demo_pacs), as a scanner routes a
+    study to PACS and to us: the viewer shows our results over the DWI they came from."""
+    from cli.cmd_send import send_paths
+    from cli.demo_pacs import current
+
+    pacs = current()
+    if pacs is None:
+        return
+    try:
+        send_paths(files, pacs.host, pacs.dicom_port, called_aet=pacs.destination["ae_title"],
+                   calling_aet="SYNTHPERF-DEMO")
+    except Exception as exc:  # noqa: BLE001 - the demo must never take the service down
+        log.warning("demo study not copied to the demo PACS: %s", exc)
+
+
+def _say_viewer(study_uid: str | None) -> bool:
+    """Print the OHIF viewer URL of the demo study when the demo PACS runs (cli.demo_pacs)."""
+    from cli.demo_pacs import current
+
+    pacs = current()
+    if pacs is None or pacs.front is None or not study_uid:
+        return False
+    _say(f"  and in PACS:     Orthanc {pacs.destination['ae_title']}@{pacs.host}:{pacs.dicom_port}; "
+         "once the job is done, open the study in OHIF:")
+    _say(f"                   {pacs.viewer_url(study_uid)}")
+    return True
+
+
 def ensure_demo_admin(settings: Any) -> tuple[str, Path] | None:
     """Give a newcomer a way into the dashboard: when no account exists (and none is configured
     through SYNTHPERF_ADMIN_PASSWORD), create ``admin_user`` with a random password, keep it in a
@@ -88,9 +117,11 @@ def send_demo_study(settings: Any, port: int) -> Path | None:
     marker = demo_dir / "sent.json"
     api = f"http://{'127.0.0.1' if settings.api_host in ('0.0.0.0', '::') else settings.api_host}:{settings.api_port}"
     if marker.is_file():
-        _say(f"demo study already sent on {json.loads(marker.read_text()).get('sent_at')}; "
+        sent = json.loads(marker.read_text())
+        _say(f"demo study already sent on {sent.get('sent_at')}; "
              f"see {api}/ (delete {demo_dir}/sent.json to send it again)")
         _say_login(settings)
+        _say_viewer(sent.get("study_uid"))
         return None
     try:
         from phantom.api import make_case, write_dicom_study
@@ -114,17 +145,22 @@ def send_demo_study(settings: Any, port: int) -> Path | None:
     from cli.cmd_send import send_paths
 
     counts = send_paths(files, "127.0.0.1", port, called_aet=settings.ae_title, calling_aet="SYNTHPERF-DEMO")
+    import pydicom
+
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    _copy_to_demo_pacs(files)
     demo_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"sent_at": datetime.now(UTC).isoformat(), "study_dir": str(study_dir),
-                                  "counts": counts}))
+                                  "counts": counts, "study_uid": study_uid}))
     _say(f"sent {counts.get('sent', 0)} instances of a phantom stroke study (study {case.case_id}).")
     _say(f"  watch the job:   {api}/   (or: synthperf jobs --data-dir {settings.data_dir})")
     _say_login(settings)
     _say(f"  results (DICOM): {Path(settings.output_dir).resolve()}/job_<id>/dicom   "
          "(summary.dcm is the one-page overview)")
-    if settings.destinations:
+    shown_in_viewer = _say_viewer(study_uid)
+    if settings.destinations and not shown_in_viewer:
         _say("  and in PACS:     " + ", ".join(d.key for d in settings.destinations))
-    else:
+    elif not settings.destinations:
         _say("  no PACS configured: the job ends 'done, not delivered'; to deliver, set SYNTHPERF_DESTINATIONS "
              "(docs/operations.md)")
     _say("  every result is SYNTHETIC PERFUSION - NOT FOR DIAGNOSTIC USE")
