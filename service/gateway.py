@@ -66,8 +66,10 @@ class Gateway:
             self.url, self.spool, frozenset(STORAGE_SOP_CLASSES), on_series_complete=self.completion.kick
         )
         self.scp = ScpServer(settings, self.receiver, host=host, port=port, ssl_context=ssl_context)
+        replica = {"replica_id": settings.replica_id}  # which gateway replica beats (issue 19; "" = the only one)
         self.heartbeat = Heartbeat(
-            self.url, {"scp": self.scp.info, "completion": self.completion.info}, period_s=heartbeat_s
+            self.url, {"scp": lambda: {**self.scp.info(), **replica},
+                       "completion": lambda: {**self.completion.info(), **replica}}, period_s=heartbeat_s
         )
         # Re-queues jobs whose worker died (issue 16); workers run one too, the job store decides who acts.
         self.reaper = LeaseReaper(self.url, _celery_sender(settings), lease_s=settings.lease_s,

@@ -223,8 +223,9 @@ def test_two_gateway_replicas_one_study_one_job(tmp_path, redis_url, postgres_ur
         with session_scope(url) as s:
             beats = s.scalars(select(Heartbeat).where(Heartbeat.component == "completion")).all()
             assert len({b.instance.split(":")[1] for b in beats}) == 2  # two completion loops (two pids)
-            received = {b.instance.split(":")[1]: (b.info or {}).get("instances_stored", 0)
+            received = {(b.info or {}).get("replica_id"): (b.info or {}).get("instances_stored", 0)
                         for b in s.scalars(select(Heartbeat).where(Heartbeat.component == "scp"))}
+        assert set(received) == {"gw-a", "gw-b"}  # the system page can tell the replicas apart
         _delivered_once(orthanc, world.settings, [job.id])
         objects_v1 = len(orthanc.instances())
 
