@@ -45,6 +45,7 @@ class StowOrigin:
         self.attempts: dict[str, int] = {}
         self.requests = 0
         self.auth_seen: list[str | None] = []
+        self.accept_seen: list[str | None] = []
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,6 +69,7 @@ class StowOrigin:
                 origin.requests += 1
                 auth = self.headers.get("Authorization")
                 origin.auth_seen.append(auth)
+                origin.accept_seen.append(self.headers.get("Accept"))
                 if not origin.authorised(auth):
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", 'Basic realm="pacs"')
@@ -192,6 +194,7 @@ def test_bearer_and_basic_authentication(encoded_files, origin):  # noqa: F811
     bearer = origin(token="s3cret-token")
     assert send_files(path, StowDestination(url=bearer.url, bearer_token="s3cret-token"))[0].stored
     assert bearer.auth_seen[-1] == "Bearer s3cret-token"
+    assert bearer.accept_seen[-1] == "application/dicom+json"  # the response type we read (PS3.18 10.5.1.1)
     wrong = send_files(path, StowDestination(url=bearer.url, bearer_token="other"))[0]
     assert not wrong.stored and wrong.status is None and "HTTP 401" in wrong.error
     basic = origin(basic=("pacsuser", "pa:ss"))

@@ -45,6 +45,8 @@ def make_client(dest: StowDestination) -> DICOMwebClient:
     (the job store's backoff decides when to try again)."""
     session = requests.Session()
     session.verify = str(dest.ca_file) if dest.ca_file else dest.verify_tls
+    # PS3.18 10.5.1.1: the client names the response media type it accepts (dicomweb-client sends */*)
+    session.headers["Accept"] = "application/dicom+json"
     headers: dict[str, str] = {}
     if dest.bearer_token is not None:
         headers["Authorization"] = f"Bearer {dest.bearer_token.get_secret_value()}"
