@@ -233,3 +233,28 @@ def test_evaluate_summaries_of_confidence_and_core_by_hand() -> None:
     assert set(core) == {"rule"}  # the core baseline's own core_* columns are not a core method
     assert core["rule"]["cases_with_core"] == 2 and core["rule"]["dice_mean"] == pytest.approx(0.8)
     assert core["rule"]["vol_abs_err_ml"] == pytest.approx((1 + 0.5 + 0 + 2) / 4)
+
+
+def test_reference_cli_writes_a_reference_the_score_reads(tmp_path) -> None:
+    """`synthperf reference` on five small phantom training cases: a version-2 reference whose ranges hold
+    those cases' own features (each at distance 0, so the inputs part is 1 on them)."""
+    from cli.main import main as cli_main
+    from models.tmax_ddpm.data import load_case
+    from phantom.api import make_case, write_training_case
+
+    data = tmp_path / "train"
+    for seed in range(5):
+        write_training_case(make_case(seed, matrix=32), data)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    assert cli_main(["reference", str(data), "--model", str(weights)]) == 2  # not a weights folder
+    (weights / "model.safetensors").write_bytes(b"")
+    assert cli_main(["reference", str(data), "--model", str(weights), "--limit", "3"]) == 2
+    assert cli_main(["reference", str(data), "--model", str(weights)]) == 0
+    ref = load_reference(weights)
+    assert ref["cases"] == 5 and ref["version"] == 2 and "adc_p50" in ref["features"]
+    c = load_case(data / "case_000003")
+    feats = input_features(c.images["dwi"], c.images["flair"], c.images["adc"], c.brain, c.spacing_zyx,
+                           lesion=c.images["core"] > 0.5)
+    score, reasons, _ = input_part(feats, ref)
+    assert score == pytest.approx(1.0, abs=0.05), reasons
