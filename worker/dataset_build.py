@@ -82,8 +82,9 @@ def qc_reasons(dsc_quality: dict[str, Any], coverage: float, registration: dict[
                        f" (peak CNR {aif.get('peak_cnr')}, {aif.get('n_voxels')} voxels)")
     bolus = dsc_quality.get("bolus") or {}
     if bolus.get("truncated"):
-        reasons.append(f"DSC truncated: the bolus has not washed out by the last frame "
-                       f"(end at {bolus.get('end_fraction')} of the peak)")
+        end = bolus.get("end_fraction_of_peak")
+        reasons.append("DSC truncated: the bolus has not washed out by the last frame"
+                       + (f" (last frames at {end:.0%} of the peak)" if isinstance(end, int | float) else ""))
     if bolus.get("short_baseline"):
         reasons.append("DSC baseline too short (fewer than 3 frames before the bolus)")
     motion = dsc_quality.get("motion") or {}
