@@ -715,22 +715,22 @@ def _encode_sr(inp: EncodeInput, seg: hd.seg.Segmentation) -> hd.sr.Comprehensiv
         value = _num(m.get(key))
         if value is not None:
             measurements.append(hd.sr.Measurement(name=code, value=value, unit=unit, algorithm_id=algo))
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=code, value=codes.SCT.Yes if bool(m.get(key)) else codes.SCT.No)
-        for code, key in ((CODE_DEFUSE3, "defuse3"), (CODE_EXTEND, "extend"))
     conf = m.get("confidence") if isinstance(m.get("confidence"), Mapping) else None
     low = bool(conf and conf.get("low"))
     if conf is not None and _num(conf.get("score")) is not None:
         measurements.append(hd.sr.Measurement(name=CODE_CONFIDENCE, value=_num(conf.get("score")),
                                               unit=Code("1", "UCUM", "no units"), algorithm_id=algo))
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=code, value=codes.SCT.Yes if bool(m.get(key)) else codes.SCT.No)
+        for code, key in ((CODE_DEFUSE3, "defuse3"), (CODE_EXTEND, "extend"))
         if m.get(key) is not None and not low
     ]
-    evaluations.append(hd.sr.QualitativeEvaluation(name=CODE_SYNTHETIC, value=codes.SCT.Yes))
-    # The mismatch profile is a TID 1411 group on the Tmax>6 s segment (the region it describes),
-    # not a TID 1501 group without a region: pixelmed's TID 1500 check applies one template to
     if conf is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(name=CODE_LOW_CONFIDENCE,
                                                        value=codes.SCT.Yes if low else codes.SCT.No))
+    evaluations.append(hd.sr.QualitativeEvaluation(name=CODE_SYNTHETIC, value=codes.SCT.Yes))
+    # The mismatch profile is a TID 1411 group on the Tmax>6 s segment (the region it describes),
+    # not a TID 1501 group without a region: pixelmed's TID 1500 check applies one template to
     # every group of "Imaging Measurements" and failed a 1501 group beside 1411 groups
     # (docs/conformance.md, validators).
     groups.append(
