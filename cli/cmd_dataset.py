@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
                    "tmax,brain}.nii.gz, qc/, qc_report.json, qc_report.csv)")
     b.add_argument("--jobs", type=int, default=1, help="studies processed in parallel (default 1)")
     b.add_argument("--min-coverage", type=float, default=None, help="exclude below this fraction of the brain "
-                   "with a DSC Tmax (default 0.7)")
+                   "with a measured DSC bolus (default 0.7)")
     b.add_argument("--config", help="settings YAML (thresholds, core parameters)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run)

@@ -40,7 +40,7 @@ VOLUMES = ("dwi", "adc", "flair", "core", "tmax", "brain")
 class QcLimits:
     """Exclusion thresholds of the QC report."""
 
-    min_coverage: float = 0.7  # fraction of brain voxels with a DSC Tmax
+    min_coverage: float = 0.7  # fraction of brain voxels with a measured DSC bolus
     max_registration_rotation_deg: float = 10.0
     max_registration_translation_mm: float = 15.0
 
@@ -91,7 +91,7 @@ def qc_reasons(dsc_quality: dict[str, Any], coverage: float, registration: dict[
     if motion.get("moved"):
         reasons.append(f"DSC motion: head moved {motion.get('max_displacement_mm')} mm")
     if coverage < limits.min_coverage:
-        reasons.append(f"DSC coverage: Tmax in {coverage:.0%} of the brain (< {limits.min_coverage:.0%})")
+        reasons.append(f"DSC coverage: a bolus measured in {coverage:.0%} of the brain (< {limits.min_coverage:.0%})")
     rot, trans = registration.get("rotation_deg"), registration.get("translation_mm")
     if rot is not None and float(rot) > limits.max_registration_rotation_deg:
         reasons.append(f"registration: FLAIR rotated {float(rot):.1f} deg onto the DWI")
@@ -127,7 +127,8 @@ def build_case(study_dir: Path, out: Path, settings: Settings, limits: QcLimits)
         brain = vols["brain"].astype(bool)
         res, series = dsc_maps(selection.dsc.frames, _image(vols["dwi"], geometry), brain, core)
         tmax = res.maps["tmax"]
-        coverage = float(np.isfinite(tmax[brain]).mean()) if brain.any() else 0.0
+        # voxels with a measured bolus (CBV is kept in large vessels, whose Tmax is not reported)
+        coverage = float(np.isfinite(res.maps["cbv"][brain]).mean()) if brain.any() else 0.0
         registration = rec.result.get("registration") or {}
         record.update(
             aif=res.aif.quality, bolus=res.quality.get("bolus"), motion=res.quality.get("motion"),

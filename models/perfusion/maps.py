@@ -27,6 +27,7 @@ KH = (1 - 0.45) / (1 - 0.25)
 RHO = 1.04
 LATE_FRACTION = 0.1
 NO_BOLUS_CNR = 5.0  # voxels peaking in the last 10 % of frames are flagged as truncated
+VESSEL_CBV_RATIO = 5.0  # CBV over 5x the brain median: a large vessel, no Tmax
 
 
 @dataclass
@@ -201,6 +202,13 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     no_bolus = ~(conc.max(axis=0) >= NO_BOLUS_CNR * noise)
     for name in ("tmax", "cbf", "cbv", "mtt", "ttp"):
         per[name] = np.where(no_bolus, np.nan, per[name]).astype(np.float32)
+    # large vessels (venous sinus, arteries in the cisterns) are not tissue: their "residue" peaks at the
+    # vessel's own transit (the sinus 5-8 s after the AIF), which would read as hypoperfusion. A voxel
+    # whose CBV is over VESSEL_CBV_RATIO times the brain's median holds mostly blood; its Tmax is not
+    # reported (CBF/CBV/MTT stay). Tissue, even hyperaemic, stays within about 3x the median.
+    cbv_median = float(np.nanmedian(per["cbv"])) if np.isfinite(per["cbv"]).any() else 0.0
+    vessel = ~no_bolus & (per["cbv"] > VESSEL_CBV_RATIO * cbv_median) if cbv_median > 0 else np.zeros_like(no_bolus)
+    per["tmax"] = np.where(vessel, np.nan, per["tmax"]).astype(np.float32)
     tmax, cbf = per["tmax"], per["cbf"]
     late = per["late"] > 0
 
@@ -215,7 +223,8 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
                      "oi_threshold": opt.oi_threshold if opt.method == "osvd" else None,
                      "tmax_method": opt.tmax_method if opt.method == "osvd" else "residue",
                      "late_peak_fraction": round(float(late.mean()), 4),
-                     "no_bolus_fraction": round(float(no_bolus.mean()), 4), "bolus": bolus.to_dict(dt),
+                     "no_bolus_fraction": round(float(no_bolus.mean()), 4),
+                     "vessel_fraction": round(float(vessel.mean()), 4), "bolus": bolus.to_dict(dt),
                      "motion": motion.to_dict(), "aif": aif.quality}
     if late.mean() > 0.05:
         warnings.append(f"{late.mean():.0%} of brain voxels peak in the last frames: their curves are truncated")
