@@ -27,7 +27,8 @@ KH = (1 - 0.45) / (1 - 0.25)
 RHO = 1.04
 LATE_FRACTION = 0.1
 NO_BOLUS_CNR = 5.0  # voxels peaking in the last 10 % of frames are flagged as truncated
-VESSEL_CBV_RATIO = 5.0  # CBV over 5x the brain median: a large vessel, no Tmax
+VESSEL_CBV_RATIO = 5.0
+LATE_TTP_S = 3.0  # TTP this much after the brain's median: late tissue, for the affected side without a core  # CBV over 5x the brain median: a large vessel, no Tmax
 
 
 @dataclass
@@ -96,6 +97,25 @@ def uniform_frames(series: np.ndarray, times_s: np.ndarray) -> tuple[np.ndarray,
     w = ((grid - times[j]) / (times[j + 1] - times[j])).astype(np.float32)
     w = w.reshape((-1,) + (1,) * (series.ndim - 1))
     return (1 - w) * series[j] + w * series[j + 1], dt
+
+
+def late_hemisphere(conc: np.ndarray, hemi: np.ndarray, dt: float, s0: np.ndarray, sd: np.ndarray,
+                    te_s: float) -> int | None:
+    """The hemisphere label (1/2) with clearly more tissue peaking late (TTP over LATE_TTP_S after the
+    brain's median, among voxels with a measurable bolus): at least twice the other side's count and 1 %
+    of those voxels; None when the two sides look alike."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        noise = np.where(s0 > 0, sd / s0, np.inf) / te_s
+    ok = (conc.max(axis=0) >= NO_BOLUS_CNR * noise) & (hemi > 0)
+    if ok.sum() < 100 or conc.shape[0] < 5:
+        return None
+    c = conc[:, ok]
+    ttp = (np.argmax(c[:-2] + c[1:-1] + c[2:], axis=0) + 1) * dt
+    late = ttp > np.median(ttp) + LATE_TTP_S
+    counts = [int((late & (hemi[ok] == side)).sum()) for side in (1, 2)]
+    if max(counts) >= max(2 * min(counts), 0.01 * ok.sum()):
+        return 1 + int(np.argmax(counts))
+    return None
 
 
 def _hemisphere_stat(values: np.ndarray, hemi: np.ndarray, side: int) -> float:
@@ -181,12 +201,17 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
 
     conc, s0, sd = concentration(sig, bolus, te_s)
     hemi_v = None if hemisphere is None else np.asarray(hemisphere)[brain]
-    avoid = None
+    avoid, side_from = None, None
     if core is not None and hemi_v is not None:
         core_v = np.asarray(core, bool)[brain]
         counts = [int((core_v & (hemi_v == s)).sum()) for s in (1, 2)]
         if max(counts) > 0:
-            avoid = 1 + int(np.argmax(counts))
+            avoid, side_from = 1 + int(np.argmax(counts)), "core"
+    if avoid is None and hemi_v is not None:
+        # no core to say which side is affected (a TIA, an early or a small study): the side with clearly
+        # more late-peaking tissue, so the AIF is not taken from arteries fed late through collaterals
+        avoid = late_hemisphere(conc, hemi_v, dt, s0, sd, te_s)
+        side_from = "ttp" if avoid is not None else None
     fp_end = bolus.washout + (bolus.washout - bolus.arrival) if bolus.washout is not None else conc.shape[0]
     fp = (max(bolus.arrival - 2, 0), int(min(max(fp_end, bolus.peak + 3), conc.shape[0])))
     aif = select_aif(conc, s0, sd, sig.min(axis=0), te_s, fp,
@@ -225,7 +250,7 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
                      "late_peak_fraction": round(float(late.mean()), 4),
                      "no_bolus_fraction": round(float(no_bolus.mean()), 4),
                      "vessel_fraction": round(float(vessel.mean()), 4), "bolus": bolus.to_dict(dt),
-                     "motion": motion.to_dict(), "aif": aif.quality}
+                     "motion": motion.to_dict(), "aif": {**aif.quality, "avoided_side_from": side_from}}
     if late.mean() > 0.05:
         warnings.append(f"{late.mean():.0%} of brain voxels peak in the last frames: their curves are truncated")
 
