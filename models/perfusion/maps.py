@@ -216,7 +216,7 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     fp = (max(bolus.arrival - 2, 0), int(min(max(fp_end, bolus.peak + 3), conc.shape[0])))
     aif = select_aif(conc, s0, sd, sig.min(axis=0), te_s, fp,
                      candidates=None if aif_region is None else np.asarray(aif_region, bool)[brain],
-                     hemisphere=hemi_v, avoid_hemisphere=avoid, min_candidates=opt.min_aif_candidates)
+                     hemisphere=hemi_v, avoid_hemisphere=avoid, min_candidates=opt.min_aif_candidates, dt=dt)
     warnings += aif.warnings
 
     per = voxel_maps(conc, aif.curve, dt, opt.method, opt.oi_threshold, opt.tmax_method)

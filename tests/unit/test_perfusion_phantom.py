@@ -141,3 +141,17 @@ def test_without_a_core_the_aif_avoids_the_late_hemisphere():
     tmax = np.nan_to_num(res.maps["tmax"])
     # measured 0.869 (0.833 with the AIF partly from the late side)
     assert _dice((tmax > 6) & brain, (case6.tmax > 6) & brain) >= 0.85
+
+
+def test_an_aif_taken_from_tissue_is_warned():
+    """Seed 8 at 64² has about two unsaturated arterial voxels on the side without the core: the AIF
+    search ends in grey matter, whose curve peaks only a second before the median candidate. That must be
+    a warning (and a failed AIF check), not a silent map."""
+    case8 = phantom_api.make_case(8, matrix=64, with_dsc=True)
+    brain = case8.brain
+    hemi, band = hemispheres_and_band(_sitk_like(case8), brain)
+    res = compute_maps(case8.dsc, case8.dsc_times_s, 0.03, brain, spacing_zyx=case8.grid.spacing, core=case8.core,
+                       hemisphere=hemi, aif_region=band)
+    assert np.mean(case8.tissue.ravel()[res.aif_flat_indices()] == CSF) < 0.5  # not in the sylvian arteries
+    assert not res.aif.quality["ok"]
+    assert any("probably tissue" in w or "probably not arterial" in w for w in res.warnings), res.warnings
