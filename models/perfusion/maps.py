@@ -250,7 +250,8 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
                      "late_peak_fraction": round(float(late.mean()), 4),
                      "no_bolus_fraction": round(float(no_bolus.mean()), 4),
                      "vessel_fraction": round(float(vessel.mean()), 4), "bolus": bolus.to_dict(dt),
-                     "motion": motion.to_dict(), "aif": {**aif.quality, "avoided_side_from": side_from}}
+                     "motion": motion.to_dict(), "aif": {**aif.quality, "avoided_side_from": side_from,
+                                                                 "warnings": list(aif.warnings)}}
     if late.mean() > 0.05:
         warnings.append(f"{late.mean():.0%} of brain voxels peak in the last frames: their curves are truncated")
 
