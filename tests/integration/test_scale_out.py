@@ -10,8 +10,8 @@ private Redis as the broker, a real Orthanc as the PACS, DCMTK storescu as the s
 2. A second gateway on a SQLite job store is refused at start-up with a message that says why.
 3. Two workers, each in its own mount and UTS namespace (``unshare``: a private bind mount of the
    shared volume at the data dir, its own host name, as two pods on two nodes mounting one
-   ReadWriteMany volume), one gateway on the volume's own path, one Redis: ten small studies
-   complete, every object is delivered exactly once; one worker is SIGKILLed (both processes, as a
+   ReadWriteMany volume), one gateway on the volume's own path, one Redis: ten small studies (five in
+   make test's small form) complete, every object is delivered exactly once; one worker is SIGKILLed (both processes, as a
    node that dies) while a job synthesizes, and that job finishes on the other worker after its
    lease expired (the holder is on "another host", so only expiry can free it).
 
@@ -35,7 +35,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port, require_tool, small_scale
 from tests.integration.harness import OrthancServer, PrivateRedis, ServiceProcesses, service_config
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 from tests.integration.test_worker_faults import _delivered_once
@@ -303,8 +303,11 @@ def test_two_workers_on_one_shared_volume_deliver_ten_studies_once(tmp_path, red
     from common.jobstore.models import JobState, Stage
 
     unshare = _unshare()
+    # the issue's ten studies in the full form (115-118 s on 2 loaded cores); five in make test, where the
+    # kill comes once one is done: both workers are at work by then and at least three are still to run
+    n_studies, done_before_kill = (5, 1) if small_scale() else (10, 3)
     first = write_phantom(tmp_path / "p0", seed=40, vendor="siemens", matrix=32)[1]
-    studies = [first] + [copy_as_new_study(first, tmp_path / f"p{i}") for i in range(1, 10)]
+    studies = [first] + [copy_as_new_study(first, tmp_path / f"p{i}") for i in range(1, n_studies)]
     volume, mount = tmp_path / "volume", tmp_path / "mnt"  # the volume; the path each worker mounts it at
     volume.mkdir()
     mount.mkdir()
@@ -330,8 +333,8 @@ def test_two_workers_on_one_shared_volume_deliver_ten_studies_once(tmp_path, red
         send_parallel([(study_files(st), port) for st in studies])
 
         def synthesizing(rows):  # type: ignore[no-untyped-def]
-            """A job in synthesis once three are done: both workers have been at work by then."""
-            if sum(j.state == JobState.DONE for j in rows) < 3:
+            """A job in synthesis once some are done: both workers have been at work by then."""
+            if sum(j.state == JobState.DONE for j in rows) < done_before_kill:
                 return None
             for j in rows:
                 if j.current_stage == "synthesize" and j.state == JobState.RUNNING and j.lease_owner:
@@ -346,10 +349,10 @@ def test_two_workers_on_one_shared_volume_deliver_ten_studies_once(tmp_path, red
         workers[victim_host].wait(10)
         survivor = ({"worker-a", "worker-b"} - {victim_host}).pop()
 
-        rows = wait_jobs(url, lambda rows: rows if len(rows) == 10 and all(j.state in JobState.FINAL for j in rows)
+        rows = wait_jobs(url, lambda rows: rows if len(rows) == n_studies and all(j.state in JobState.FINAL for j in rows)
                          else None, world, poll_s=0.5)
         total_s = time.monotonic() - t0
-        assert [j.state for j in rows] == [JobState.DONE] * 10, [(j.id, j.state, j.error) for j in rows]
+        assert [j.state for j in rows] == [JobState.DONE] * n_studies, [(j.id, j.state, j.error) for j in rows]
         with session_scope(url) as s:
             stages = s.scalars(select(Stage).where(Stage.job_id == victim_job.id).order_by(Stage.id)).all()
             synth = [st for st in stages if st.name == "synthesize"]
@@ -362,9 +365,9 @@ def test_two_workers_on_one_shared_volume_deliver_ten_studies_once(tmp_path, red
         _delivered_once(orthanc, world.settings, [j.id for j in rows])
         outputs = {p.name for p in (volume / "outputs").iterdir()}
         assert outputs == {f"job_{j.id}" for j in rows}  # every job's outputs on the one volume
-        print(f"\nshared volume: 10 studies (matrix 32) on 2 workers, {victim_host} SIGKILLed in synthesize of job "
+        print(f"\nshared volume: {n_studies} studies (matrix 32) on 2 workers, {victim_host} SIGKILLed in synthesize of job "
               f"{victim_job.id}: lost stage closed {requeued_after_s.total_seconds():.1f} s after the kill (lease_s 10, "
-              f"reap every 1 s), finished on {survivor}; all 10 done and delivered once in {total_s:.1f} s; "
+              f"reap every 1 s), finished on {survivor}; all {n_studies} done and delivered once in {total_s:.1f} s; "
               f"stages per worker {by_host}; {len(orthanc.instances())} objects in Orthanc")
     finally:
         world.stop()
