@@ -8,7 +8,15 @@
 # and podman's own store, so layers are cached from one build to the next; `make clean` drops it).
 # The CUDA target (worker-gpu) needs the NVIDIA base image and is not built here.
 #
-# usage: deploy/images/build.sh [TARGET...]      (env: SYNTHPERF_IMAGE_TAG, default "local")
+# A TARGET is any stage of the Dockerfile but worker-gpu. Besides the runtime targets, the cheap
+# stages `requirements` (the list of runtime dependencies) and `build` (python3 from Debian and our
+# package's wheel) can be built alone: no dcmtk, no 2.2 GB of dependencies, no smoke check. `make test`
+# builds only those two (tests/integration/test_images.py); its full form and `make images` build the
+# runtime targets. A stage no runtime target asks for is built only when named (podman skips unused
+# stages), so `requirements` must be named beside `build`.
+#
+# usage: deploy/images/build.sh [TARGET...]      (env: SYNTHPERF_IMAGE_TAG, default "local";
+#                                                  images are tagged synthperf-TARGET:TAG)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 images_dir=${SYNTHPERF_IMAGES_DIR:-$repo/var/images}
@@ -17,9 +25,14 @@ base_tag=localhost/synthperf-base:bookworm
 torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' "$repo/Dockerfile")
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(service worker-cpu)
+stages=$(sed -n 's/^FROM .* AS \([A-Za-z0-9_.-]*\)[[:space:]]*$/\1/p' "$repo/Dockerfile")
 for t in "${targets[@]}"; do
   if [ "$t" = worker-gpu ]; then
     echo "build.sh: worker-gpu needs the CUDA base image, which cannot be fetched here; build it on a Docker host" >&2
+    exit 2
+  fi
+  if ! grep -qx -- "$t" <<<"$stages"; then
+    echo "build.sh: no stage '$t' in the Dockerfile (stages: $(echo $stages))" >&2
     exit 2
   fi
 done

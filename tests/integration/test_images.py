@@ -2,26 +2,32 @@
 
 No registry of base images answers on the development machine, so deploy/images/build.sh makes the
 base with ``debootstrap --variant=minbase bookworm`` (the Debian mirror of the machine's apt sources),
-imports it into podman and builds the targets with ``podman build --isolation=chroot``. This sandbox
-refuses ``podman run``, so the checks run inside the build: every runtime target ends with
+imports it into podman and builds stages with ``podman build --isolation=chroot``. This sandbox
+refuses ``podman run``, so nothing is checked in a container: every runtime target ends with
 deploy/images/smoke_check.py as a RUN step (``synthperf --help``, the demo weights loaded through the
-registry with their sha256 verified, ``alembic upgrade head`` on a throwaway SQLite file), and a failed
-check fails the build. The check leaves what it found in the image (/opt/synthperf/smoke.json); this
-test mounts the built image (``podman image mount``, no container) and compares that with the source
-tree, so it holds even when the check's layer came from the cache (same inputs, same result).
+registry with their sha256 verified, ``alembic upgrade head`` on a throwaway SQLite file), a failed
+check fails the build, and this test reads what was built through ``podman image mount``.
 
 What each form covers:
 
-* small (``make test``, SYNTHPERF_SLOW_SCALE=small): ``service`` and ``worker-cpu`` built by build.sh
-  with its cache under var/images (the rootfs tarball and podman's layer store, shared with
-  ``make images``). With that cache warm it costs seconds (about 13 s when nothing changed, 30 s
-  after a code change: the wheel, its install and the smoke check are rebuilt, the 2.2 GB dependency
-  layer is not). The first run on a fresh machine has no cache and pays the cold build (debootstrap,
-  Python and dcmtk from Debian, every dependency from the package index: 453 s on 2 loaded cores; figures in
-  docs/operations.md, "Images").
-* full (SYNTHPERF_SLOW_SCALE=full): the same two targets from nothing in a temporary folder
-  (debootstrap, import, every layer built anew), so no cached layer can hide a step that no longer
-  works, such as a dependency that stopped installing.
+* small (``make test``, SYNTHPERF_SLOW_SCALE=small; store: SYNTHPERF_IMAGES_DIR, default var/images,
+  shared with ``make images``): only the cheap stages, because a fresh machine (CI) has no cache and
+  the runtime targets cost 5-7 minutes cold. build.sh makes the local base (debootstrap + import) and
+  builds ``requirements`` and ``build``: bookworm's python3 in /opt/venv and our package's wheel. The
+  test then opens the wheel and checks what the smoke check once caught missing: the demo weights with
+  their ``.sha256`` (and that it matches them) and the Alembic migrations, byte for byte as in the source
+  tree; that the wheel's dependencies are the requirements stage's list; and that this list is what
+  deploy/images/requirements.py computes from pyproject.toml here. 105-141 s cold on 2 loaded cores,
+  half of it debootstrap, 5 s warm (figures in docs/operations.md, "Images").
+  When the store already holds a runtime image whose dependency list is today's (someone ran
+  ``make images``), its 2.2 GB dependency layer is cached, so the small form also rebuilds both runtime
+  targets (seconds: the wheel, its install and the smoke check) and runs the runtime assertions.
+  Otherwise those are skipped, saying so; they never run on a fresh machine in this form.
+* full (SYNTHPERF_SLOW_SCALE=full): ``service`` and ``worker-cpu`` from nothing in a temporary folder
+  (debootstrap, import, every layer built anew, the smoke check in each build), so no cached layer can
+  hide a step that no longer works, such as a dependency that stopped installing; then the runtime
+  assertions: the check's findings (/opt/synthperf/smoke.json) against the source tree, the base and
+  Python, user, entry point, command, ports, health check. The cheap stages' test runs too.
 
 The CUDA target (``worker-gpu``) is not built here: its NVIDIA base image cannot be fetched.
 
@@ -31,22 +37,36 @@ match and on a weights folder without its ``.sha256`` file (the defect it found 
 
 from __future__ import annotations
 
+import email.parser
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.conftest import REPO_ROOT, _missing, small_scale
 
 BUILD = REPO_ROOT / "deploy" / "images" / "build.sh"
 SMOKE = REPO_ROOT / "deploy" / "images" / "smoke_check.py"
+REQUIREMENTS = REPO_ROOT / "deploy" / "images" / "requirements.py"
 DEMO = REPO_ROOT / "models" / "weights" / "demo"
+MIGRATIONS = REPO_ROOT / "common" / "jobstore" / "migrations"
+#: the runtime targets (2.5 GB each, with the smoke check in the build)
 TARGETS = ("service", "worker-cpu")
+#: the cheap stages: python3 from Debian, the dependency list, our wheel (requirements is built only
+#: when named: no other stage of these asks for it)
+CHEAP_STAGES = ("requirements", "build")
 TAG = "test"
 #: a cold build (debootstrap + all dependencies) on 2 shared cores took about 6-7 minutes
 BUILD_TIMEOUT_S = 1500
@@ -67,37 +87,68 @@ def image_tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(image_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Builds the CPU targets; yields the images folder (podman store) they are in."""
+def store(image_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The images folder (rootfs tarball and podman store) this run builds in: the shared cache in the
+    small form, a fresh temporary one in the full form (removed afterwards: its layers are gigabytes)."""
     if small_scale():
-        images_dir = REPO_ROOT / "var" / "images"
+        # absolute: podman's store records the path it was created with
+        images_dir = Path(os.environ.get("SYNTHPERF_IMAGES_DIR") or REPO_ROOT / "var" / "images").resolve()
     else:
         images_dir = tmp_path_factory.mktemp("images-cold")
-    log = tmp_path_factory.mktemp("images-log") / "build.log"
-    env = {**os.environ, "SYNTHPERF_IMAGES_DIR": str(images_dir), "SYNTHPERF_IMAGE_TAG": TAG}
-    with open(log, "w") as out:
-        proc = subprocess.run(["bash", str(BUILD), *TARGETS], stdout=out, stderr=subprocess.STDOUT,
-                              env=env, timeout=BUILD_TIMEOUT_S)
-    if proc.returncode != 0:
-        pytest.fail(f"build.sh {' '.join(TARGETS)} exited {proc.returncode}; last lines of {log}:\n"
-                    + "\n".join(log.read_text().splitlines()[-40:]))
     yield images_dir
-    if not small_scale():  # a cold store is only for this run: its layers are gigabytes
+    if not small_scale():
         subprocess.run([*podman_cmd(images_dir), "rmi", "--all", "--force"], capture_output=True, timeout=300)
         shutil.rmtree(images_dir, ignore_errors=True)
 
 
-def image_file(images_dir: Path, image: str, path: str) -> str | None:
-    """The text of ``path`` in the image's root filesystem (None when absent), read through a mount
-    of the image: no container is started."""
+def build(images_dir: Path, stages: tuple[str, ...], log: Path) -> None:
+    """deploy/images/build.sh STAGES into images_dir, tagged synthperf-STAGE:test; fails the test with
+    the end of its log when the build fails."""
+    env = {**os.environ, "SYNTHPERF_IMAGES_DIR": str(images_dir), "SYNTHPERF_IMAGE_TAG": TAG}
+    with open(log, "w") as out:
+        proc = subprocess.run(["bash", str(BUILD), *stages], stdout=out, stderr=subprocess.STDOUT,
+                              env=env, timeout=BUILD_TIMEOUT_S)
+    if proc.returncode != 0:
+        pytest.fail(f"build.sh {' '.join(stages)} exited {proc.returncode}; last lines of {log}:\n"
+                    + "\n".join(log.read_text().splitlines()[-40:]))
+
+
+@pytest.fixture(scope="module")
+def cheap_built(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local base and the requirements and build stages; yields the images folder."""
+    build(store, CHEAP_STAGES, tmp_path_factory.mktemp("images-log") / "build-cheap.log")
+    return store
+
+
+@pytest.fixture(scope="module")
+def built(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runtime targets; yields the images folder. The small form builds them only on a store whose
+    dependency layer is already cached (see the module docstring)."""
+    if small_scale() and not cached_runtime_images(store):
+        pytest.skip("the small form builds the runtime targets only when the store already holds their "
+                    f"dependency layer (no runtime image with today's dependency list in {store}); "
+                    "`make images` or SYNTHPERF_SLOW_SCALE=full builds them")
+    build(store, TARGETS, tmp_path_factory.mktemp("images-log") / "build-runtime.log")
+    return store
+
+
+@contextmanager
+def mounted(images_dir: Path, image: str) -> Iterator[Path]:
+    """The image's root filesystem, read-only through a mount: no container is started."""
     pod = podman_cmd(images_dir)
     root = subprocess.run([*pod, "image", "mount", image], capture_output=True, text=True, timeout=120)
     assert root.returncode == 0, root.stderr
     try:
-        f = Path(root.stdout.strip()) / path.lstrip("/")
-        return f.read_text() if f.is_file() else None
+        yield Path(root.stdout.strip())
     finally:
         subprocess.run([*pod, "image", "unmount", image], capture_output=True, timeout=120)
+
+
+def image_file(images_dir: Path, image: str, path: str) -> str | None:
+    """The text of ``path`` in the image (None when absent)."""
+    with mounted(images_dir, image) as root:
+        f = root / path.lstrip("/")
+        return f.read_text() if f.is_file() else None
 
 
 def image_config(images_dir: Path, image: str) -> dict:
@@ -105,6 +156,77 @@ def image_config(images_dir: Path, image: str) -> dict:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)[0]
+
+
+def requirements_here() -> str:
+    """The dependency list as deploy/images/requirements.py computes it from this tree's pyproject.toml."""
+    proc = subprocess.run([sys.executable, str(REQUIREMENTS), str(REPO_ROOT / "pyproject.toml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def cached_runtime_images(images_dir: Path) -> list[str]:
+    """Runtime images in the store built from today's dependency list: with one of them, the large
+    dependency layer is cached and rebuilding the runtime targets costs seconds, not minutes."""
+    if not (images_dir / "storage").is_dir():
+        return []
+    proc = subprocess.run([*podman_cmd(images_dir), "images", "--format", "{{.Repository}}:{{.Tag}}"],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return []
+    names = {f"localhost/synthperf-{t}" for t in TARGETS}
+    want = requirements_here()
+    return [ref for ref in proc.stdout.split() if ref.rsplit(":", 1)[0] in names
+            and image_file(images_dir, ref, "/opt/synthperf/requirements.txt") == want]
+
+
+def source_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*")
+                  if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 300)
+def test_wheel_and_dependency_list_build_on_the_local_base(cheap_built: Path):
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    wheel_name = f"{re.sub(r'[-_.]+', '_', project['name'])}-{project['version']}-py3-none-any.whl"
+
+    with mounted(cheap_built, f"synthperf-build:{TAG}") as root:
+        wheels = sorted(p.name for p in (root / "wheels").glob("*.whl"))
+        assert wheels == [wheel_name]
+        wheel = (root / "wheels" / wheel_name).read_bytes()
+        # the local bookworm base with Debian's Python 3.11 in /opt/venv, not python:3.11-slim's
+        assert (root / "etc" / "debian_version").read_text().startswith("12.")
+        assert re.search(r"^version\s*=\s*3\.11\.", (root / "opt/venv/pyvenv.cfg").read_text(), re.M)
+        assert not os.path.lexists(root / "usr/local/bin/python3")
+    with mounted(cheap_built, f"synthperf-requirements:{TAG}") as root:
+        listed = (root / "requirements.txt").read_text()
+
+    # the requirements stage lists what requirements.py computes from pyproject.toml here
+    assert listed == requirements_here()
+    assert listed.splitlines() == project["dependencies"]
+
+    with zipfile.ZipFile(io.BytesIO(wheel)) as whl:
+        names = set(whl.namelist())
+        # the package data an installed synthperf needs: the demo weights with their digest file (the
+        # defect the smoke check found) and the Alembic migrations, as in the source tree
+        for f in [*source_files(DEMO), *source_files(MIGRATIONS)]:
+            rel = f.relative_to(REPO_ROOT).as_posix()
+            assert rel in names, f"{rel} is not in the wheel"
+            assert whl.read(rel) == f.read_bytes(), f"{rel} in the wheel differs from the source tree"
+        demo = DEMO.relative_to(REPO_ROOT).as_posix()
+        assert f"{demo}/model.safetensors.sha256" in names
+        digest = whl.read(f"{demo}/model.safetensors.sha256").decode().split()[0]
+        assert hashlib.sha256(whl.read(f"{demo}/model.safetensors")).hexdigest() == digest
+        assert any(n.startswith("common/jobstore/migrations/versions/") and n.endswith(".py") for n in names)
+        # the wheel depends on exactly the list the runtime stages install before it (their `pip check`)
+        meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        meta = email.parser.Parser().parsestr(whl.read(meta_name).decode())
+        requires = {str(Requirement(r)) for r in meta.get_all("Requires-Dist") or []
+                    if "extra ==" not in r}
+        assert requires == {str(Requirement(r)) for r in listed.splitlines()}
 
 
 @pytest.mark.slow
@@ -132,6 +254,8 @@ def test_cpu_target_builds_on_the_local_base_and_passes_its_checks(built: Path, 
     assert found["python"].startswith("3.11.")
     assert (image_file(built, image, "/etc/debian_version") or "").startswith("12.")
     assert image_file(built, image, "/usr/local/bin/python3") is None
+    # the dependencies installed are today's list (the cache-warm small form relies on it)
+    assert image_file(built, image, "/opt/synthperf/requirements.txt") == requirements_here()
 
     inspected = image_config(built, image)
     cfg = inspected["Config"]
