@@ -87,6 +87,7 @@ def test_dsc_objects_are_written_listed_and_valid(job):
     # the SEG holds the real Tmax>6 s region whose volume the result reports
     real = rec.result["perfusion"]
     seg = hd.seg.segread(by_kind["dsc_seg"])
+    assert seg.ImageLaterality == "U" and "Laterality" not in seg  # pixelmed's condition, as the synthetic SEG
     t6 = seg.get_volume(combine_segments=False).array[..., 0].astype(bool)
     assert t6.sum() * geo.voxel_ml() == pytest.approx(real["measures"]["tmax6_ml"], rel=1e-6)
     # the SR carries both sets of volumes and the Dice of the shadow comparison

@@ -106,6 +106,9 @@ def test_common_header_marks_synthetic_and_references_sources(encoded):
             # the SEG cites the DWI alone (OHIF-2 in docs/conformance.md); maps cite the DWI first
             assert refs == [dwi_series] if obj.kind == "seg" else refs == [dwi_series, flair_series]
             assert ds.BodyPartExamined == "BRAIN"
+        if obj.kind == "seg":
+            # unpaired brain: what pixelmed's Laterality condition asks for, without Series Laterality
+            assert ds.ImageLaterality == "U" and "Laterality" not in ds
         if obj.kind in ("overlay", "summary"):
             assert ds.BurnedInAnnotation == "YES"
             cited = {r.ReferencedSOPInstanceUID for r in ds.get("SourceImageSequence", [])}

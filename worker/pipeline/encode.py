@@ -287,6 +287,18 @@ def _referenced_series(sources: Sequence[Dataset]) -> list[Dataset]:
     return items
 
 
+def _mark_unpaired(ds: Dataset) -> None:
+    """Image Laterality (0020,0062) U, "unpaired", on our SEGs: every one covers the brain.
+
+    pixelmed's DicomInstanceValidator requires Series Laterality (0020,0060) unless Image or Frame
+    Laterality is present; the standard requires Series Laterality only for a paired body part, and
+    dciodvfy rejects it on the brain (docs/conformance.md section 11). Image Laterality is Type 3 in
+    the General Image module, which the Segmentation IOD includes, with enumerated values R, L, U
+    (unpaired) and B; U is true of the brain and satisfies both validators.
+    """
+    ds.ImageLaterality = "U"
+
+
 def _finish_header(ds: Dataset, inp: EncodeInput, description: str) -> None:
     """What every object we write carries, whichever highdicom class made it."""
     ds.SeriesDescription = description[:64]
@@ -297,6 +309,8 @@ def _finish_header(ds: Dataset, inp: EncodeInput, description: str) -> None:
     body_part = str(src.get("BodyPartExamined", "") or "BRAIN")
     if "SR" not in ds.Modality:
         ds.BodyPartExamined = body_part[:16]
+    if ds.Modality == "SEG":
+        _mark_unpaired(ds)
     if "ImageComments" not in ds and ds.Modality != "SR":
         ds.ImageComments = WARNING
     for keyword in ("InstitutionName", "ReferringPhysicianName", "AccessionNumber", "StudyID"):
