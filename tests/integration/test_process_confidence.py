@@ -1,6 +1,6 @@
-"""``synthperf process`` on a study the demo model does not know (issue 15): a healthy template-family brain
-with domain randomisation, on which the demo model (trained on the geometric family) calls false
-hypoperfusion. The study still gets its maps, but result.json, the SR and the summary page say "low
+"""``synthperf process`` on a study the demo model does not know (issue 15): a healthy brain with domain
+randomisation (geometric family, seed 270004, held out), on which the demo model calls false
+hypoperfusion mirrored in both hemispheres. The study still gets its maps, but result.json, the SR and the summary page say "low
 confidence" and give no DEFUSE-3/EXTEND call."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_low_confidence_study_gets_maps_and_no_trial_call(tmp_path: Path) -> Non
     if not DEMO_WEIGHTS.is_file():
         pytest.skip("needs the demo weights (an untrained model's confidence means nothing)")
     api = pytest.importorskip("phantom.api")
-    case = api.make_case(200002, matrix=128, family="template", randomise=True)  # no stroke
+    case = api.make_case(270004, matrix=128, family="geometric", randomise=True)  # no stroke
     assert not case.core.any() and not (case.tmax > 6).any()
     study = api.write_dicom_study(case, tmp_path / "study", "siemens", enhanced=False, split_b=False)
     out = tmp_path / "out"

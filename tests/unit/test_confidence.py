@@ -109,10 +109,11 @@ def _assess_phantom(seed: int, **kw):
 
 
 @pytest.mark.slow
-def test_demo_model_healthy_template_brain_gets_low_confidence() -> None:
-    """Seed 200002 (template family, randomised) has no stroke; the demo model, trained on the geometric
-    family only, calls about 100 mL of Tmax>6 s on it, all false."""
-    case, conf, t6_ml = _assess_phantom(200002, family="template", randomise=True)
+def test_demo_model_healthy_brain_with_false_hypoperfusion_gets_low_confidence() -> None:
+    """Seed 270004 (geometric family, randomised, held out) has no stroke; the demo model (fine-tuned on
+    the randomised mix) calls 37 mL of Tmax>6 s on it, all false, mirrored in both hemispheres: its worst
+    healthy brain of the 14 in the three held-out sets (docs/model-card.md)."""
+    case, conf, t6_ml = _assess_phantom(270004, family="geometric", randomise=True)
     assert not case.core.any() and not (case.tmax > 6).any()
     assert t6_ml > 15, f"the demo model called only {t6_ml:.1f} mL here; pick another healthy case"
     assert conf.low and conf.score < ConfidenceParams().threshold
