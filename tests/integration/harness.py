@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pydicom
@@ -263,3 +264,23 @@ def storescu(study_dir: Path, port: int) -> None:
     r = subprocess.run([exe, "-aec", "SYNTHPERF", "-aet", "SCANNER", "127.0.0.1", str(port), *files],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+class JobRow(NamedTuple):
+    id: int
+    state: str
+    current_stage: str | None
+    error: str | None
+
+
+def job_rows(database_url: str) -> list[JobRow]:
+    """(id, state, current_stage, error) of every job, oldest first; [] while the job store does not
+    exist yet (the service creates it at start-up). The polling loops of the end-to-end tests read it."""
+    from common.jobstore.db import session_scope
+    from common.jobstore.models import Job
+
+    try:
+        with session_scope(database_url) as s:
+            return [JobRow(j.id, j.state, j.current_stage, j.error) for j in s.query(Job).order_by(Job.id).all()]
+    except Exception:  # noqa: BLE001 - the database may not exist yet
+        return []

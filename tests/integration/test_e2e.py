@@ -18,6 +18,7 @@ import pydicom
 import pytest
 
 from tests.conftest import free_port, require_tool
+from tests.integration import harness
 from tests.integration.harness import OrthancServer, PrivateRedis, ServiceProcesses, service_config, storescu
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 
@@ -49,21 +50,14 @@ class Service(ServiceProcesses):
 
 
 def wait_job(settings, predicate, timeout: float, service: Service):
-    from common.jobstore.db import session_scope
-    from common.jobstore.models import Job
-
+    """The id of the first job (a harness.JobRow) that ``predicate`` accepts, polled every 0.5 s."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        try:
-            with session_scope(settings.effective_database_url) as s:
-                jobs = s.query(Job).order_by(Job.id).all()
-                last = [(j.id, j.state, j.current_stage, j.error) for j in jobs]
-                for j in jobs:
-                    if predicate(j):
-                        return j.id
-        except Exception:  # noqa: BLE001 - the database may not exist yet
-            pass
+        last = harness.job_rows(settings.effective_database_url)
+        for j in last:
+            if predicate(j):
+                return j.id
         time.sleep(0.5)
     raise AssertionError(f"timed out; jobs: {last}\n{service.logs()}")
 

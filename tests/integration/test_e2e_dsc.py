@@ -21,6 +21,7 @@ import pydicom
 import pytest
 
 from tests.conftest import free_port, require_tool, small_scale
+from tests.integration import harness
 from tests.integration import test_dashboard_browser as tdb
 from tests.integration.harness import OrthancServer, PrivateRedis, ServiceProcesses, service_config, storescu
 from tests.integration.test_process import model_ref  # noqa: F401 - fixture re-export
@@ -61,18 +62,12 @@ class DscService(tdb.DashboardService):
 
 
 def _wait_done(settings, n: int, timeout_s: float, service: DscService) -> list[int]:
-    from common.jobstore.db import session_scope
-    from common.jobstore.models import Job, JobState
+    from common.jobstore.models import JobState
 
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
-        try:
-            with session_scope(settings.effective_database_url) as s:
-                jobs = s.query(Job).order_by(Job.id).all()
-                last = [(j.id, j.state, j.current_stage, j.error) for j in jobs]
-        except Exception:  # noqa: BLE001 - the database may not exist yet
-            jobs = []
+        last = harness.job_rows(settings.effective_database_url)
         if any(st in (JobState.FAILED, JobState.INPUT_MISSING, JobState.CANCELLED) for _, st, _, _ in last or []):
             raise AssertionError(f"a job did not succeed: {last}\n{service.logs()}")
         if last and len(last) >= n and all(st == JobState.DONE for _, st, _, _ in last):

@@ -68,6 +68,19 @@ def _tissue(t_fine: np.ndarray, aif_fine: np.ndarray, delay: float, mtt: float, 
     return np.concatenate([c[-shift:], np.zeros(-shift)])
 
 
+def _noisy_set(tr: float, snr: float, rng: np.random.Generator, rows: list, curves: list, reps: int,
+               aif_mm: np.ndarray) -> ReferenceSet:
+    """Concentration curves (mM, one per row) to DSC magnitude signal with Rician noise at ``snr``,
+    ``reps`` noise draws each; what both reference grids share."""
+    conc = np.repeat(np.array(curves).T, reps, axis=1)  # (t, combos*reps), mM
+    truth = np.repeat(np.array(rows), reps, axis=0)
+    clean = np.exp(-TE_S * K2 * conc)
+    sigma = 1.0 / snr
+    noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
+    return ReferenceSet(tr=tr, snr=snr, signal=noisy.astype(np.float32), aif_r2s=(K2 * aif_mm).astype(np.float32),
+                        delay=truth[:, 0], mtt=truth[:, 1], cbf=truth[:, 2], beta=truth[:, 3], tmax=truth[:, 4])
+
+
 def reference_set(tr: float, snr: float, reps: int = 3, seed: int = 0, delays=DELAYS_S, mtts=MTTS_S,
                   cbfs=CBFS, betas=DISPERSIONS_S) -> ReferenceSet:
     """All (delay, MTT, CBF, dispersion) combinations at one TR and SNR, ``reps`` noise draws each."""
@@ -84,13 +97,7 @@ def reference_set(tr: float, snr: float, reps: int = 3, seed: int = 0, delays=DE
                 for f in cbfs:
                     rows.append((d, m, f, b, tmax))
                     curves.append(shape * f / 6000.0)
-    conc = np.repeat(np.array(curves).T, reps, axis=1)  # (t, combos*reps), mM
-    truth = np.repeat(np.array(rows), reps, axis=0)
-    clean = np.exp(-TE_S * K2 * conc)
-    sigma = 1.0 / snr
-    noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
-    return ReferenceSet(tr=tr, snr=snr, signal=noisy.astype(np.float32), aif_r2s=(K2 * aif_fine[pick]).astype(np.float32),
-                        delay=truth[:, 0], mtt=truth[:, 1], cbf=truth[:, 2], beta=truth[:, 3], tmax=truth[:, 4])
+    return _noisy_set(tr, snr, rng, rows, curves, reps, aif_fine[pick])
 
 
 ALT_DELAYS_S = (-3.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0)
@@ -141,10 +148,4 @@ def alternative_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> Refe
                     for f in ALT_CBFS:
                         rows.append((d, m, f, mean_disp, tmax))
                         curves.append(c[pick] * f / 6000.0)
-    conc = np.repeat(np.array(curves).T, reps, axis=1)
-    truth = np.repeat(np.array(rows), reps, axis=0)
-    clean = np.exp(-TE_S * K2 * conc)
-    sigma = 1.0 / snr
-    noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
-    return ReferenceSet(tr=tr, snr=snr, signal=noisy.astype(np.float32), aif_r2s=(K2 * aif_fine[pick]).astype(np.float32),
-                        delay=truth[:, 0], mtt=truth[:, 1], cbf=truth[:, 2], beta=truth[:, 3], tmax=truth[:, 4])
+    return _noisy_set(tr, snr, rng, rows, curves, reps, aif_fine[pick])
