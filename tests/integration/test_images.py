@@ -38,6 +38,7 @@ match and on a weights folder without its ``.sha256`` file (the defect it found 
 from __future__ import annotations
 
 import email.parser
+import functools
 import hashlib
 import io
 import json
@@ -158,8 +159,10 @@ def image_config(images_dir: Path, image: str) -> dict:
     return json.loads(proc.stdout)[0]
 
 
+@functools.cache
 def requirements_here() -> str:
-    """The dependency list as deploy/images/requirements.py computes it from this tree's pyproject.toml."""
+    """The dependency list as deploy/images/requirements.py computes it from this tree's pyproject.toml
+    (once per run: every runtime image and test compares against it)."""
     proc = subprocess.run([sys.executable, str(REQUIREMENTS), str(REPO_ROOT / "pyproject.toml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
