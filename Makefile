@@ -33,9 +33,14 @@ $(CHECKOV):
 	@.venv-checkov/bin/python -m pip install -q checkov==3.3.30
 
 # Slow and load tests run in a small form here (SYNTHPERF_SLOW_SCALE=small).
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module
+# fixtures such as a built image or a running Orthanc stay in one process). Most integration tests
+# wait on services and subprocesses, so three processes on two cores beat two (docs/benchmarks.md,
+# "make test").
+TEST_WORKERS ?= 3
 test: venv tools $(CHECKOV) lint
 	SYNTHPERF_REQUIRE_TOOLS=1 SYNTHPERF_SLOW_SCALE=small PYTHON=$(PY) \
-	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider tests
+	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 # The service and CPU-worker images, built with podman on a local Debian base (no registry of base
 # images here; docs/operations.md, "Images"). Layers are cached under var/images. Targets: IMAGES=...

@@ -66,9 +66,27 @@ def require_tool(name: str) -> str:
     _missing(f"{name} is not installed (make test installs it from Debian packages)")
 
 
+def _per_worker_db(url: str) -> str:
+    """``url`` with a Redis database number of this pytest-xdist worker's own.
+
+    make test runs the suite in parallel processes (pytest-xdist); tests that flush the database or
+    count a fixed queue's depth must not see another process's keys. Worker gwN takes the database
+    N below the configured one (modulo 16); a run without xdist keeps the configured database.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    db = parts.path.strip("/")
+    number = int(db) if db.isdigit() else 0
+    return parts._replace(path=f"/{(number - int(worker[2:])) % 16}").geturl()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    url = os.environ.get("SYNTHPERF_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    url = _per_worker_db(os.environ.get("SYNTHPERF_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
     import redis
 
     try:

@@ -193,7 +193,8 @@ class ConnectionGate:
             established = [c for c in self._conns if c.established]
             if len(established) >= self.max_associations:
                 stalled = max(established, key=lambda c: c.stalled_for(now, self.min_rate))
-                if stalled.stalled_for(now, self.min_rate) < self.evict_stalled_s:
+                stalled_s = stalled.stalled_for(now, self.min_rate)
+                if stalled_s < self.evict_stalled_s:
                     return False
                 victim = stalled
                 self._drop(victim)
@@ -202,7 +203,7 @@ class ConnectionGate:
         if victim is not None:
             self._kill(victim, "association_evicted",
                        f"max_associations ({self.max_associations}) reached: aborted this association, stalled "
-                       f"{victim.stalled_for(now, self.min_rate):.1f} s, to admit {conn.peer}", abort=True)
+                       f"{stalled_s:.1f} s, to admit {conn.peer}", abort=True)
         return True
 
     def check_first_pdu(self, conn: Conn) -> bool:
