@@ -7,6 +7,7 @@ same seed gives bit-identical arrays and files. Phantom data is not patient data
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,8 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         return out
 
     def render_extra(g: Grid, kind: str) -> np.ndarray:
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7002, hash(kind) % 1000]))
+        # crc32, not hash(): str hashes change from process to process (PYTHONHASHSEED)
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7002, zlib.crc32(kind.encode()) % 1000]))
         mx = head.render(g, pose)
         rel = mx["t1"] if kind == "t1" else 0.85 * mx["t1"] + 0.15 * mx["s0"]
         return signal.acquire(rng, rel, 40.0, np.ones(g.shape, np.float32), 0.4, _T1_SCALE, 0.7)
