@@ -35,10 +35,12 @@ def _write(root: Path, seed: int, scenario: dict, vendor: str, truncate: bool = 
 
 
 def _plan() -> list[tuple[int, dict, str, bool, bool]]:
-    """(seed, scenario, vendor, truncate, enhanced) per study; seed 5 is the truncated one."""
+    """(seed, scenario, vendor, truncate, enhanced) per study; seed 5 is the truncated one. The small
+    form writes enhanced multi-frame DSC only (classic DSC, ~1800 files a study, is read in
+    test_load_phantom.py and tests/integration/test_dsc_outputs.py)."""
     if small_scale():
-        return [(3, SCENARIOS[0], "siemens", False, False), (4, SCENARIOS[1], "ge", False, False),
-                (5, SCENARIOS[2], "philips", True, False)]
+        return [(3, SCENARIOS[0], "siemens", False, True), (4, SCENARIOS[1], "ge", False, True),
+                (5, SCENARIOS[2], "philips", True, True)]
     vendors = ("siemens", "ge", "philips")
     return [(seed, SCENARIOS[i % 3], vendors[i % 3], seed == 5, i % 2 == 1) for i, seed in enumerate(range(3, 23))]
 
@@ -80,7 +82,7 @@ def test_dataset_build_qc_resume_and_train(tmp_path: Path, capsys):
 
     # resumable: a new study is the only one processed on the next run
     new = 6 if small_scale() else 23
-    _write(studies, new, SCENARIOS[0], "siemens")
+    _write(studies, new, SCENARIOS[0], "siemens", enhanced=small_scale())
     assert cli_main(["dataset", "build", str(studies), "--out", str(data), "--no-progress"]) == 0
     again = json.loads((data / "qc_report.json").read_text())
     assert again["skipped_as_done"] == len(plan) and again["studies"] == len(plan) + 1
