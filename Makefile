@@ -34,12 +34,13 @@ $(CHECKOV):
 
 # Slow and load tests run in a small form here (SYNTHPERF_SLOW_SCALE=small).
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module
-# fixtures such as a built image or a running Orthanc stay in one process). Most integration tests
-# wait on services and subprocesses, so three processes on two cores beat two (docs/benchmarks.md,
-# "make test").
+# fixtures such as a running Orthanc stay in one process), files with slow tests first. Every process
+# and the services it starts use one compute thread (OMP_NUM_THREADS=1): three processes of two
+# threads each on two cores spent CPU time waiting for each other. Measured side by side in
+# docs/benchmarks.md, "make test".
 TEST_WORKERS ?= 3
 test: venv tools $(CHECKOV) lint
-	SYNTHPERF_REQUIRE_TOOLS=1 SYNTHPERF_SLOW_SCALE=small PYTHON=$(PY) \
+	SYNTHPERF_REQUIRE_TOOLS=1 SYNTHPERF_SLOW_SCALE=small PYTHON=$(PY) OMP_NUM_THREADS=1 \
 	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 # The service and CPU-worker images, built with podman on a local Debian base (no registry of base

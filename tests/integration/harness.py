@@ -17,8 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 import pydicom
@@ -271,16 +272,40 @@ class JobRow(NamedTuple):
     state: str
     current_stage: str | None
     error: str | None
+    lease_owner: str | None = None
+    #: (name, state, error) of each stage, in order; only when asked for (job_rows(stages=True))
+    stages: tuple[tuple[str, str, str | None], ...] = ()
 
 
-def job_rows(database_url: str) -> list[JobRow]:
-    """(id, state, current_stage, error) of every job, oldest first; [] while the job store does not
-    exist yet (the service creates it at start-up). The polling loops of the end-to-end tests read it."""
+def job_rows(database_url: str, stages: bool = False) -> list[JobRow]:
+    """Every job, oldest first (with its stages when ``stages``); [] while the job store does not
+    exist yet (the service creates it at start-up). The polling loops of the integration tests read it."""
     from common.jobstore.db import session_scope
-    from common.jobstore.models import Job
+    from common.jobstore.models import Job, Stage
 
     try:
         with session_scope(database_url) as s:
-            return [JobRow(j.id, j.state, j.current_stage, j.error) for j in s.query(Job).order_by(Job.id).all()]
+            return [JobRow(j.id, j.state, j.current_stage, j.error, j.lease_owner,
+                           tuple((st.name, st.state, st.error)
+                                 for st in s.query(Stage).filter_by(job_id=j.id).order_by(Stage.id)) if stages else ())
+                    for j in s.query(Job).order_by(Job.id).all()]
     except Exception:  # noqa: BLE001 - the database may not exist yet
         return []
+
+
+def wait_jobs(database_url: str, predicate: Callable[[list], Any], timeout_s: float,
+              logs: Callable[[], str], *, poll_s: float = 0.5, stages: bool = False,
+              read: Callable[[str], list] | None = None) -> Any:
+    """Poll the jobs until ``predicate(rows)`` returns something truthy, and return that; on timeout fail
+    with the last rows and the service's logs (a predicate may raise to fail at once). The rows are
+    job_rows's, or what ``read(database_url)`` returns (a test that needs more of each job)."""
+    deadline = time.monotonic() + timeout_s
+    rows: list = []
+    while time.monotonic() < deadline:
+        rows = read(database_url) if read else job_rows(database_url, stages)
+        hit = predicate(rows)
+        if hit:
+            return hit
+        time.sleep(poll_s)
+    shown = [(j.id, j.state, j.current_stage, j.error) for j in rows]
+    raise AssertionError(f"timed out after {timeout_s} s; jobs (id, state, stage, error): {shown}\n{logs()}")

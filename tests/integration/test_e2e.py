@@ -50,16 +50,9 @@ class Service(ServiceProcesses):
 
 
 def wait_job(settings, predicate, timeout: float, service: Service):
-    """The id of the first job (a harness.JobRow) that ``predicate`` accepts, polled every 0.5 s."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = harness.job_rows(settings.effective_database_url)
-        for j in last:
-            if predicate(j):
-                return j.id
-        time.sleep(0.5)
-    raise AssertionError(f"timed out; jobs: {last}\n{service.logs()}")
+    """The id of the first job (a harness.JobRow) that ``predicate`` accepts."""
+    return harness.wait_jobs(settings.effective_database_url,
+                             lambda rows: next((j.id for j in rows if predicate(j)), None), timeout, service.logs)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -64,16 +63,12 @@ class DscService(tdb.DashboardService):
 def _wait_done(settings, n: int, timeout_s: float, service: DscService) -> list[int]:
     from common.jobstore.models import JobState
 
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = harness.job_rows(settings.effective_database_url)
-        if any(st in (JobState.FAILED, JobState.INPUT_MISSING, JobState.CANCELLED) for _, st, _, _ in last or []):
-            raise AssertionError(f"a job did not succeed: {last}\n{service.logs()}")
-        if last and len(last) >= n and all(st == JobState.DONE for _, st, _, _ in last):
-            return [j for j, _, _, _ in last]
-        time.sleep(0.5)
-    raise AssertionError(f"timed out; jobs: {last}\n{service.logs()}")
+    def all_done(rows: list[harness.JobRow]) -> list[int] | None:
+        if any(j.state in (JobState.FAILED, JobState.INPUT_MISSING, JobState.CANCELLED) for j in rows):
+            raise AssertionError(f"a job did not succeed: {rows}\n{service.logs()}")
+        return [j.id for j in rows] if len(rows) >= n and all(j.state == JobState.DONE for j in rows) else None
+
+    return harness.wait_jobs(settings.effective_database_url, all_done, timeout_s, service.logs)
 
 
 def _dciodvfy_errors(tool: str, path: str) -> list[str]:

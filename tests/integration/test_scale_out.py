@@ -36,6 +36,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from tests.conftest import free_port, require_tool, small_scale
+from tests.integration import harness
 from tests.integration.harness import OrthancServer, PrivateRedis, ServiceProcesses, service_config
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 from tests.integration.test_worker_faults import _delivered_once
@@ -155,6 +156,7 @@ class World(ServiceProcesses):
 
 
 def jobs(url: str) -> list:
+    """The jobs as ORM rows (these tests read their version, instance count and lease too)."""
     from common.jobstore.db import session_scope
     from common.jobstore.models import Job
 
@@ -163,16 +165,7 @@ def jobs(url: str) -> list:
 
 
 def wait_jobs(url: str, predicate, world: World, poll_s: float = 0.3):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + BOUND_S
-    rows: list = []
-    while time.monotonic() < deadline:
-        rows = jobs(url)
-        hit = predicate(rows)
-        if hit:
-            return hit
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out; jobs {[(j.id, j.state, j.current_stage, j.error) for j in rows]}\n"
-                         f"{world.logs()}")
+    return harness.wait_jobs(url, predicate, BOUND_S, world.logs, poll_s=poll_s, read=jobs)
 
 
 def instance_count(url: str) -> int:

@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, require_tool
+from tests.integration import harness
 from tests.integration.harness import OrthancServer, PrivateRedis, ServiceProcesses, service_config, storescu
 from tests.integration.test_process import model_ref, write_phantom  # noqa: F401 - fixture re-export
 
@@ -114,29 +115,13 @@ class ServeWithWorker(ServiceProcesses):
             return False
 
 
-def _job_rows(settings):
-    from common.jobstore.db import session_scope
-    from common.jobstore.models import Job, Stage
-
-    with session_scope(settings.effective_database_url) as s:
-        return [(j.id, j.state, j.current_stage, j.error,
-                 [(st.name, st.state, st.error) for st in s.query(Stage).filter_by(job_id=j.id).order_by(Stage.id)])
-                for j in s.query(Job).order_by(Job.id)]
-
-
 def wait_for(settings, predicate, timeout: float, service: ServeWithWorker, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout
-    rows = []
-    while time.monotonic() < deadline:
-        try:
-            rows = _job_rows(settings)
-        except Exception:  # noqa: BLE001 - the database may not exist yet
-            rows = []
-        hit = predicate(rows)
-        if hit:
-            return hit
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout} s; jobs: {rows}\n{service.logs()}")
+    return harness.wait_jobs(settings.effective_database_url, predicate, timeout, service.logs, poll_s=poll_s,
+                             stages=True)
+
+
+def _stages(settings, job_id: int) -> tuple:
+    return {j.id: j.stages for j in harness.job_rows(settings.effective_database_url, stages=True)}[job_id]
 
 
 def _synthesizing(study_count: int):
@@ -144,16 +129,16 @@ def _synthesizing(study_count: int):
     def pred(rows):
         if len(rows) < study_count:
             return None
-        job_id, _state, stage, _err, stages = rows[study_count - 1]
-        return job_id if stage == "synthesize" and stages and stages[-1][:2] == ("synthesize", "running") else None
+        j = rows[study_count - 1]
+        return j.id if j.current_stage == "synthesize" and j.stages and j.stages[-1][:2] == ("synthesize", "running") else None
     return pred
 
 
 def _done(job_id: int):
     def pred(rows):
-        for jid, state, _stage, err, _stages in rows:
-            if jid == job_id and state in ("done", "failed", "poisoned", "input_missing", "cancelled"):
-                return (state, err)
+        for j in rows:
+            if j.id == job_id and j.state in ("done", "failed", "poisoned", "input_missing", "cancelled"):
+                return (j.state, j.error)
         return None
     return pred
 
@@ -195,7 +180,7 @@ def test_killed_worker_pool_and_serve_recover(tmp_path, redis_url, model_ref):  
         os.kill(main, signal.SIGKILL)
         state, err = wait_for(settings, _done(job1), RECOVERY_BOUND_S + 120, svc, poll_s=0.5)
         assert state == "done", err
-        stages = dict((j[0], j[4]) for j in _job_rows(settings))[job1]
+        stages = _stages(settings, job1)
         lost = [st for st in stages if st[0] == "synthesize" and st[1] == "failed"]
         assert len(lost) == 1 and lost[0][2].startswith("worker lost"), stages
         assert [st[1] for st in stages if st[0] == "synthesize"][-1] == "done"
@@ -211,7 +196,7 @@ def test_killed_worker_pool_and_serve_recover(tmp_path, redis_url, model_ref):  
         state, err = wait_for(settings, _done(job2), RECOVERY_BOUND_S + 120, svc, poll_s=0.5)
         assert state == "done", err
         assert svc.worker_main() == main  # the same main process; a new pool process did the work
-        stages = dict((j[0], j[4]) for j in _job_rows(settings))[job2]
+        stages = _stages(settings, job2)
         assert [st[1] for st in stages if st[0] == "synthesize"] == ["failed", "done"], stages
         _delivered_once(orthanc, settings, [job1, job2])
 
