@@ -21,7 +21,7 @@ import numpy as np
 from models.perfusion.aif import AifResult, select_aif
 from models.perfusion.deconv import DEFAULT_OI, osvd, residue_peak_time, ssvd
 from models.perfusion.signal import Bolus, Motion, concentration, detect_bolus, motion_check
-from models.perfusion.tmax_fit import fit_tmax
+from models.perfusion.tmax_fit import fit_residue
 
 KH = (1 - 0.45) / (1 - 0.25)
 RHO = 1.04
@@ -155,10 +155,15 @@ def voxel_maps(conc: np.ndarray, aif: np.ndarray, dt: float, method: str = "osvd
         mtt = np.where(cbf > 0, 60.0 * cbv / cbf, np.nan)
     late = peak_v >= int(np.ceil((1 - LATE_FRACTION) * conc.shape[0]))
     tmax_residue = dec.tmax()
-    tmax = fit_tmax(aif, conc, dt, tmax_residue) if method == "osvd" and tmax_method == "fit" else tmax_residue
-    return {"tmax": tmax, "tmax_residue": tmax_residue, "cbf": cbf.astype(np.float32), "cbv": cbv.astype(np.float32),
-            "mtt": mtt.astype(np.float32), "ttp": residue_peak_time(conc, dt, circular=False),
-            "late": late.astype(np.float32), "n_kept": dec.n_kept}
+    out = {"tmax": tmax_residue, "tmax_residue": tmax_residue, "cbf": cbf.astype(np.float32),
+           "cbv": cbv.astype(np.float32), "mtt": mtt.astype(np.float32),
+           "ttp": residue_peak_time(conc, dt, circular=False), "late": late.astype(np.float32), "n_kept": dec.n_kept}
+    if method == "osvd" and tmax_method == "fit":
+        out["tmax"], flow = fit_residue(aif, conc, dt, tmax_residue)
+        # the fit's amplitude as CBF: not the reported CBF (bench/perfusion.py compares the two;
+        # docs/perfusion.md, "CBF")
+        out["cbf_fit"] = (KH / RHO * 6000.0 * flow).astype(np.float32)
+    return out
 
 
 def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np.ndarray, *,

@@ -37,6 +37,8 @@ STEP_S = 0.25
 SUBSAMPLE = 10
 GROUP_S = 1.0
 RANK_TOL = 1e-3
+#: the fitted template must keep this fraction of its norm inside the series for its amplitude to count
+MIN_SEEN = 0.5
 
 
 def residue_peak_offset(mtt: np.ndarray | float, beta: np.ndarray | float) -> np.ndarray:
@@ -70,10 +72,20 @@ def _shape_tissue_curves(aif: np.ndarray, dt: float, pad_s: float) -> tuple[np.n
     return np.asarray(curves), np.asarray(tstar), dtf
 
 
-@single_threaded_blas
 def fit_tmax(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray, chunk: int = 16384) -> np.ndarray:
     """Model-based Tmax (s) per voxel of ``conc`` (t, voxels), searched around ``guess`` (s, e.g. the
     oSVD Tmax). NaN guesses are searched around 0. Returns float32 (voxels,)."""
+    return fit_residue(aif, conc, dt, guess, chunk)[0]
+
+
+@single_threaded_blas
+def fit_residue(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray,
+                chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Model-based Tmax (s) and flow (1/s, the fitted amplitude ``A``) per voxel of ``conc``.
+
+    ``A`` is CBF in the units of the SVD residue's height: the fitted ``k`` has ``R(0) = 1`` and a
+    unit-area dispersion kernel, so dispersion and delay, which lower the height of the SVD residue
+    (Calamante et al., MRM 2000), do not lower ``A``. Negative amplitudes (no enhancement) are 0."""
     aif = np.asarray(aif, np.float64)
     conc = np.asarray(conc)
     guess = np.asarray(guess, np.float64)
@@ -90,6 +102,10 @@ def fit_tmax(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray, ch
     cf, tstar, dtf = _shape_tissue_curves(aif, dt, pad)
     n_shape, n_off = cf.shape[0], offsets.size
     out = np.empty(conc.shape[1], np.float32)
+    flow = np.empty(conc.shape[1], np.float32)
+    # each shape's norm over the series when it starts with the AIF: a template delayed so far that
+    # most of it lies past the last frame has a small norm, and its amplitude is noise divided by it
+    full_norm = np.sqrt((cf[:, ::SUBSAMPLE][:, :n] ** 2).sum(axis=1))
     for c0 in np.unique(centre):
         vox = np.nonzero(centre == c0)[0]
         # template (shape s, offset o): the shape's curve delayed so that its Tmax is c0 + o
@@ -103,7 +119,8 @@ def fit_tmax(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray, ch
         v1 = np.where(i0 + 1 < 0, 0.0, cf[shp, np.clip(i0 + 1, 0, last)])
         m = ((1 - w) * v0 + w * v1).reshape(n_shape * n_off, n)
         norm = np.sqrt((m * m).sum(axis=1))
-        mn = m / np.maximum(norm, 1e-30)[:, None]
+        norm_safe = np.maximum(norm, 1e-30)
+        mn = m / norm_safe[:, None]
         # the templates span few dimensions of the n-frame space: score through the leading
         # eigenvectors of their Gram matrix (the part below RANK_TOL of the largest singular value is
         # dropped), which makes the product a fraction of the full one
@@ -126,4 +143,7 @@ def fit_tmax(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray, ch
             with np.errstate(divide="ignore", invalid="ignore"):
                 off = np.where(inner, 0.5 * (ym - yp) / den, 0.0)
             out[v] = c0 + offsets[o_i] + np.clip(off, -0.5, 0.5) * STEP_S
-    return out
+            seen = norm[best] >= MIN_SEEN * full_norm[s_i]
+            # least squares: A = (c . m) / |m|^2; 0 where the series does not show the fitted bolus
+            flow[v] = np.where(seen, np.maximum(y0, 0.0) / norm_safe[best], 0.0)
+    return out, flow
