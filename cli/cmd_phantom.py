@@ -7,6 +7,7 @@ seed ranges give disjoint training and held-out sets. Output is SYNTHETIC, not p
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         results = map(_one, jobs)
     else:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        pool = ProcessPoolExecutor(max_workers=workers)
+        # spawned, not forked (see worker/dataset_build.py): a fork copies the caller's threads' locks
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         results = pool.map(_one, jobs, chunksize=1)
     try:
         for seed, case_dir, dt, s in results:

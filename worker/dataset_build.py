@@ -18,6 +18,7 @@ implausibly large correction. A bad target teaches the model wrong perfusion, so
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pickle
 import re
 import shutil
@@ -194,7 +195,10 @@ def build_dataset(studies_root: Path, out: Path, settings: Settings, jobs: int =
         for _ in wrap((_build_one(a) for a in args), len(args)):
             pass
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # spawned, not forked: a fork copies whatever the caller holds (a Celery/kombu Redis connection
+        # of an earlier task or test in the same process deadlocked a forked child in its after-fork
+        # clean-up, waiting on that socket), and numpy/torch threads do not survive a fork either
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for fut in wrap(as_completed([pool.submit(_build_one, a) for a in args]), len(args)):
                 fut.result()
     shutil.rmtree(out / ".work", ignore_errors=True)
