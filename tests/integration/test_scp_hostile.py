@@ -112,8 +112,11 @@ def attack_sockets() -> Iterator[list[socket.socket]]:
 def test_scanner_gets_in_while_idle_and_slowloris_connections_hold_every_pending_slot(
         engine: str, tmp_path: Path, realdata: Path) -> None:
     # Caps below the defaults (64, 16) so that pynetdicom, which needs about 0.1 s of CPU to set up
-    # each connection here, has admitted them all well within the (default) handshake deadline.
-    settings = gateway_settings(tmp_path / "d", scp_engine=engine, max_pending_connections=32, max_pending_per_ip=8)
+    # each connection here, has admitted them all well within the handshake deadline; the deadline
+    # above the default 10 s, which make test's parallel processes on 2 cores once outlasted while the
+    # 44 attackers were still connecting.
+    settings = gateway_settings(tmp_path / "d", scp_engine=engine, max_pending_connections=32, max_pending_per_ip=8,
+                                handshake_timeout_s=25.0)
     cap, per_ip = settings.max_pending_connections, settings.max_pending_per_ip
     stop = threading.Event()
     with running_gateway(settings) as gw, attack_sockets() as idle, attack_sockets() as slow:
@@ -160,8 +163,9 @@ def test_scanner_gets_in_while_half_sent_pdata_holds_every_association(
         engine: str, tmp_path: Path, realdata: Path) -> None:
     # The PDU deadline well after evict_stalled_s, so that the scanner's slot comes by eviction. On busy
     # cores (make test runs in parallel) the twelve attackers can take longer than evict_stalled_s to
-    # connect: then the last ones already evict the first ones, and every slot is still an attacker's.
-    settings = gateway_settings(tmp_path / "d", scp_engine=engine, evict_stalled_s=3.0, pdu_timeout_s=8.0)
+    # connect (once over 8 s): then the last ones already evict the first ones, and every slot is still
+    # an attacker's.
+    settings = gateway_settings(tmp_path / "d", scp_engine=engine, evict_stalled_s=3.0, pdu_timeout_s=20.0)
     with running_gateway(settings) as gw, attack_sockets() as attackers:
         port = gw.scp.port
         accepted = 0
