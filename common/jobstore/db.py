@@ -6,6 +6,7 @@ completion loop, workers and the API can share one file; PostgreSQL is used by U
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -24,15 +25,41 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+#: every engine this process made (get_engine's cache holds the same ones), for the fork handler below
+_ENGINES: list[Engine] = []
+#: pools inherited from the parent: kept referenced and never used, so the child never closes them
+_INHERITED_POOLS: list[object] = []
+
+
+def _new_pools_in_child() -> None:
+    """After a fork, give every engine a fresh connection pool in the child.
+
+    A Celery worker's main process uses the job store (its lease reaper), and billiard forks a
+    replacement pool process from it whenever one dies. The child inherited the parent's pool: its
+    connections (one SQLite handle or PostgreSQL socket used from two processes) and its lock, which the
+    reaper's thread may hold at the moment of the fork and which then stays held in the child for
+    ever. SQLAlchemy's answer is ``dispose(close=False)`` in the child: a new, empty pool, the
+    parent's connections left untouched (kept referenced here so no finaliser closes them).
+    """
+    for engine in _ENGINES:
+        _INHERITED_POOLS.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_new_pools_in_child)
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
-    """One engine per URL per process (created lazily, so after a worker's fork)."""
+    """One engine per URL per process; a forked child gets fresh pools (``_new_pools_in_child``)."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    _ENGINES.append(engine)
+    return engine
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
