@@ -177,9 +177,15 @@ def _onnxruntime_denoiser(model: Path, threads: int) -> Denoise:
 
 def _openvino_denoiser(model: Path, threads: int) -> Denoise:
     ov = _runtime_module("openvino")
-    # f32 explicitly: OpenVINO's default on CPUs with bf16 units is bf16, which is a different path
-    compiled = ov.Core().compile_model(ov.convert_model(str(model)), "CPU",
-                                       {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    core = ov.Core()
+    # The ONNX file is read by the runtime's own ONNX frontend, not ov.convert_model: the converter sends
+    # usage telemetry unless a consent file says no, and it sends it from a forked child; forked from a
+    # Celery worker that child hung for ever in kombu's after-fork clean-up on the inherited Redis socket
+    # (six such orphans per make test run, and a test process that never exited). A hospital server
+    # phones home to nobody. f32 explicitly: OpenVINO's default on CPUs with bf16 units is bf16, which is
+    # a different path.
+    compiled = core.compile_model(core.read_model(str(model)), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
     return _numpy_denoiser(lambda feed: next(iter(request.infer(feed).values())))
 

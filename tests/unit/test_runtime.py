@@ -92,6 +92,28 @@ def test_each_path_matches_fp32_on_a_tiny_network(path, tmp_path):
     assert err < (0.1 if path == "bf16" else 1e-4), f"{path}: network output differs by {err}"
 
 
+def test_openvino_path_sends_no_telemetry_and_forks_nothing(tmp_path, monkeypatch):
+    """OpenVINO's model converter sends usage telemetry from a forked child by default; in a Celery worker
+    that child hung for ever on the inherited Redis socket. Building the path must do neither."""
+    pytest.importorskip("openvino")
+    import multiprocessing
+
+    import openvino_telemetry
+
+    sent = []
+    for name in ("send_event", "start_session", "end_session", "send_error"):
+        if hasattr(openvino_telemetry.Telemetry, name):
+            monkeypatch.setattr(openvino_telemetry.Telemetry, name, lambda *a, _n=name, **k: sent.append(_n))
+    before = set(multiprocessing.active_children())
+    net, mc = tiny_model()
+    fn = rt.build_path("openvino", net, torch.device("cpu"), in_channels=mc.in_channels, grid=mc.grid,
+                       cache_dir=tmp_path, model_id="tiny")
+    cond, _ = tiny_cond(mc)
+    sampled_tmax(fn, mc, cond)
+    assert sent == [], f"OpenVINO telemetry was called: {sent}"
+    assert set(multiprocessing.active_children()) == before, "building the OpenVINO path started a process"
+
+
 def test_onnx_export_is_reused(tmp_path):
     net, mc = tiny_model()
     first = rt.onnx_file(net, mc.in_channels, mc.grid, tmp_path, "abc")
