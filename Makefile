@@ -34,14 +34,20 @@ $(CHECKOV):
 
 # Slow and load tests run in a small form here (SYNTHPERF_SLOW_SCALE=small).
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module
-# fixtures such as a running Orthanc stay in one process), files with slow tests first. Every process
+# fixtures such as a running Orthanc stay in one process), files with slow tests first
+# (tests/conftest.py; --no-loadscope-reorder keeps that order: pytest-xdist's default re-sorts files by
+# their number of tests, which handed the one-test slow files out last). Every process
 # and the services it starts use one compute thread (OMP_NUM_THREADS=1): three processes of two
 # threads each on two cores spent CPU time waiting for each other. Measured side by side in
 # docs/benchmarks.md, "make test".
+# The three set-up steps are independent (pip into .venv, Debian packages, pip into .venv-checkov) and
+# run side by side: one after another they took 68 + 39 s on a fresh machine here, before the tools.
 TEST_WORKERS ?= 3
-test: venv tools $(CHECKOV) lint
+test:
+	@$(MAKE) --no-print-directory -j 3 venv tools $(CHECKOV)
+	@$(MAKE) --no-print-directory lint
 	SYNTHPERF_REQUIRE_TOOLS=1 SYNTHPERF_SLOW_SCALE=small PYTHON=$(PY) OMP_NUM_THREADS=1 \
-	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
+	  bash deploy/dev/with_redis.sh $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The service and CPU-worker images, built with podman on a local Debian base (no registry of base
 # images here; docs/operations.md, "Images"). Layers are cached under var/images. Targets: IMAGES=...

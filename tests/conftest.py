@@ -294,7 +294,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     make test runs the files in parallel processes (pytest-xdist, a file per process at a time, handed
     out in collection order): a long file collected last, such as the worker-fault test, ran alone on
-    one core for the last minute and a half.
+    one core for the last minute and a half. The Makefile passes --no-loadscope-reorder: by default
+    pytest-xdist re-sorts the files by their number of tests, which undid this order.
     """
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays
