@@ -3,7 +3,7 @@
 Issue 15: on inputs unlike its training data the demo model calls large false hypoperfusion (about
 100 mL on healthy brains of another generator) with no sign of doubt in its output. The score below is
 built only from what the service sees at run time, so a study where the map should not be trusted is
-flagged before anyone reads a DEFUSE-3 call from it. Five parts, each in [0, 1] (1 = nothing wrong):
+flagged before anyone reads a DEFUSE-3 call from it. Six parts, each in [0, 1] (1 = nothing wrong):
 
 ``inputs``
     The study's input statistics after the model's own normalisation (percentiles of DWI and FLAIR
@@ -29,6 +29,22 @@ flagged before anyone reads a DEFUSE-3 call from it. Five parts, each in [0, 1] 
     voxels much brighter than the brain, more of them on the hypoperfused side than in the mirror
     image of that region). 1 up to ``unsupported_ok_ml`` of unsupported hypoperfusion, 0 from
     ``unsupported_bad_ml``.
+``coverage``
+    The infarct core lies inside the hypoperfused region: it is the tissue whose perfusion failed
+    first. The share of core voxels (from ``coverage_min_ml`` of core) that the map calls Tmax > 6 s,
+    its Tmax > 6 s region grown by one voxel (the core mask and the resampled map disagree at
+    edges): 1 from ``covered_ok``, 0 at ``covered_bad`` and below. A map that leaves its core normal
+    has missed the hypoperfusion that caused it - the under-call the other parts cannot see, since a
+    missing region leaves no mark in the map. (A core that has reperfused after recanalisation is
+    also uncovered, and rightly so; such a study is flagged too, which withholds a call, never a map.)
+``anchor``
+    The map needs a core to hang on. DWI and FLAIR show the infarct, not the perfusion: without a
+    visible core the model has only FLAIR's vessel signs to go on, and a hypoperfusion with no core
+    (a TIA-like or very early stroke) can be anything from nothing to a whole territory - on the
+    phantom such studies were the model's largest misses (169 mL of truth called 9 mL). 1 from
+    ``anchor_ok_ml`` of core, falling linearly to ``anchor_floor`` with no core, which is below the
+    threshold on its own: a study without a core gets its maps but no DEFUSE-3/EXTEND call, healthy
+    brains included (their "no" is withheld too; it would rest on the same blind guess).
 ``symmetry``
     A stroke is one-sided. The share of the Tmax > 6 s region whose mirror image across the brain's
     midline is also Tmax > 6 s; on at least ``symmetry_min_ml`` of hypoperfusion, 1 up to a share of
@@ -77,6 +93,11 @@ class ConfidenceParams:
     fvh_depth_mm: float = 12.0  # vessels lie in sulci: within this depth of the brain surface
     fvh_min_ml: float = 0.3  # bright sulcal volume on the hypoperfused side needed for a sign
     fvh_asymmetry_min: float = 1.5  # ... and at least this many times the mirror region's
+    coverage_min_ml: float = 1.0
+    covered_ok: float = 0.6  # share of the core inside Tmax > 6 s at and above which coverage is 1
+    covered_bad: float = 0.2  # ... at and below which it is 0
+    anchor_ok_ml: float = 1.0  # core volume from which the anchor part is 1
+    anchor_floor: float = 0.4  # the anchor part with no core at all
     symmetry_min_ml: float = 10.0
     symmetric_ok: float = 0.25
     symmetric_bad: float = 0.6
@@ -86,10 +107,12 @@ class ConfidenceParams:
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
         for lo, hi in (("sd_ok_s", "sd_bad_s"), ("unsupported_ok_ml", "unsupported_bad_ml"),
-                       ("symmetric_ok", "symmetric_bad")):
+                       ("symmetric_ok", "symmetric_bad"), ("covered_bad", "covered_ok")):
             if not 0 <= getattr(self, lo) < getattr(self, hi):
                 raise ValueError(f"{lo} ({getattr(self, lo)}) must be >= 0 and below {hi} ({getattr(self, hi)})")
-        for name in ("far_mm", "fvh_bright", "fvh_depth_mm", "fvh_asymmetry_min", "hypo_s"):
+        if not 0 <= self.anchor_floor < self.threshold:
+            raise ValueError(f"anchor_floor ({self.anchor_floor}) must be >= 0 and below threshold ({self.threshold})")
+        for name in ("far_mm", "anchor_ok_ml", "fvh_bright", "fvh_depth_mm", "fvh_asymmetry_min", "hypo_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -284,8 +307,9 @@ def fvh_sign(
 def consistency_parts(
     tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, flair: np.ndarray | None,
     spacing_zyx: Sequence[float], lr_axis: int = 2, p: ConfidenceParams | None = None,
-) -> tuple[dict[str, float], list[str], dict[str, Any]]:
-    """The ``support`` and ``symmetry`` parts (module docstring)."""
+) -> tuple[dict[str, float], dict[str, list[str]], dict[str, Any]]:
+    """The ``support``, ``coverage`` and ``symmetry`` parts (module docstring) and each one's reasons
+    (empty for a part at 1)."""
     p = p or ConfidenceParams()
     brain = np.asarray(brain) > 0
     core = (np.asarray(core) > 0) & brain
@@ -293,8 +317,9 @@ def consistency_parts(
     sp = [float(s) for s in spacing_zyx]
     ml = float(np.prod(sp)) / 1000.0
     hypo_ml = float(hypo.sum()) * ml
-    details: dict[str, Any] = {"tmax6_ml": hypo_ml, "core_ml": float(core.sum()) * ml}
-    reasons = []
+    core_ml = float(core.sum()) * ml
+    details: dict[str, Any] = {"tmax6_ml": hypo_ml, "core_ml": core_ml}
+    reasons: dict[str, list[str]] = {"support": [], "coverage": [], "symmetry": []}
     if core.any():
         # supported: near a core, or in a hypoperfused region that reaches a core (a territory downstream
         # of an occlusion is contiguous with its core, however far its cortex lies from it)
@@ -310,8 +335,17 @@ def consistency_parts(
     support = _ramp_down(unsupported, p.unsupported_ok_ml, p.unsupported_bad_ml)
     details.update(far_from_core_ml=far_ml, fvh_sign=sign, unsupported_ml=unsupported, **fvh)
     if support < 1:
-        reasons.append(f"{unsupported:.0f} mL of Tmax>6 s lies more than {p.far_mm:.0f} mm from any core with no "
+        reasons["support"].append(f"{unsupported:.0f} mL of Tmax>6 s lies more than {p.far_mm:.0f} mm from any core with no "
                        "FLAIR vessel sign")
+    coverage = 1.0
+    if core_ml >= p.coverage_min_ml:
+        grown = ndi.binary_dilation(hypo, ndi.generate_binary_structure(3, 1))
+        covered = float((core & grown).sum()) / float(core.sum())
+        details["core_covered_share"] = covered
+        coverage = _ramp_down(1.0 - covered, 1.0 - p.covered_ok, 1.0 - p.covered_bad)
+        if coverage < 1:
+            reasons["coverage"].append(f"only {covered:.0%} of the {core_ml:.1f} mL core lies in the Tmax>6 s region "
+                                       "(the hypoperfusion that caused it looks missed)")
     sym_share = 0.0
     if hypo_ml >= p.symmetry_min_ml:
         mirrored = _mirror(hypo, lr_axis, _midline(brain, lr_axis))
@@ -320,8 +354,19 @@ def consistency_parts(
     symmetry = _ramp_down(sym_share, p.symmetric_ok, p.symmetric_bad)
     details["symmetric_share"] = sym_share
     if symmetry < 1:
-        reasons.append(f"{sym_share:.0%} of the Tmax>6 s region is mirrored in the other hemisphere")
-    return {"support": support, "symmetry": symmetry}, reasons, details
+        reasons["symmetry"].append(f"{sym_share:.0%} of the Tmax>6 s region is mirrored in the other hemisphere")
+    return {"support": support, "coverage": coverage, "symmetry": symmetry}, reasons, details
+
+
+def anchor_part(core_ml: float, p: ConfidenceParams | None = None) -> tuple[float, list[str]]:
+    """How much core the map can hang on (module docstring): ``anchor_floor`` with none, 1 from
+    ``anchor_ok_ml``."""
+    p = p or ConfidenceParams()
+    share = min(max(float(core_ml), 0.0) / p.anchor_ok_ml, 1.0)
+    s = p.anchor_floor + (1.0 - p.anchor_floor) * share
+    if s >= 1.0:
+        return 1.0, []
+    return s, [f"core {core_ml:.1f} mL: without a visible core the synthetic Tmax rests on FLAIR alone"]
 
 
 def uncertainty_part(tmax: np.ndarray, sd: np.ndarray, brain: np.ndarray,
@@ -384,11 +429,12 @@ def assess(
     else:
         parts["registration"] = reg
         why.append((reg, r))
-    cons, r, d = consistency_parts(tmax, core, brain, flair, spacing_zyx, lr_axis, p)
+    cons, by_part, d = consistency_parts(tmax, core, brain, flair, spacing_zyx, lr_axis, p)
     parts.update(cons)
-    for text in r:  # one reason per consistency part, in the order support, symmetry
-        why.append((cons["support"] if "vessel sign" in text else cons["symmetry"], [text]))
+    why.extend((cons[name], texts) for name, texts in by_part.items())
     details.update(d)
+    parts["anchor"], r = anchor_part(d["core_ml"], p)
+    why.append((parts["anchor"], r))
     score = float(np.prod(list(parts.values()))) if parts else 0.0
     reasons = [t for _, texts in sorted(why, key=lambda w: w[0]) for t in texts]
     return Confidence(score=score, low=score < p.threshold, threshold=p.threshold,

@@ -12,6 +12,7 @@ import pytest
 
 from models.confidence import (
     ConfidenceParams,
+    anchor_part,
     assess,
     auroc,
     consistency_parts,
@@ -55,10 +56,10 @@ def test_consistency_parts_on_constructed_maps() -> None:
     # one-sided hypoperfusion reaching the core: supported, not symmetric
     one_sided = np.where(brain & (x < 26) & (np.abs(z - 10) < 6), 9.0, 2.0)
     parts, reasons, _ = consistency_parts(one_sided, core, brain, flair, sp)
-    assert parts == {"support": 1.0, "symmetry": 1.0} and not reasons
+    assert parts == {"support": 1.0, "coverage": 1.0, "symmetry": 1.0} and not any(reasons.values())
     # the same region with no core and no FLAIR vessel sign: all of it unsupported
     parts, reasons, d = consistency_parts(one_sided, np.zeros_like(core), brain, flair, sp)
-    assert parts["support"] == 0.0 and d["unsupported_ml"] > 60 and "no FLAIR vessel sign" in reasons[0]
+    assert parts["support"] == 0.0 and d["unsupported_ml"] > 60 and "no FLAIR vessel sign" in reasons["support"][0]
     # ... unless the FLAIR shows bright sulcal vessels on that side only
     fvh = brain & (x < 14) & (np.abs(z - 10) < 5) & (y % 6 == 0)
     parts, _, d = consistency_parts(one_sided, np.zeros_like(core), brain, np.where(fvh, 250.0, flair), sp)
@@ -67,10 +68,31 @@ def test_consistency_parts_on_constructed_maps() -> None:
     both = fvh | (fvh[:, :, ::-1] & brain)
     _, _, d = consistency_parts(one_sided, np.zeros_like(core), brain, np.where(both, 250.0, flair), sp)
     assert not d["fvh_sign"]
+    # a map that leaves the core normal has missed the hypoperfusion that caused it (an under-call)
+    parts, reasons, d = consistency_parts(np.full(brain.shape, 2.0), core, brain, flair, sp)
+    assert d["core_covered_share"] == 0.0 and parts["coverage"] == 0.0 and "core" in reasons["coverage"][0]
+    assert parts["support"] == 1.0 and parts["symmetry"] == 1.0  # nothing called: nothing else is wrong
+    # the core's front half inside Tmax > 6 s: between the ramp's ends; a core under 1 mL is not judged
+    half = np.where(brain & (y < 29) & (np.abs(z - 10) < 6) & (x < 26), 9.0, 2.0)
+    parts, _, d = consistency_parts(half, core, brain, flair, sp)
+    assert 0.2 < d["core_covered_share"] < 0.6 and 0.0 < parts["coverage"] < 1.0
+    tiny = core & (z == 10) & (np.abs(y - 30) < 2) & (np.abs(x - 18) < 2)  # 9 voxels, 0.18 mL
+    parts, _, d = consistency_parts(np.full(brain.shape, 2.0), tiny, brain, flair, sp)
+    assert parts["coverage"] == 1.0 and "core_covered_share" not in d
     # a cortical ribbon in both hemispheres: symmetric
     ribbon = brain & ~np.roll(brain, 3, axis=2) | brain & ~np.roll(brain, -3, axis=2)
     parts, reasons, d = consistency_parts(np.where(ribbon, 9.0, 2.0), core, brain, flair, sp)
-    assert d["symmetric_share"] > 0.6 and parts["symmetry"] == 0.0 and any("mirrored" in r for r in reasons)
+    assert d["symmetric_share"] > 0.6 and parts["symmetry"] == 0.0 and "mirrored" in reasons["symmetry"][0]
+
+
+def test_anchor_part_falls_below_the_threshold_without_a_core() -> None:
+    p = ConfidenceParams()
+    assert anchor_part(5.0, p) == (1.0, []) and anchor_part(p.anchor_ok_ml, p)[0] == 1.0
+    none, reasons = anchor_part(0.0, p)
+    assert none == p.anchor_floor < p.threshold and "without a visible core" in reasons[0]
+    assert none < anchor_part(0.5, p)[0] < 1.0  # a tiny core: part way
+    with pytest.raises(ValueError, match="anchor_floor"):
+        ConfidenceParams(anchor_floor=0.6)
 
 
 def test_input_part_ranks_unfamiliar_inputs_lower() -> None:
