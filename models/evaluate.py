@@ -169,6 +169,10 @@ def no_stroke_summary(rows: list[dict]) -> dict:
             "false_tmax6_ml_max": float(np.max(vols)),
             "defuse3_yes": int(sum(bool(r[f"{m}_defuse3"]) for r in ns if f"{m}_defuse3" in r)),
         }
+    if "model" in out and any("confidence_low" in r for r in ns):
+        # what the service would say: a low-confidence study's call is withheld (worker/pipeline/confidence.py)
+        out["model"]["defuse3_yes_served"] = int(sum(bool(r["model_defuse3"]) and not r.get("confidence_low", False)
+                                                     for r in ns))
     return out
 
 

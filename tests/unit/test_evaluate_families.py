@@ -77,12 +77,16 @@ def test_evaluate_reports_per_family_and_no_stroke(mixed: tuple[Path, dict[str, 
         assert ns["core"]["false_tmax6_ml_max"] == 0 and ns["core"]["defuse3_yes"] == 0
     assert s["no_stroke"]["model"]["false_tmax6_ml_median"] == pytest.approx(np.median(list(false_ml.values())))
     assert s["no_stroke"]["model"]["defuse3_yes"] == sum(int(defuse3(0.0, v)["target"]) for v in false_ml.values())
+    # as served: a healthy brain has no core, so its confidence is low (the anchor part) and no call is given
+    assert s["no_stroke"]["model"]["defuse3_yes_served"] == 0
 
     with open(tmp_path / "eval" / "per_case.csv") as f:
         rows = {r["case"]: r for r in csv.DictReader(f)}
     assert {r["family"] for r in rows.values()} == {"geometric", "template"}
     assert rows["legacy_000"]["family"] == "geometric"
     assert {c for c, r in rows.items() if r["no_stroke"] == "True"} == set(healthy.values())
+    assert all(rows[c]["confidence_low"] == "True" and "without a visible core" in rows[c]["confidence_reasons"]
+               for c in healthy.values())
     saved = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert saved["per_family"]["template"]["cases"] == 2
     table = format_summary(s)
