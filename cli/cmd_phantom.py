@@ -7,11 +7,9 @@ seed ranges give disjoint training and held-out sets. Output is SYNTHETIC, not p
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -88,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
         results = map(_one, jobs)
     else:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        # spawned, not forked (see worker/dataset_build.py): a fork copies the caller's threads' locks
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        from common.procs import spawned_pool
+
+        pool = spawned_pool(workers)
         results = pool.map(_one, jobs, chunksize=1)
     try:
         for seed, case_dir, dt, s in results:

@@ -14,9 +14,11 @@ import ctypes.util
 import errno
 import fcntl
 import logging
+import multiprocessing
 import os
 import signal
 import socket
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -120,3 +122,14 @@ class PidFileLock:
             finally:
                 self._fh.close()
                 self._fh = None
+
+
+def spawned_pool(max_workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers are spawned, not forked.
+
+    A fork copies whatever the caller holds: a Celery/kombu Redis connection left by an earlier task
+    or test in the same process deadlocked a forked child in kombu's after-fork clean-up, waiting on
+    that socket (``synthperf dataset build`` under make test), and numpy/torch threads do not
+    survive a fork either. Spawned workers import what they need afresh.
+    """
+    return ProcessPoolExecutor(max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"))

@@ -18,12 +18,11 @@ implausibly large correction. A bad target teaches the model wrong perfusion, so
 from __future__ import annotations
 
 import json
-import multiprocessing
 import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import SimpleITK as sitk
 
 from common.config import Settings
 from common.errors import SynthperfError
+from common.procs import spawned_pool
 
 VOLUMES = ("dwi", "adc", "flair", "core", "tmax", "brain")
 
@@ -195,10 +195,7 @@ def build_dataset(studies_root: Path, out: Path, settings: Settings, jobs: int =
         for _ in wrap((_build_one(a) for a in args), len(args)):
             pass
     else:
-        # spawned, not forked: a fork copies whatever the caller holds (a Celery/kombu Redis connection
-        # of an earlier task or test in the same process deadlocked a forked child in its after-fork
-        # clean-up, waiting on that socket), and numpy/torch threads do not survive a fork either
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with spawned_pool(jobs) as pool:
             for fut in wrap(as_completed([pool.submit(_build_one, a) for a in args]), len(args)):
                 fut.result()
     shutil.rmtree(out / ".work", ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -25,8 +24,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
-#: every engine this process made (get_engine's cache holds the same ones), for the fork handler below
-_ENGINES: list[Engine] = []
+#: one engine per URL in this process (get_engine); the fork handler below renews their pools
+_ENGINES: dict[str, Engine] = {}
 #: pools inherited from the parent: kept referenced and never used, so the child never closes them
 _INHERITED_POOLS: list[object] = []
 
@@ -41,7 +40,7 @@ def _new_pools_in_child() -> None:
     ever. SQLAlchemy's answer is ``dispose(close=False)`` in the child: a new, empty pool, the
     parent's connections left untouched (kept referenced here so no finaliser closes them).
     """
-    for engine in _ENGINES:
+    for engine in _ENGINES.values():
         _INHERITED_POOLS.append(engine.pool)
         engine.dispose(close=False)
 
@@ -49,17 +48,18 @@ def _new_pools_in_child() -> None:
 os.register_at_fork(after_in_child=_new_pools_in_child)
 
 
-@lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     """One engine per URL per process; a forked child gets fresh pools (``_new_pools_in_child``)."""
+    engine = _ENGINES.get(url)
+    if engine is not None:
+        return engine
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    _ENGINES.append(engine)
-    return engine
+    return _ENGINES.setdefault(url, engine)
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
