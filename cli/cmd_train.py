@@ -17,7 +17,8 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or resume the Tmax diffusion model on a folder of NIfTI cases")
-    p.add_argument("data", help="folder of cases: <case>/{dwi,flair,core,tmax,brain}.nii.gz (+adc)")
+    p.add_argument("data", help="folder of cases: <case>/{dwi,flair,core,tmax,brain}.nii.gz (+adc), "
+                   "a training pack made by `synthperf dataset pack` (.npz), or a folder of packs")
     p.add_argument("--out", required=True, help="run folder (checkpoints, EMA export, loss.png); re-run to resume")
     p.add_argument("--config", help="JSON/YAML config overriding the defaults (model/train/sample sections, ablation)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")

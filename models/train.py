@@ -32,7 +32,7 @@ import torch
 from models.registry import resolve
 from models.tmax_ddpm.checkpoint import CheckpointError, export_weights, load_weights, read_info
 from models.tmax_ddpm.config import Config, model_config_hash
-from models.tmax_ddpm.data import SliceBank, build_cache
+from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, step_loader
 from models.tmax_ddpm.diffusion import make_scheduler, training_target
 from models.tmax_ddpm.loss import perfusion_weights, weighted_mse
 from models.tmax_ddpm.network import build_network, count_parameters
@@ -324,7 +324,9 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
         dist.barrier()
     bank = SliceBank(cache, mc.inputs, mc.slices, tc)
 
-    net = build_network(mc).to(dev)
+    with torch.random.fork_rng(devices=[]):  # the initial weights from the run's seed; the caller's RNG untouched
+        torch.manual_seed(tc.seed)
+        net = build_network(mc).to(dev)
     ema = copy.deepcopy(net).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -419,6 +421,11 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
     t_start = time.perf_counter()
     last_ck = time.perf_counter()
     acc, acc_n = 0.0, 0
+    loader = None
+    if tc.loader_workers > 0:
+        batches = StepBatches(bank, tc.batch_size, mc.num_train_timesteps, tc.seed, dist.rank)
+        loader = iter(step_loader(batches, step, tc.steps, tc.loader_workers, pin_memory=dev.type == "cuda"))
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
     net.train()
     while step < tc.steps:
         timed_out = max_minutes is not None and (time.perf_counter() - t_start) > max_minutes * 60
@@ -426,11 +433,14 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
             break
         threads.before(step)
         t_step = time.perf_counter()
-        ids = torch.randint(0, len(bank), (tc.batch_size,), generator=gen).tolist()
-        cond, x0 = bank.batch(ids, gen, augment=True)
-        cond, x0 = cond.to(dev), x0.to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
-        t = torch.randint(0, mc.num_train_timesteps, (x0.shape[0],), generator=gen).to(dev)
+        if loader is not None:
+            cond, x0, noise, t = (v.to(dev, non_blocking=True) for v in next(loader))
+        else:
+            ids = torch.randint(0, len(bank), (tc.batch_size,), generator=gen).tolist()
+            cond, x0 = bank.batch(ids, gen, augment=True)
+            cond, x0 = cond.to(dev), x0.to(dev)
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
+            t = torch.randint(0, mc.num_train_timesteps, (x0.shape[0],), generator=gen).to(dev)
         xt = sched.add_noise(x0, noise, t)
         target = training_target(sched, x0, noise, t)
         w = perfusion_weights(x0, tc.hypo_threshold_s, tc.hypo_weight, tc.border_weight, tc.border_px)
@@ -452,18 +462,17 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
         opt.step()
         with torch.no_grad():
             d = min(tc.ema_decay, (1 + step) / (10 + step))
-            for pe, pn in zip(ema.parameters(), net.parameters(), strict=True):
-                pe.lerp_(pn.detach(), 1 - d)
+            torch._foreach_lerp_(ema_params, net_params, 1 - d)  # one fused update, not one per tensor
             for be, bn in zip(ema.buffers(), net.buffers(), strict=True):
                 be.copy_(bn)
         step += 1
         dt = time.perf_counter() - t_step
         train_seconds += dt
         threads.after(dt)
-        acc += float(loss.detach())
+        acc = acc + loss.detach()  # summed on the device: no wait for the GPU at every step
         acc_n += 1
         if step % tc.log_every == 0 or step == tc.steps:
-            history.append((step, dist.mean(acc / acc_n)))
+            history.append((step, dist.mean(float(acc) / acc_n)))
             if bar is not None:
                 bar.set_postfix(loss=f"{history[-1][1]:.4f}", lr=f"{lr_at(step, tc, restart):.1e}", threads=threads.current)
             acc, acc_n = 0.0, 0
@@ -472,6 +481,7 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
         if time.perf_counter() - last_ck > tc.checkpoint_minutes * 60:
             checkpoint()
             last_ck = time.perf_counter()
+    loader = None  # stops the batch workers
     checkpoint()
     if bar is not None:
         bar.close()

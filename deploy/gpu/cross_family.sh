@@ -1,82 +1,102 @@
 #!/usr/bin/env bash
-# Issue 15's missing figure, for a session that is lent a CUDA GPU for a few minutes: train one model per
-# phantom family (geometric only, template only; both randomised) side by side on the one GPU, each for
-# at most TRAIN_MINUTES, then score each on held-out randomised cases of the *other* family (and its
-# own), with both baselines in the same run. Everything it makes goes under OUT ($OUT on the device
-# machine), so the checkpoints come back even if a later step runs out of time.
+# Issue 15's cross-family models, for a session lent a CUDA GPU for a few minutes: three models of the
+# demo architecture and loss, trained from scratch side by side on the one GPU for the same time:
+# geometric family only, template family only, and both (mixed). Scoring each on held-out cases of the
+# other family happens afterwards on a CPU (synthperf evaluate on NIfTI cases, too large to send).
 #
-# usage: bash deploy/gpu/cross_family.sh [OUT]      env: CASES (per family, 300), TRAIN_MINUTES (6),
-#        HELDOUT (per family, 16), WORKERS (phantom processes, all CPUs), DEVICE (cuda)
-# Not yet run on a GPU (written 2026-12-03 without one); each piece is a tested CLI command. Expect to
-# fix paths or timings on its first run: give it a timeout that leaves room for a second try.
+# The GPU machine has no phantom generator (no nilearn, no atlas package) and takes 64 MiB a call, so
+# the training cases travel as packs (`synthperf dataset pack`: the model grid, 8-bit, ~66 KB a case).
+# usage: bash deploy/gpu/cross_family.sh PACKS_DIR OUT
+#   PACKS_DIR holds train-geometric.npz and train-template.npz; OUT gets model-<name>.tar.gz (exported
+#   weights, history, loss curve, log) and log.txt, refreshed every minute so a cut-off run still returns.
+# env: TRAIN_MINUTES (5), CALIBRATE_SECONDS (40), BATCH (64), LOADER_WORKERS (4 per model), DEVICE (cuda),
+#      PYTHON (python3)
+# Steps are set from a short calibration run of all three together, so each cosine schedule ends inside
+# the time it is given; a run that is slower than calibrated still stops on time with a checkpoint.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-out=${1:-${OUT:-$repo/runs/cross-family}}
-cases=${CASES:-300}
-minutes=${TRAIN_MINUTES:-6}
-heldout=${HELDOUT:-16}
-workers=${WORKERS:-$(nproc)}
+packs=$(cd "${1:?PACKS_DIR}" && pwd)
+out=$(mkdir -p "${2:?OUT}" && cd "$2" && pwd)
+minutes=${TRAIN_MINUTES:-5}
+calibrate=${CALIBRATE_SECONDS:-40}
+batch=${BATCH:-64}
+workers=${LOADER_WORKERS:-4}
 device=${DEVICE:-cuda}
-py=${PYTHON:-$repo/.venv/bin/python}
-sp() { "$py" -m cli.main "$@"; }
+py=${PYTHON:-python3}
+work=${WORK:-/tmp/cross-family}
+names=(geometric template mixed)
 say() { printf '[cross-family %s] %s\n' "$(date +%H:%M:%S)" "$*" | tee -a "$out/log.txt"; }
-mkdir -p "$out"
 cd "$repo"
-say "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo none)"
-"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/log.txt"
-
-data=$out/data
+rm -rf "$work"; mkdir -p "$work/data/mixed"
 for fam in geometric template; do
-  say "phantom: $cases randomised $fam training cases, $heldout held-out"
-  sp phantom --out "$data/train-$fam" --cases "$cases" --seed 0 --family "$fam" --randomise --training-only \
-     --workers "$workers" > "$out/phantom-$fam.log" 2>&1
-  sp phantom --out "$data/heldout-$fam" --cases "$heldout" --seed 300000 --family "$fam" --randomise \
-     --training-only --workers "$workers" >> "$out/phantom-$fam.log" 2>&1
+  [ -f "$packs/train-$fam.npz" ] || { say "missing $packs/train-$fam.npz"; exit 2; }
+  ln -s "$packs/train-$fam.npz" "$work/data/$fam.npz"
+  ln -s "$packs/train-$fam.npz" "$work/data/mixed/$fam.npz"
 done
+data_for() { if [ "$1" = mixed ]; then echo "$work/data/mixed"; else echo "$work/data/$1.npz"; fi; }
 
-# The demo config (architecture, loss, augmentation), from scratch: a single-family model must not
-# start from the demo weights, which have seen both families.
-"$py" - "$out/config.json" <<'EOF'
+say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+"$py" -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available(), 'cpu', torch.backends.cpu.get_cpu_capability(), 'cores', __import__('os').cpu_count())" | tee -a "$out/log.txt"
+
+snapshot() {  # each run's exported weights and history so far -> OUT (what comes back if the call is cut off)
+  local n r f files
+  for n in "${names[@]}"; do
+    r=$work/run-$n
+    [ -f "$r/export/model.safetensors" ] || continue
+    files=(export)
+    for f in history.json loss.png train.log; do [ -f "$r/$f" ] && files+=("$f"); done
+    tar -czf "$out/model-$n.tar.gz.tmp" -C "$r" "${files[@]}" 2>/dev/null \
+      && mv "$out/model-$n.tar.gz.tmp" "$out/model-$n.tar.gz" || say "snapshot of $n failed"
+  done
+  return 0
+}
+
+write_config() {  # demo architecture, loss and augmentation; STEPS steps of BATCH, loader workers
+  "$py" - "$1" "$2" "$batch" "$workers" <<'EOF'
 import json, sys
 cfg = json.load(open("models/weights/demo/config.json"))
-cfg["train"]["steps"] = 16000
-cfg["train"]["checkpoint_minutes"] = 1.0
+cfg["train"].update(steps=int(sys.argv[2]), batch_size=int(sys.argv[3]), loader_workers=int(sys.argv[4]),
+                    checkpoint_minutes=1.0, log_every=50, num_threads=1, seed=0)
 json.dump(cfg, open(sys.argv[1], "w"), indent=1)
 EOF
+}
 
-say "train both families side by side for at most $minutes min each"
-pids=()
-for fam in geometric template; do
-  sp train "$data/train-$fam" --out "$out/run-$fam" --config "$out/config.json" --device "$device" \
-     --max-minutes "$minutes" --no-progress > "$out/train-$fam.log" 2>&1 &
-  pids+=($!)
-done
-for p in "${pids[@]}"; do wait "$p" || say "a training process exited $?"; done
-
-for fam in geometric template; do
-  info=$out/run-$fam/export/info.json
-  [ -f "$info" ] && say "$fam model: $(tr -d '\n' < "$info" | head -c 300)"
-done
-
-say "evaluate: each model on both families' held-out cases (baselines in the same run)"
-for model in geometric template; do
-  for test in geometric template; do
-    sp evaluate "$out/run-$model/export" "$data/heldout-$test" --device "$device" \
-       --out "$out/eval/$model-on-$test" > "$out/eval-$model-on-$test.log" 2>&1 \
-      || say "evaluate $model on $test exited $?"
+train_all() {  # $1: run-folder prefix, $2: max minutes; config per name in $work/config-<name>.json
+  local pids=()
+  for n in "${names[@]}"; do
+    "$py" -m cli.main train "$(data_for "$n")" --out "$work/$1-$n" --config "$work/config-$n.json" \
+      --device "$device" --max-minutes "$2" --no-progress > "$work/$1-$n.log" 2>&1 &
+    pids+=($!)
   done
-done
-"$py" - "$out" <<'EOF' | tee -a "$out/log.txt"
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  return $rc
+}
+
+say "calibration: all three side by side for ${calibrate} s, batch $batch, $workers loader workers each"
+for n in "${names[@]}"; do write_config "$work/config-$n.json" 1000000; done
+train_all calib "$(awk -v s="$calibrate" 'BEGIN{print s/60}')" || { say "calibration failed"; tail -n 20 "$work"/calib-*.log | tee -a "$out/log.txt"; exit 1; }
+for n in "${names[@]}"; do
+  steps=$("$py" - "$work/calib-$n/history.json" "$minutes" <<'EOF'
 import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-print("| trained on -> tested on | model Dice>6 mean (median) | core baseline | territory baseline | DEFUSE-3 agreement | no-stroke false T>6 median mL |")
-print("|---|---|---|---|---|---|")
-for p in sorted((out / "eval").glob("*/summary.json")):
-    s = json.loads(p.read_text())
-    m, c, t = s["model"], s["core"], s["territory"]
-    ns = (s.get("no_stroke") or {}).get("model", {}).get("false_tmax6_ml_median")
-    print(f"| {p.parent.name} | {m['dice6_mean']:.3f} ({m['dice6_median']:.3f}) | {c['dice6_mean']:.3f} | "
-          f"{t['dice6_mean']:.3f} | {m['defuse3_agreement']:.2f} | {ns if ns is None else round(ns, 1)} |")
+h = json.load(open(sys.argv[1]))
+rate = h["step"] / max(h["train_seconds"], 1e-6)
+print(max(500, int(rate * float(sys.argv[2]) * 60 * 0.93)))
 EOF
-say "done"
+)
+  say "$n: $(cut -c1-60 < "$work/calib-$n/history.json") -> $steps steps in $minutes min"
+  write_config "$work/config-$n.json" "$steps"
+done
+
+say "training: all three side by side, at most $minutes min each"
+( while sleep 60; do snapshot; done ) & snap=$!
+rc=0; train_all run "$(awk -v m="$minutes" 'BEGIN{print m + 0.5}')" || rc=$?
+kill "$snap" 2>/dev/null || true
+for n in "${names[@]}"; do cp "$work/run-$n.log" "$work/run-$n/train.log" 2>/dev/null || true; done
+snapshot
+for n in "${names[@]}"; do
+  say "$n: $(tr -d '\n ' < "$work/run-$n/export/info.json" 2>/dev/null | cut -c1-400)"
+  tail -3 "$work/run-$n.log" | tee -a "$out/log.txt"
+done
+say "done (training exit status $rc)"
+exit $rc

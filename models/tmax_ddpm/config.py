@@ -110,6 +110,10 @@ class TrainConfig:
     # runtime
     checkpoint_minutes: float = 5.0
     log_every: int = 25
+    # 0: batches built in the training process from the run's one generator (the CPU recipe);
+    # N: built ahead by N worker processes, batch k from its own generator (data.StepBatches), so the
+    # GPU is not left waiting; the stream then does not depend on N
+    loader_workers: int = 0
     num_threads: int = 0  # 0: measure 1 vs all cores periodically and use the faster (see train.ThreadTuner)
     # True = bf16 autocast on a CPU only where it is native (AVX512_BF16/AMX) and measured faster than
     # fp32 on a real batch at the start of the run (runtime.choose_training_precision); False = fp32.

@@ -1,0 +1,120 @@
+"""Training packs (cases on the model grid, 8-bit, one file) and batches built ahead by worker processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.tmax_ddpm.checkpoint import load_weights
+from models.tmax_ddpm.config import Config
+from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, step_loader
+from models.tmax_ddpm.pack import read_pack, write_pack
+from models.train import train
+from tests.unit.test_model import TINY, write_synthetic_case
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cases")
+    for i in range(3):
+        write_synthetic_case(root, f"case_{i:03d}", seed=10 + i)
+    return root
+
+
+def config(steps: int, loader_workers: int = 0) -> Config:
+    return Config.from_dict({
+        "model": TINY,
+        "train": {"steps": steps, "batch_size": 4, "log_every": 2, "lr_warmup": 2, "lr": 1e-3, "seed": 5,
+                  "num_threads": 1, "bf16_cpu": False, "loader_workers": loader_workers},
+    })
+
+
+def test_pack_round_trip_stays_within_half_a_quantisation_step(cases: Path, tmp_path: Path):
+    cache = build_cache(cases, 32, tmp_path / "c", progress=False)
+    info = write_pack([cases], 32, tmp_path / "p.npz")
+    assert info["cases"] == 3 and info["bytes"] > 0
+    pack = read_pack(tmp_path / "p.npz", 32)
+    assert pack["ids"] == cache["ids"] == ["case_000", "case_001", "case_002"]
+    fp16 = 4.0 * 2**-10  # fp16 spacing near 4, the top of the grey-level range
+    for a, b in zip(cache["items"], pack["items"], strict=True):
+        assert a["cond"].shape == b["cond"].shape and a["cond"].dtype == b["cond"].dtype == torch.float16
+        for ch in range(a["cond"].shape[0]):
+            x, y = a["cond"][ch].float(), b["cond"][ch].float()
+            assert torch.equal(torch.isnan(x), torch.isnan(y)), ch  # a channel the case lacks stays missing
+            if torch.isnan(x).all():
+                continue
+            err = (x.clamp(-1, 4) - y).abs().max()
+            assert err <= 2.5 / 255 + fp16, (ch, float(err))
+            assert torch.equal(x == -1, y == -1), ch  # outside the brain is kept exactly
+        assert (a["tmax"].float() - b["tmax"].float()).abs().max() <= 1 / 255 + 2**-10
+        assert torch.equal(a["brain"], b["brain"])
+    core = 2  # KNOWN_INPUTS index: stored as bits, so exact
+    assert all(torch.equal(a["cond"][core], b["cond"][core]) for a, b in zip(cache["items"], pack["items"], strict=True))
+
+
+def test_packs_merge_with_prefixed_ids_and_bad_packs_are_refused(cases: Path, tmp_path: Path):
+    write_pack([cases], 32, tmp_path / "one.npz")
+    merged = write_pack([cases, tmp_path / "one.npz"], 32, tmp_path / "both.npz")
+    assert merged["cases"] == 6
+    ids = read_pack(tmp_path / "both.npz", 32)["ids"]
+    assert ids[:3] == [f"{cases.name}/case_00{i}" for i in range(3)] and ids[3:] == [f"one/case_00{i}" for i in range(3)]
+    (tmp_path / "folder").mkdir()
+    for name in ("one", "both"):
+        (tmp_path / "folder" / f"{name}.npz").symlink_to(tmp_path / f"{name}.npz")
+    folder = build_cache(tmp_path / "folder", 32, tmp_path / "unused", progress=False)  # a folder of packs
+    assert len(folder["ids"]) == 9 and folder["ids"][0] == f"both/{cases.name}/case_000"
+    assert folder["ids"][-1] == "one/case_002" and not (tmp_path / "unused").exists()
+    with pytest.raises(ValueError, match="32 grid but the model's grid is 64"):
+        read_pack(tmp_path / "one.npz", 64)
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a training pack"):
+        read_pack(tmp_path / "other.npz", 32)
+    with pytest.raises(ValueError, match="ends in .npz"):
+        write_pack([cases], 32, tmp_path / "p.zip")
+
+
+def test_step_batches_are_the_same_whatever_the_number_of_workers(cases: Path, tmp_path: Path):
+    cfg = config(10)
+    bank = SliceBank(build_cache(cases, 32, tmp_path / "c", progress=False), cfg.model.inputs, cfg.model.slices,
+                     cfg.train)
+    batches = StepBatches(bank, 4, 1000, seed=5)
+    inline = list(step_loader(batches, 3, 7, workers=0, pin_memory=False))
+    ahead = list(step_loader(batches, 3, 7, workers=2, pin_memory=False))
+    assert len(inline) == len(ahead) == 4
+    for a, b in zip(inline, ahead, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(inline[0][0], inline[1][0])  # each step its own batch
+    other_rank = StepBatches(bank, 4, 1000, seed=5, rank=1)[3]
+    assert not torch.equal(other_rank[0], inline[0][0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_from_a_pack_resumes_to_the_same_weights(cases: Path, tmp_path: Path, workers: int):
+    """A pack trains like a folder; a run stopped and resumed ends exactly where an unbroken run ends,
+    in process (the checkpoint holds the generator) and with loader workers (batch k comes from step
+    k's own generator). Both runs start from the same weights: the run's seed draws them."""
+    write_pack([cases], 32, tmp_path / "p.npz")
+    straight = train(tmp_path / "p.npz", tmp_path / "a", config(6, workers), device="cpu", progress=False)
+    assert straight["finished"] and straight["step"] == 6
+    info = json.loads((tmp_path / "a" / "export" / "info.json").read_text())
+    assert info["cases"] == 3
+    train(tmp_path / "p.npz", tmp_path / "b", config(3, workers), device="cpu", progress=False)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg["train"]["steps"] = 6
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    train(tmp_path / "p.npz", tmp_path / "b", None, device="cpu", progress=False)
+    a, _ = load_weights(tmp_path / "a" / "export")
+    b, _ = load_weights(tmp_path / "b" / "export")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
