@@ -89,7 +89,10 @@ EOF
 done
 
 say "training: all three side by side, at most $minutes min each"
-( while sleep 60; do snapshot; done ) & snap=$!
+( while sleep 60; do
+    say "load: GPU $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || echo -), CPU $(cut -d' ' -f1-3 /proc/loadavg)"
+    snapshot
+  done ) & snap=$!
 rc=0; train_all run "$(awk -v m="$minutes" 'BEGIN{print m + 0.5}')" || rc=$?
 kill "$snap" 2>/dev/null || true
 for n in "${names[@]}"; do cp "$work/run-$n.log" "$work/run-$n/train.log" 2>/dev/null || true; done
