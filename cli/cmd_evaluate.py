@@ -11,8 +11,8 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained model (run folder, weights folder or name) on held-out cases")
-    p.add_argument("model", help="training run folder, exported weights folder, or registry name (demo)")
-    p.add_argument("data", help="folder of held-out cases (same layout as training; territory.nii.gz for the atlas "
+    p.add_argument("model", nargs="?", help="training run folder, exported weights folder, or registry name (demo)")
+    p.add_argument("data", nargs="?", help="folder of held-out cases (same layout as training; territory.nii.gz for the atlas "
                    "baseline); may mix phantom families: truth.json 'family', 'geometric' when absent")
     p.add_argument("--out", help="output folder (default: <weights>/../eval/<data name>)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the model's sampling default)")
@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-core", action="store_true", help="skip scoring the core rule against the truth core "
                    "(before and after its partial-volume step; needs adc.nii.gz)")
+    p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="instead of evaluating: one markdown table "
+                   "(a row per model and family) from earlier evaluations' summary.json of the same cases, "
+                   "each named by its folder, e.g. the cross-family table of models trained on one family each")
     p.set_defaults(func=run)
 
 
@@ -52,8 +55,31 @@ def core_methods() -> dict:
     return {"rule": make(CoreParams()), "rule_strict": make(CoreParams(pv_iterations=0))}
 
 
+def compare(dirs: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from models.evaluate import comparison_table
+
+    evals = {}
+    for d in dirs:
+        f = Path(d) / "summary.json"
+        if not f.is_file():
+            print(f"error: --compare {d}: no summary.json there (run synthperf evaluate --out {d} first)", file=sys.stderr)
+            return 2
+        evals[Path(d).name] = json.loads(f.read_text())
+    print(comparison_table(evals))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from models.evaluate import evaluate, format_summary
+
+    if args.compare:
+        return compare(args.compare)
+    if not args.model or not args.data:
+        print("error: give MODEL and DATA (or --compare EVAL_DIR...)", file=sys.stderr)
+        return 2
 
     try:
         s = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, limit=args.limit,

@@ -389,3 +389,27 @@ def format_summary(s: dict) -> str:
                              f"{_fmt(r['dice_mean'], '.3f')} ({_fmt(r['dice_median'], '.3f')})  "
                              f"{_fmt(r['vol_abs_err_ml'], '>9.1f')}  {_fmt(r['vol_bias_ml'], '>+8.1f')}")
     return "\n".join(lines)
+
+
+def comparison_table(evals: Mapping[str, dict]) -> str:
+    """Several models' evaluations of the same held-out cases as one markdown table, a row per model and
+    test family: the cross-family table (issue 15) when the models were trained on one family each.
+
+    ``evals`` maps a model's name (e.g. the family it was trained on) to its summary.json. The
+    baselines need no training, so their columns are the same for every model on one family: shown
+    to make that visible rather than taken on trust.
+    """
+    head = ("| model -> tested on | cases | Dice>6 mean (median) | core baseline | territory baseline | Dice>10 | "
+            "DEFUSE-3 agreement | no-stroke: median false T>6 mL, 'yes' | confidence AUROC |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, s in evals.items():
+        for fam, f in sorted((s.get("per_family") or {"all": s}).items()):
+            m, c, t = f.get("model", {}), f.get("core", {}), f.get("territory", {})
+            ns = (f.get("no_stroke") or {}).get("model")
+            ns_txt = "-" if not ns else f"{ns['false_tmax6_ml_median']:.1f}, {ns['defuse3_yes']} of {f['no_stroke']['cases']}"
+            lines.append(
+                f"| {name} -> {fam} | {f['cases']} | {_fmt(m.get('dice6_mean'), '.3f')} ({_fmt(m.get('dice6_median'), '.3f')}) | "
+                f"{_fmt(c.get('dice6_mean'), '.3f')} | {_fmt(t.get('dice6_mean'), '.3f')} | {_fmt(f.get('model_dice10'), '.3f')} | "
+                f"{_fmt(m.get('defuse3_agreement'), '.2f')} | {ns_txt} | {_fmt((f.get('confidence') or {}).get('auroc'), '.3f')} |"
+            )
+    return "\n".join(lines)
