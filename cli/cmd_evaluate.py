@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-core", action="store_true", help="skip scoring the core rule against the truth core "
                    "(before and after its partial-volume step; needs adc.nii.gz)")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="instead of evaluating: one markdown table "
-                   "(a row per model and family) from earlier evaluations' summary.json of the same cases, "
+                   "(a row per model and family) from earlier evaluations' per_case.csv of the same cases, "
                    "each named by its folder, e.g. the cross-family table of models trained on one family each")
     p.set_defaults(func=run)
 
@@ -56,18 +56,17 @@ def core_methods() -> dict:
 
 
 def compare(dirs: list[str]) -> int:
-    import json
     from pathlib import Path
 
-    from models.evaluate import comparison_table
+    from models.evaluate import comparison_table, read_rows, summarise
 
     evals = {}
     for d in dirs:
-        f = Path(d) / "summary.json"
+        f = Path(d) / "per_case.csv"
         if not f.is_file():
-            print(f"error: --compare {d}: no summary.json there (run synthperf evaluate --out {d} first)", file=sys.stderr)
+            print(f"error: --compare {d}: no per_case.csv there (run synthperf evaluate --out {d} first)", file=sys.stderr)
             return 2
-        evals[Path(d).name] = json.loads(f.read_text())
+        evals[Path(d).name] = summarise(read_rows(f))
     print(comparison_table(evals))
     return 0
 

@@ -214,6 +214,22 @@ def core_summary(rows: list[dict]) -> dict:
     return out
 
 
+def _stroke_strata(rows: list[dict], key: str) -> dict:
+    """Mean of ``key`` over stroke studies (the issue's measure; a healthy brain's empty-vs-empty Dice
+    of 1 is left out), and split by whether the core is visible (>= ConfidenceParams.anchor_ok_ml):
+    without a core the inputs carry little of the hypoperfusion, so the two strata tell a model that
+    misses what it could see from one that misses what nothing shows."""
+    visible = ConfidenceParams().anchor_ok_ml
+    stroke = [r for r in rows if not r.get("no_stroke") and key in r]
+    return {
+        "dice6_mean_stroke": _mean(stroke, key),
+        "dice6_mean_core_visible": _mean([r for r in stroke if r.get("core_ml", 0.0) >= visible], key),
+        "dice6_mean_no_core": _mean([r for r in stroke if r.get("core_ml", 0.0) < visible], key),
+        "stroke_cases": len(stroke),
+        "core_visible_cases": sum(r.get("core_ml", 0.0) >= visible for r in stroke),
+    }
+
+
 def _summarise_rows(rows: list[dict]) -> dict:
     s: dict = {"cases": len(rows)}
     for k in ("mae_s", "psnr_db", "ssim", "model_dice10", "model_vol10_err_ml", "seconds", "mean_sd_in_hypo_s"):
@@ -226,6 +242,7 @@ def _summarise_rows(rows: list[dict]) -> dict:
             "dice6_mean": float(np.mean(d)),
             "dice6_median": float(np.median(d)),
             "dice6_sd": float(np.std(d)),
+            **_stroke_strata(rows, f"{m}_dice6"),
             "vol6_abs_err_ml": _abs_mean(rows, f"{m}_vol6_err_ml"),
             "vol6_bias_ml": _mean(rows, f"{m}_vol6_err_ml"),
             "defuse3_agreement": float(np.mean([r[f"{m}_defuse3_agree"] for r in rows if f"{m}_defuse3_agree" in r])),
@@ -391,16 +408,38 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def read_rows(per_case_csv: str | Path) -> list[dict]:
+    """per_case.csv back into rows as evaluate_case made them (numbers, booleans; empty cells left out),
+    so an earlier evaluation can be summarised again with today's summary without sampling again."""
+    rows = []
+    with open(per_case_csv, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict = {}
+            for k, v in raw.items():
+                if v == "":
+                    continue
+                if v in ("True", "False"):
+                    row[k] = v == "True"
+                    continue
+                try:
+                    row[k] = float(v)
+                except ValueError:
+                    row[k] = v
+            rows.append(row)
+    return rows
+
+
 def comparison_table(evals: Mapping[str, dict]) -> str:
     """Several models' evaluations of the same held-out cases as one markdown table, a row per model and
     test family: the cross-family table (issue 15) when the models were trained on one family each.
 
-    ``evals`` maps a model's name (e.g. the family it was trained on) to its summary.json. The
-    baselines need no training, so their columns are the same for every model on one family: shown
-    to make that visible rather than taken on trust.
+    ``evals`` maps a model's name (e.g. the family it was trained on) to its summary (summarise()).
+    Dice columns are means over stroke studies; the baselines need no training, so their columns are
+    the same for every model on one family: shown to make that visible rather than taken on trust.
     """
-    head = ("| model -> tested on | cases | Dice>6 mean (median) | core baseline | territory baseline | Dice>10 | "
-            "DEFUSE-3 agreement | no-stroke: median false T>6 mL, 'yes' | confidence AUROC |")
+    head = ("| model -> tested on | cases | Dice>6, stroke studies | ... core visible | ... no core | core baseline | "
+            "territory baseline | Dice>10 | DEFUSE-3 agreement | no-stroke: median false T>6 mL, 'yes' | "
+            "confidence AUROC |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, s in evals.items():
         for fam, f in sorted((s.get("per_family") or {"all": s}).items()):
@@ -408,8 +447,11 @@ def comparison_table(evals: Mapping[str, dict]) -> str:
             ns = (f.get("no_stroke") or {}).get("model")
             ns_txt = "-" if not ns else f"{ns['false_tmax6_ml_median']:.1f}, {ns['defuse3_yes']} of {f['no_stroke']['cases']}"
             lines.append(
-                f"| {name} -> {fam} | {f['cases']} | {_fmt(m.get('dice6_mean'), '.3f')} ({_fmt(m.get('dice6_median'), '.3f')}) | "
-                f"{_fmt(c.get('dice6_mean'), '.3f')} | {_fmt(t.get('dice6_mean'), '.3f')} | {_fmt(f.get('model_dice10'), '.3f')} | "
+                f"| {name} -> {fam} | {f['cases']} ({m.get('stroke_cases', '-')} stroke, "
+                f"{m.get('core_visible_cases', '-')} with core) | {_fmt(m.get('dice6_mean_stroke'), '.3f')} | "
+                f"{_fmt(m.get('dice6_mean_core_visible'), '.3f')} | {_fmt(m.get('dice6_mean_no_core'), '.3f')} | "
+                f"{_fmt(c.get('dice6_mean_stroke'), '.3f')} | {_fmt(t.get('dice6_mean_stroke'), '.3f')} | "
+                f"{_fmt(f.get('model_dice10'), '.3f')} | "
                 f"{_fmt(m.get('defuse3_agreement'), '.2f')} | {ns_txt} | {_fmt((f.get('confidence') or {}).get('auroc'), '.3f')} |"
             )
     return "\n".join(lines)

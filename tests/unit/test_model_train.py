@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models import registry
-from models.evaluate import comparison_table, evaluate, territory_baseline
+from models.evaluate import comparison_table, evaluate, read_rows, summarise, territory_baseline
 from models.tmax_ddpm.checkpoint import CheckpointError, export_weights, load_weights
 from models.tmax_ddpm.config import Config
 from models.tmax_ddpm.data import SliceBank, build_cache, list_cases, load_case
@@ -224,10 +224,15 @@ def test_evaluate_writes_table_and_plots(cases: Path, tmp_path: Path):
     assert s["territory"]["dice6_mean"] >= s["core"]["dice6_mean"]
     assert (tmp_path / "eval" / "bland_altman.png").stat().st_size > 0
     assert len((tmp_path / "eval" / "per_case.csv").read_text().strip().splitlines()) == 5
+    # per_case.csv read back gives the same summary (what --compare re-summarises from)
+    again = summarise(read_rows(tmp_path / "eval" / "per_case.csv"))
+    for k in ("dice6_mean", "dice6_mean_stroke", "defuse3_agreement"):
+        assert again["model"][k] == pytest.approx(s["model"][k]), k
+    assert again["model"]["stroke_cases"] == s["model"]["stroke_cases"] == 4
     # two models' evaluations side by side: a row per model and family, the baselines' columns shared
-    table = comparison_table({"a": s, "b": s}).splitlines()
-    assert len(table) == 2 + 2 * len(s["per_family"]) and table[2].startswith("| a -> geometric | 4 |")
-    assert f"{s['per_family']['geometric']['core']['dice6_mean']:.3f}" in table[3]
+    table = comparison_table({"a": s, "b": again}).splitlines()
+    assert len(table) == 2 + 2 * len(s["per_family"]) and table[2].startswith("| a -> geometric | 4 (4 stroke")
+    assert f"{s['per_family']['geometric']['core']['dice6_mean_stroke']:.3f}" in table[3]
 
 
 def test_thread_tuner_probes_and_keeps_the_faster(monkeypatch):
