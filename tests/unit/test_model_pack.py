@@ -14,15 +14,9 @@ from models.tmax_ddpm.config import Config
 from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, step_loader
 from models.tmax_ddpm.pack import read_pack, write_pack
 from models.train import train
-from tests.unit.test_model import TINY, write_synthetic_case
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# _one_thread: test_model's autouse fixture (one intra-op thread), active here by being imported
+from tests.unit.test_model import TINY, _one_thread, write_synthetic_case  # noqa: F401
 
 
 @pytest.fixture(scope="module")
