@@ -162,4 +162,15 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
     if quality["peak_cnr"] < 10:
         warnings.append(f"AIF contrast-to-noise {quality['peak_cnr']} < 10")
     quality["ok"] = not warnings
+    tissue_like = any("probably" in w for w in warnings)
+    if tissue_like and side_used is not None:
+        # the hemisphere without the core held too few unsaturated arteries (a small matrix): search both
+        # hemispheres; the earliest cluster there is arterial if the lead check now passes
+        both = select_aif(conc, s0, sd, signal_min, te_s, first_pass, candidates=candidates,
+                          min_candidates=min_candidates, seed=seed, dt=dt)
+        if not any("probably" in w for w in both.warnings):
+            note = ("AIF from both hemispheres: the one without the core gave a tissue-like curve "
+                    f"({warnings[[i for i, w in enumerate(warnings) if 'probably' in w][0]]})")
+            both.quality.update(ok=False, fallback="both hemispheres", side_tried=side_used)
+            return AifResult(both.curve, both.voxels, both.quality, [note] + both.warnings)
     return AifResult(curve=curve.astype(np.float32), voxels=vox, quality=quality, warnings=warnings)
