@@ -15,6 +15,10 @@ known - the hemisphere without it, so the AIF is not taken downstream of the occ
    cluster median) or unlike its mean shape (correlation < 0.9) - tissue mixed into an arterial
    voxel delays and widens its curve;
 5. the AIF is the mean of what is left. A quality record keeps the numbers and warnings.
+6. if the AIF came from one hemisphere and peaks less than MIN_AIF_LEAD_S before the candidates'
+   median (tissue, not artery: at a small matrix that side may hold almost no unsaturated artery),
+   the search runs again over both; that AIF is kept if it passes the check, warned and marked not ok
+   (it may come from the affected side, downstream of the occlusion).
 
 Venous curves (sagittal sinus) are as high as arterial ones but arrive seconds later, so the
 first-moment criterion leaves them out.
@@ -155,22 +159,23 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
     if vox.size < 3:
         warnings.append(f"AIF from only {vox.size} voxel(s)")
     lead_s = (brain_ttp - ttp) * dt if dt is not None else None
-    if ttp >= brain_ttp or (lead_s is not None and lead_s < MIN_AIF_LEAD_S):
+    tissue_like = bool(ttp >= brain_ttp or (lead_s is not None and lead_s < MIN_AIF_LEAD_S))
+    quality["tissue_like"] = tissue_like
+    if tissue_like:
         warnings.append("AIF peaks no earlier than the brain tissue: probably not arterial" if ttp >= brain_ttp else
                         f"AIF peaks only {lead_s:.1f} s before the brain tissue (< {MIN_AIF_LEAD_S:.0f} s): "
                         "probably tissue, not arterial")
     if quality["peak_cnr"] < 10:
         warnings.append(f"AIF contrast-to-noise {quality['peak_cnr']} < 10")
     quality["ok"] = not warnings
-    tissue_like = any("probably" in w for w in warnings)
     if tissue_like and side_used is not None:
         # the hemisphere without the core held too few unsaturated arteries (a small matrix): search both
         # hemispheres; the earliest cluster there is arterial if the lead check now passes
         both = select_aif(conc, s0, sd, signal_min, te_s, first_pass, candidates=candidates,
                           min_candidates=min_candidates, seed=seed, dt=dt)
-        if not any("probably" in w for w in both.warnings):
-            note = ("AIF from both hemispheres: the one without the core gave a tissue-like curve "
-                    f"({warnings[[i for i, w in enumerate(warnings) if 'probably' in w][0]]})")
+        if not both.quality["tissue_like"]:
+            first = next(w for w in warnings if w.startswith("AIF peaks"))
+            note = f"AIF from both hemispheres: the one without the core gave a tissue-like curve ({first})"
             both.quality.update(ok=False, fallback="both hemispheres", side_tried=side_used)
             return AifResult(both.curve, both.voxels, both.quality, [note] + both.warnings)
     return AifResult(curve=curve.astype(np.float32), voxels=vox, quality=quality, warnings=warnings)
