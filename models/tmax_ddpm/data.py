@@ -237,7 +237,13 @@ class StepBatches(torch.utils.data.Dataset):
 
 def step_loader(batches: StepBatches, first: int, last: int, workers: int, pin_memory: bool):
     """Batches ``first``..``last``-1 in order, built ahead by ``workers`` forked processes (they share
-    the slice bank's memory instead of each receiving a pickled copy of it)."""
+    the slice bank's memory instead of each receiving a pickled copy of it: spawned workers would
+    need one descriptor per cached tensor, and 350 cases already ran out of them).
+
+    A fork copies the caller's state: call it from a process of its own, as ``synthperf train`` is,
+    not from one holding broker connections (a forked child of a process with a Celery/kombu Redis
+    connection hung in kombu's after-fork clean-up under make test; the tests fork from a spawned
+    interpreter for that reason)."""
     return torch.utils.data.DataLoader(
         batches, batch_size=None, sampler=range(first, last), num_workers=workers,
         prefetch_factor=4 if workers else None, pin_memory=pin_memory,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.procs import spawned_pool
 from models.tmax_ddpm.checkpoint import load_weights
 from models.tmax_ddpm.config import Config
 from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, step_loader
@@ -79,31 +80,44 @@ def test_packs_merge_with_prefixed_ids_and_bad_packs_are_refused(cases: Path, tm
         write_pack([cases], 32, tmp_path / "p.zip")
 
 
-def test_step_batches_are_the_same_whatever_the_number_of_workers(cases: Path, tmp_path: Path):
+def _batches(cases: Path, cache_dir: Path, workers: int) -> list:
+    """Steps 3..6 of a run on ``cases`` as the loader hands them out, with ``workers`` forked workers."""
+    torch.set_num_threads(1)
     cfg = config(10)
-    bank = SliceBank(build_cache(cases, 32, tmp_path / "c", progress=False), cfg.model.inputs, cfg.model.slices,
+    bank = SliceBank(build_cache(cases, 32, cache_dir, progress=False), cfg.model.inputs, cfg.model.slices,
                      cfg.train)
-    batches = StepBatches(bank, 4, 1000, seed=5)
-    inline = list(step_loader(batches, 3, 7, workers=0, pin_memory=False))
-    ahead = list(step_loader(batches, 3, 7, workers=2, pin_memory=False))
+    return list(step_loader(StepBatches(bank, 4, 1000, seed=5), 3, 7, workers=workers, pin_memory=False))
+
+
+def _in_a_fresh_process(fn, *args):  # noqa: ANN001, ANN202
+    """Run ``fn`` in a spawned interpreter. The loader forks its workers, and a fork inherits whatever
+    earlier tests left in this pytest process: a Celery/kombu Redis connection made a forked child hang
+    in kombu's after-fork clean-up (seen here). ``synthperf train`` is a process of its own."""
+    with spawned_pool(1) as pool:
+        return pool.submit(fn, *args).result(timeout=300)
+
+
+def test_step_batches_are_the_same_whatever_the_number_of_workers(cases: Path, tmp_path: Path):
+    inline = _batches(cases, tmp_path / "c0", 0)
+    ahead = _in_a_fresh_process(_batches, cases, tmp_path / "c2", 2)
     assert len(inline) == len(ahead) == 4
     for a, b in zip(inline, ahead, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(inline[0][0], inline[1][0])  # each step its own batch
-    other_rank = StepBatches(bank, 4, 1000, seed=5, rank=1)[3]
-    assert not torch.equal(other_rank[0], inline[0][0])
+    cfg = config(10)
+    bank = SliceBank(build_cache(cases, 32, tmp_path / "c0", progress=False), cfg.model.inputs, cfg.model.slices,
+                     cfg.train)
+    assert not torch.equal(StepBatches(bank, 4, 1000, seed=5, rank=1)[3][0], inline[0][0])  # ranks differ
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_training_from_a_pack_resumes_to_the_same_weights(cases: Path, tmp_path: Path, workers: int):
-    """A pack trains like a folder; a run stopped and resumed ends exactly where an unbroken run ends,
-    in process (the checkpoint holds the generator) and with loader workers (batch k comes from step
-    k's own generator). Both runs start from the same weights: the run's seed draws them."""
+def _stopped_and_resumed_equals_unbroken(tmp_path: Path, cases: Path, workers: int) -> bool:
+    """Train 6 steps straight, and 3 then 3 more after a resume, from one pack; True when the exported
+    weights are identical."""
+    torch.set_num_threads(1)
     write_pack([cases], 32, tmp_path / "p.npz")
     straight = train(tmp_path / "p.npz", tmp_path / "a", config(6, workers), device="cpu", progress=False)
     assert straight["finished"] and straight["step"] == 6
-    info = json.loads((tmp_path / "a" / "export" / "info.json").read_text())
-    assert info["cases"] == 3
+    assert json.loads((tmp_path / "a" / "export" / "info.json").read_text())["cases"] == 3
     train(tmp_path / "p.npz", tmp_path / "b", config(3, workers), device="cpu", progress=False)
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     cfg["train"]["steps"] = 6
@@ -111,4 +125,15 @@ def test_training_from_a_pack_resumes_to_the_same_weights(cases: Path, tmp_path:
     train(tmp_path / "p.npz", tmp_path / "b", None, device="cpu", progress=False)
     a, _ = load_weights(tmp_path / "a" / "export")
     b, _ = load_weights(tmp_path / "b" / "export")
-    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_from_a_pack_resumes_to_the_same_weights(cases: Path, tmp_path: Path, workers: int):
+    """A pack trains like a folder; a run stopped and resumed ends exactly where an unbroken run ends,
+    in process (the checkpoint holds the generator) and with loader workers (batch k comes from step
+    k's own generator). Both runs start from the same weights: the run's seed draws them."""
+    if workers:
+        assert _in_a_fresh_process(_stopped_and_resumed_equals_unbroken, tmp_path, cases, workers)
+    else:
+        assert _stopped_and_resumed_equals_unbroken(tmp_path, cases, workers)
