@@ -20,10 +20,12 @@ import numpy as np
 from models.confidence import ConfidenceParams
 from models.evaluate import read_rows
 from models.tmax_ddpm.data import load_case
+from models.tmax_ddpm.metrics import dice
 
 
 def fvh_territory_oracle(case_dir: Path) -> tuple[float, int]:
-    """Dice of 'the territories holding the true vessel signs' against the true Tmax>6 s; and the sign's voxels."""
+    """Dice (evaluate's, metrics.dice) of 'the territories holding the true vessel signs' against the true
+    Tmax>6 s; and the sign's voxels."""
     c = load_case(case_dir, ("tmax", "brain", "territory", "fvh"))
     brain = c.images["brain"] > 0
     truth = (c.images["tmax"] > 6) & brain
@@ -31,7 +33,7 @@ def fvh_territory_oracle(case_dir: Path) -> tuple[float, int]:
     terr = c.images["territory"].astype(int)
     labels = np.unique(terr[fvh & (terr > 0)])
     pred = np.isin(terr, labels) & brain if labels.size else np.zeros_like(brain)
-    return 2.0 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0), int(fvh.sum())
+    return dice(pred, truth), int(fvh.sum())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,7 +132,7 @@ def build_case(study_dir: Path, out: Path, settings: Settings, limits: QcLimits)
         coverage = float(np.isfinite(res.maps["cbv"][brain]).mean()) if brain.any() else 0.0
         registration = rec.result.get("registration") or {}
         record.update(
-            aif=res.quality.get("aif") or res.aif.quality,  # with its warnings, for the QC reason
+            aif=res.quality["aif"],  # the AIF's quality with its warnings, for the QC reason
             bolus=res.quality.get("bolus"), motion=res.quality.get("motion"),
             coverage=round(coverage, 4), registration={k: registration.get(k) for k in
                                                        ("rotation_deg", "translation_mm", "improved")},

@@ -161,10 +161,12 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
     lead_s = (brain_ttp - ttp) * dt if dt is not None else None
     tissue_like = bool(ttp >= brain_ttp or (lead_s is not None and lead_s < MIN_AIF_LEAD_S))
     quality["tissue_like"] = tissue_like
+    tissue_warning = ""
     if tissue_like:
-        warnings.append("AIF peaks no earlier than the brain tissue: probably not arterial" if ttp >= brain_ttp else
-                        f"AIF peaks only {lead_s:.1f} s before the brain tissue (< {MIN_AIF_LEAD_S:.0f} s): "
-                        "probably tissue, not arterial")
+        tissue_warning = ("AIF peaks no earlier than the brain tissue: probably not arterial" if ttp >= brain_ttp else
+                          f"AIF peaks only {lead_s:.1f} s before the brain tissue (< {MIN_AIF_LEAD_S:.0f} s): "
+                          "probably tissue, not arterial")
+        warnings.append(tissue_warning)
     if quality["peak_cnr"] < 10:
         warnings.append(f"AIF contrast-to-noise {quality['peak_cnr']} < 10")
     quality["ok"] = not warnings
@@ -174,8 +176,7 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
         both = select_aif(conc, s0, sd, signal_min, te_s, first_pass, candidates=candidates,
                           min_candidates=min_candidates, seed=seed, dt=dt)
         if not both.quality["tissue_like"]:
-            first = next(w for w in warnings if w.startswith("AIF peaks"))
-            note = f"AIF from both hemispheres: the one without the core gave a tissue-like curve ({first})"
+            note = f"AIF from both hemispheres: the one without the core gave a tissue-like curve ({tissue_warning})"
             both.quality.update(ok=False, fallback="both hemispheres", side_tried=side_used)
             return AifResult(both.curve, both.voxels, both.quality, [note] + both.warnings)
     return AifResult(curve=curve.astype(np.float32), voxels=vox, quality=quality, warnings=warnings)

@@ -93,16 +93,18 @@ def case_to_grid(case: Case, grid: int) -> dict[str, torch.Tensor]:
     return {"cond": cond.half(), "tmax": tmax.half(), "brain": brain_g}
 
 
-def build_cache(root: str | Path, grid: int, cache_dir: str | Path, progress: bool = True) -> dict:
+def build_cache(root: str | Path, grid: int, cache_dir: str | Path | None, progress: bool = True) -> dict:
     """Preprocess every case once (normalise + resample), one file per case, reused on resume and
-    when cases are added to the data folder. ``root`` may also be a training pack (pack.py), or a
-    folder of packs: their cases are already on the grid, so nothing is cached."""
+    when cases are added to the data folder (``cache_dir`` None: kept in memory only, as packing
+    does). ``root`` may also be a training pack (pack.py), or a folder of packs: their cases are
+    already on the grid, so nothing is cached."""
     if is_pack(root):
         return read_pack(root, grid)
     if packs := packs_in(root):
         return read_packs(packs, grid)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
     cases = list_cases(root)
     it = cases
     if progress:
@@ -111,15 +113,16 @@ def build_cache(root: str | Path, grid: int, cache_dir: str | Path, progress: bo
         it = tqdm(cases, desc="preparing cases", unit="case")
     items = []
     for d in it:
-        f = cache_dir / f"{d.name}.pt"
-        if f.exists():
+        f = None if cache_dir is None else cache_dir / f"{d.name}.pt"
+        if f is not None and f.exists():
             items.append(torch.load(f, weights_only=False))
             continue
         names = REQUIRED + tuple(n for n in ("adc",) if (d / f"{n}.nii.gz").exists())
         item = case_to_grid(load_case(d, names), grid)
-        tmp = f.with_suffix(".tmp")
-        torch.save(item, tmp)
-        tmp.replace(f)
+        if f is not None:
+            tmp = f.with_suffix(".tmp")
+            torch.save(item, tmp)
+            tmp.replace(f)
         items.append(item)
     return {"grid": grid, "ids": [c.name for c in cases], "items": items}
 

@@ -27,7 +27,6 @@ from .config import KNOWN_INPUTS
 
 PACK_SUFFIX = ".npz"
 FORMAT = "synthperf-training-pack/1"
-GREY = ("dwi", "flair", "adc")
 _GREY_LO, _GREY_HI = -1.0, 4.0
 
 
@@ -106,7 +105,8 @@ def decode_item(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def write_pack(sources: Sequence[str | Path], grid: int, out: str | Path, progress: bool = False) -> dict:
-    """Cases from case folders and/or other packs (all on ``grid``) -> one pack at ``out``.
+    """Cases from case folders and/or packs (anything ``build_cache`` reads, all on ``grid``) -> one
+    pack at ``out``.
 
     Case ids are prefixed with their source's name when there are several sources, so two phantom
     folders that both hold case_000000 stay two cases. Written to a temporary file, then renamed.
@@ -122,13 +122,7 @@ def write_pack(sources: Sequence[str | Path], grid: int, out: str | Path, progre
     ids: list[str] = []
     for src in sources:
         src = Path(src)
-        if is_pack(src):
-            cache = read_pack(src, grid)
-        else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                cache = build_cache(src, grid, tmp, progress=progress)
+        cache = build_cache(src, grid, None, progress=progress)  # in memory: no per-case cache files
         prefix = f"{src.stem}/" if len(sources) > 1 else ""
         for cid, item in zip(cache["ids"], cache["items"], strict=True):
             key = f"c{len(ids):06d}"
