@@ -59,9 +59,12 @@ def test_dataset_build_qc_resume_and_train(tmp_path: Path, capsys):
     assert "excluded study_5: DSC truncated" in capsys.readouterr().out
     assert not (data / "study_5").exists()
     # every other exclusion says why (an AIF exclusion with the AIF check's own words); at least 80 % of
-    # the good studies are kept (at full scale 17 of 20: seeds 8 and 13 have an AIF from tissue at 64²)
+    # the good studies are kept (at full scale 18 of 21 with the resume: seed 13's AIF, arterial, comes
+    # from only 2 voxels at 64² through DICOM; seed 22's bolus is measured in 69 % of the brain)
     assert all(reasons for reasons in excluded.values())
-    assert all("probably" in r for rs in excluded.values() for r in rs if r.startswith("AIF quality")), excluded
+    aif_words = ("probably", "AIF from only", "contrast-to-noise", "AIF from both hemispheres")
+    assert all(any(w in r for w in aif_words) for rs in excluded.values() for r in rs
+               if r.startswith("AIF quality")), excluded
     assert report["included"] == len(plan) - len(excluded) >= 0.8 * (len(plan) - 1), excluded
     csv_lines = (data / "qc_report.csv").read_text().splitlines()
     assert len(csv_lines) == len(plan) + 1 and any("truncated" in ln for ln in csv_lines[1:])

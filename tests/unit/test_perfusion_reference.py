@@ -102,3 +102,28 @@ def test_constructors_name_bad_arguments():
         voxel_maps(np.ones((20, 3)), np.ones(20), 1.0, tmax_method="peak")
     with pytest.raises(ValueError, match="guess"):
         fit_tmax(np.ones(20), np.ones((20, 3)), 1.0, np.zeros(2))
+
+
+def test_each_voxel_baseline_ends_at_its_own_bolus():
+    """Tissue arrives with the brain-wide mean; arteries 5 frames earlier. With the brain's baseline the
+    artery's last baseline frames are bolus: S0 too low and its SD many times the noise. Each voxel's
+    baseline ends at its own bolus, so both come out at their truth."""
+    rng = np.random.default_rng(0)
+    t = np.arange(40, dtype=np.float64)
+    s0_true, noise = 500.0, 5.0
+
+    def curve(arrival: float, peak: float) -> np.ndarray:
+        x = np.clip(t - arrival, 0, None)
+        return peak * (x / 3.0) ** 2 * np.exp(-(x - 3.0) / 1.5) * (x > 0)  # gamma-like bolus, peak at +3 frames
+
+    tissue = s0_true * np.exp(-TE_S * curve(12.0, 8.0))
+    artery = s0_true * np.exp(-TE_S * curve(7.0, 40.0))
+    sig = np.stack([tissue] * 2000 + [artery] * 3, axis=1) + rng.normal(0, noise, (t.size, 2003))
+    bolus = detect_bolus(sig.mean(axis=1))
+    assert bolus.arrival >= 10  # found on the brain-wide mean: frames into the arteries' bolus
+    conc, s0, sd = concentration(sig, bolus, TE_S)
+    art = slice(2000, 2003)
+    assert np.allclose(s0[art], s0_true, atol=3 * noise)
+    assert np.all(sd[art] < 2 * noise), sd[art]
+    assert np.abs(conc[2:7, art]).max() < 5 * noise / s0_true / TE_S  # flat before its own bolus
+    assert np.allclose(s0[:2000].mean(), s0_true, atol=1.0) and 0.7 * noise < np.median(sd[:2000]) < 1.3 * noise
