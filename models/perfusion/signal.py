@@ -100,8 +100,9 @@ def voxel_baseline_end(signal: np.ndarray, bolus: Bolus, k_sd: float = BASELINE_
     (the whole curve comes out too low, and negative before the bolus) and inflates its baseline SD
     (measured on seed 13 of the 64² phantom: SD 90-170 against about 5 for tissue), which then marks
     clean arterial curves as saturated. A voxel's baseline ends at the first of two consecutive frames
-    more than ``k_sd`` robust SDs (median and MAD of the brain-wide baseline frames) below its baseline
-    median; at the brain's arrival otherwise. Returns frame indices (voxels,).
+    more than ``k_sd`` robust SDs (its median and MAD over the brain-wide baseline frames) below that
+    median (never before its third baseline frame); at the brain's arrival otherwise. Returns frame
+    indices (voxels,).
     """
     sig = np.asarray(signal, dtype=np.float32)
     b0, a = bolus.baseline_start, bolus.arrival
@@ -114,7 +115,8 @@ def voxel_baseline_end(signal: np.ndarray, bolus: Bolus, k_sd: float = BASELINE_
     low = base < (med - k_sd * np.maximum(rsd, 1e-6))
     run = low[1:-1] & low[2:]  # two consecutive low frames, from the second baseline frame on
     hit = run.any(axis=0)
-    end[hit] = b0 + 1 + np.argmax(run[:, hit], axis=0)
+    # at least 3 baseline frames, so a voxel's S0 and SD stay estimates (a series that short is warned anyway)
+    end[hit] = np.maximum(b0 + 1 + np.argmax(run[:, hit], axis=0), min(b0 + 3, a))
     return end
 
 
