@@ -112,8 +112,9 @@ def voxel_baseline_end(signal: np.ndarray, bolus: Bolus, k_sd: float = BASELINE_
     base = sig[b0:a]
     med = np.median(base, axis=0)
     rsd = 1.4826 * np.median(np.abs(base - med), axis=0)
-    low = base < (med - k_sd * np.maximum(rsd, 1e-6))
-    run = low[1:-1] & low[2:]  # two consecutive low frames, from the second baseline frame on
+    # the brain's arrival frame too, so a bolus that starts on the last baseline frame is seen
+    low = sig[b0:a + 1] < (med - k_sd * np.maximum(rsd, 1e-6))
+    run = low[1:-1] & low[2:]  # two consecutive low frames, starting from the second baseline frame
     hit = run.any(axis=0)
     # at least 3 baseline frames, so a voxel's S0 and SD stay estimates (a series that short is warned anyway)
     end[hit] = np.maximum(b0 + 1 + np.argmax(run[:, hit], axis=0), min(b0 + 3, a))
