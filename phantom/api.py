@@ -169,7 +169,7 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
 
 def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
               scenario: dict[str, Any] | None = None, family: str = "geometric",
-              randomise: bool = False) -> PhantomCase:
+              randomise: bool = False, dsc_acquisition: Any = None) -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
@@ -180,7 +180,9 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     ``family``: ``"geometric"`` (analytic head, the v1.0 phantom), ``"template"`` (the MNI ICBM152
     brain warped per case, phantom.template) or ``"mixed"`` (seed-derived pick). ``randomise`` turns
     on domain randomisation (phantom.randomise) and the balanced case mix; without it and with the
-    geometric family every array equals the v1.0 phantom's.
+    geometric family every array equals the v1.0 phantom's. ``dsc_acquisition`` (a
+    ``phantom.dsc.DscAcquisition``) pins how the DSC series is acquired; by default it is the fixed
+    v1.0 acquisition, or with ``randomise`` a draw of TR, TE, length, SNR and bolus arrival.
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -322,9 +324,12 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     case._lazy["render_extra"] = render_extra
 
     if with_dsc:
-        from phantom.dsc import simulate_dsc
+        from phantom.dsc import DscAcquisition, simulate_dsc
 
-        dsc, times, dsc_info = simulate_dsc(r_dsc, m, grid)
+        acq = dsc_acquisition
+        if acq is None and randomise:  # its own stream: the case's other draws stay as they were
+            acq = DscAcquisition.sample(np.random.default_rng(np.random.SeedSequence([int(seed), 8200])))
+        dsc, times, dsc_info = simulate_dsc(r_dsc, m, grid, acq)
         case.dsc, case.dsc_times_s = dsc, times
         truth["acquisition"]["dsc"] = dsc_info
     return case

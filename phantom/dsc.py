@@ -11,6 +11,8 @@ Curves depend only on (tissue kind, Tmax bin), so they come from a small lookup 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from phantom.anatomy import DEEP_GM, GM, WM
@@ -21,6 +23,41 @@ N_FRAMES = 60
 TE_S = 0.030
 _DT = 0.05
 _TMAX_BIN = 0.1
+
+
+@dataclass(frozen=True)
+class DscAcquisition:
+    """How the DSC series is acquired. The defaults are the unrandomised phantom's (TR 1.0 s, TE 30 ms,
+    60 frames; baseline SNR and bolus arrival drawn per case). ``sample`` draws the ranges a clinical
+    protocol spans, so the DSC method is not fitted to one acquisition: at TR 1.5 s, before the AIF
+    search was made TR-independent, every phantom case lost its arterial AIF."""
+
+    tr_s: float = TR_S
+    te_s: float = TE_S
+    n_frames: int = N_FRAMES
+    snr: tuple[float, float] = (60.0, 90.0)  # baseline white-matter SNR, drawn uniformly
+    arrival_s: tuple[float, float] = (8.0, 14.0)  # bolus arrival, drawn uniformly
+
+    def __post_init__(self) -> None:
+        if not 0.3 <= self.tr_s <= 3.0:
+            raise ValueError(f"tr_s must be 0.3..3 s, got {self.tr_s!r}")
+        if not 0.005 <= self.te_s <= 0.1:
+            raise ValueError(f"te_s must be 5..100 ms, got {self.te_s!r}")
+        if self.n_frames < 20:
+            raise ValueError(f"n_frames must be at least 20, got {self.n_frames!r}")
+        if not 0 < self.snr[0] <= self.snr[1]:
+            raise ValueError(f"snr must be a range (low, high) of positive values, got {self.snr!r}")
+        if not 0 < self.arrival_s[0] <= self.arrival_s[1] < 0.5 * self.tr_s * self.n_frames:
+            raise ValueError(f"arrival_s must be a range inside the first half of the series, got {self.arrival_s!r}")
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> DscAcquisition:
+        """TR 1.0-1.8 s, TE 25-50 ms (3 T to 1.5 T), 70-100 s of series, baseline SNR 30-108, bolus at 5-16 s."""
+        tr = float(rng.uniform(1.0, 1.8))
+        lo = float(rng.uniform(30.0, 90.0))
+        return cls(tr_s=round(tr, 3), te_s=round(float(rng.uniform(0.025, 0.050)), 4),
+                   n_frames=int(np.ceil(float(rng.uniform(70.0, 100.0)) / tr)), snr=(lo, lo * 1.2),
+                   arrival_s=(5.0, 16.0))
 
 
 def gamma_variate(t: np.ndarray, t0: float, alpha: float = 3.0, beta: float = 1.5) -> np.ndarray:
@@ -109,18 +146,21 @@ def _add_vessels(rng: np.random.Generator, conc: np.ndarray, maps: dict[str, np.
     return {"artery_voxels": int(art.sum()), "sinus_voxels": int(sinus.sum())}
 
 
-def simulate_dsc(rng: np.random.Generator, maps: dict[str, np.ndarray], grid) -> tuple[np.ndarray, np.ndarray, dict]:
-    """DSC series (t, z, y, x) on ``grid`` from rendered maps (needs tmax, cls, s0)."""
-    t0 = float(rng.uniform(8.0, 14.0))
-    times = np.arange(N_FRAMES) * TR_S
-    t_fine = np.arange(0, times[-1] + TR_S, _DT)
+def simulate_dsc(rng: np.random.Generator, maps: dict[str, np.ndarray], grid,
+                 acq: DscAcquisition | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """DSC series (t, z, y, x) on ``grid`` from rendered maps (needs tmax, cls, s0), acquired as ``acq``
+    (default: the unrandomised phantom's acquisition, whose draws it keeps unchanged)."""
+    acq = acq or DscAcquisition()
+    t0 = float(rng.uniform(*acq.arrival_s))
+    times = np.arange(acq.n_frames) * acq.tr_s
+    t_fine = np.arange(0, times[-1] + acq.tr_s, _DT)
     aif_fine = arterial_input(t_fine, t0)
     kind = _kind(maps["cls"])
     tmax = maps["tmax"]
     bins = np.clip(np.round(tmax / _TMAX_BIN).astype(np.int32), 0, int(30 / _TMAX_BIN))
     pick = np.round(times / _DT).astype(int)
     # lookup table (kind, Tmax bin) -> concentration curve; kind 0 (no perfusion) stays zero
-    lut = np.zeros((3, int(bins.max()) + 1, N_FRAMES), np.float32)
+    lut = np.zeros((3, int(bins.max()) + 1, acq.n_frames), np.float32)
     for kd in (1, 2):
         for b in np.unique(bins[kind == kd]):
             lut[kd, b] = _tissue_curve(t_fine, aif_fine, b * _TMAX_BIN, kd)[pick]
@@ -128,15 +168,15 @@ def simulate_dsc(rng: np.random.Generator, maps: dict[str, np.ndarray], grid) ->
     vessels = _add_vessels(rng, conc, maps, t_fine, aif_fine, pick) if "sylvian" in maps else {}
     k2 = 55.0  # 1/(s mM): Delta R2* per concentration in tissue (~40 % peak drop in grey matter)
     s0 = maps["s0"] * 900.0
-    sig = s0[None] * np.exp(-TE_S * k2 * conc)
-    snr = float(rng.uniform(60, 90))
+    sig = s0[None] * np.exp(-acq.te_s * k2 * conc)
+    snr = float(rng.uniform(*acq.snr))
     sigma = 900.0 * 0.4 / snr
     out = rician(rng, sig.astype(np.float32), sigma)
     aif = aif_fine[pick]
     info = {
-        "tr_s": TR_S,
-        "te_s": TE_S,
-        "n_frames": N_FRAMES,
+        "tr_s": acq.tr_s,
+        "te_s": acq.te_s,
+        "n_frames": acq.n_frames,
         "bolus_arrival_s": round(t0, 3),
         "k2_per_s_per_mM": k2,
         "snr_baseline_wm": round(snr, 2),

@@ -37,7 +37,10 @@ def _acqs(vendor: str, field_t: float, case) -> dict[str, Acq]:
              slice_thickness_mm=5.0, contrast="T1")
     loc = Acq(("GR",), ("SP",), (), tr_ms=8.6, te_ms=4.0, flip_deg=20.0, etl=1, bandwidth=320.0,
               slice_thickness_mm=7.0, contrast="T1")
-    dsc = Acq(("EP", "GR") if vendor != "siemens" else ("EP",), ("SK",), ("FS",), tr_ms=1000.0, te_ms=30.0,
+    dsc_info = (case.truth.get("acquisition") or {}).get("dsc") or {}
+    dsc = Acq(("EP", "GR") if vendor != "siemens" else ("EP",), ("SK",), ("FS",),
+              tr_ms=round(1000.0 * float(dsc_info.get("tr_s", 1.0)), 3),
+              te_ms=round(1000.0 * float(dsc_info.get("te_s", 0.030)), 3),
               flip_deg=90.0, etl=case.grid.shape[1] // 2, bandwidth=1500.0, slice_thickness_mm=dwi_thick,
               echo_planar=True, fat_sat=True, contrast="PERFUSION")
     return {"dwi": dwi, "adc": dwi, "flair": flair, "t1": t1, "localizer": loc, "dsc": dsc}
