@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from models.perfusion import compute_maps
+from models.perfusion.maps import DscOptions
 from phantom.anatomy import CSF
 from phantom.dsc import DscAcquisition
 from tests.conftest import small_scale
@@ -69,7 +70,8 @@ def test_dsc_study_gives_maps_on_the_dwi_grid(tmp_path: Path, case, vendor: str,
     assert np.all(hemi.ravel()[aif_vox] != core_side)
     tmax = np.nan_to_num(res.maps["tmax"])
     dice = _dice((tmax > 6) & case.brain, (case.tmax > 6) & case.brain)
-    # measured 0.914 in all six vendor styles (0.868 before large vessels lost their Tmax, 0.854 with the
+    # measured 0.914 in all six vendor styles before the 5 mm smoothing (0.956 with it, from the arrays;
+    # 0.868 before large vessels lost their Tmax, 0.854 with the
     # oSVD residue argmax, whose +1 s bias widened Tmax > 6 s)
     assert dice >= 0.88
     m = real_measures(res, brain, case.core, case.grid.voxel_volume_mm3 / 1000)
@@ -246,3 +248,25 @@ def test_dsc_acquisition_names_the_bad_argument():
                          ({"snr": (50.0, 20.0)}, "snr"), ({"arrival_s": (5.0, 60.0)}, "arrival_s")):
         with pytest.raises(ValueError, match=name):
             DscAcquisition(**kwargs)
+
+
+def test_spatial_smoothing_lifts_a_low_contrast_study_and_leaves_the_aif_and_vessels_alone():
+    """A randomised study at TR 1.5 s, TE 26.5 ms, baseline SNR 35 (geometric seed 400004): per voxel the
+    hypoperfused tissue's bolus is a few noise SDs, much of the 150 mL Tmax>6 s region has no measurable
+    bolus and the volume comes out at 89 mL (Dice 0.69). With the default 5 mm in-plane smoothing it comes
+    out near the truth (measured: Dice 0.90-0.93 at 4-6 mm). The AIF comes from the unsmoothed curves, and
+    large vessels still get no Tmax."""
+    c = phantom_api.make_case(400004, matrix=64, with_dsc=True, randomise=True)
+    te = c.truth["acquisition"]["dsc"]["te_s"]
+    hemi, band = hemispheres_and_band(_sitk_like(c), c.brain)
+    kw = dict(spacing_zyx=c.grid.spacing, core=c.core, hemisphere=hemi, aif_region=band)
+    plain = compute_maps(c.dsc, c.dsc_times_s, te, c.brain, options=DscOptions(smooth_fwhm_mm=0.0), **kw)
+    smooth = compute_maps(c.dsc, c.dsc_times_s, te, c.brain, **kw)
+    assert DscOptions().smooth_fwhm_mm == 5.0
+    assert np.array_equal(plain.aif.curve, smooth.aif.curve)
+    truth6 = (c.tmax > 6) & c.brain
+    d_plain = _dice((np.nan_to_num(plain.maps["tmax"]) > 6) & c.brain, truth6)
+    d_smooth = _dice((np.nan_to_num(smooth.maps["tmax"]) > 6) & c.brain, truth6)
+    assert d_plain < 0.75 and d_smooth >= 0.85, (d_plain, d_smooth)
+    assert 0 < smooth.quality["vessel_fraction"] < 0.05
+    assert abs(smooth.quality["vessel_fraction"] - plain.quality["vessel_fraction"]) < 0.01

@@ -12,6 +12,7 @@ import pytest
 
 from models.perfusion import concentration, detect_bolus, osvd, ssvd, voxel_maps
 from models.perfusion.deconv import oscillation_index
+from models.perfusion.maps import DscOptions, smooth_in_plane
 from models.perfusion.tmax_fit import fit_tmax
 from tests.unit.dsc_reference import TE_S, alternative_set, reference_set
 
@@ -102,6 +103,27 @@ def test_constructors_name_bad_arguments():
         voxel_maps(np.ones((20, 3)), np.ones(20), 1.0, tmax_method="peak")
     with pytest.raises(ValueError, match="guess"):
         fit_tmax(np.ones(20), np.ones((20, 3)), 1.0, np.zeros(2))
+    with pytest.raises(ValueError, match="smooth_fwhm_mm"):
+        DscOptions(smooth_fwhm_mm=-1.0)
+
+
+def test_in_plane_smoothing_stays_inside_its_weight_and_keeps_a_flat_image_flat():
+    rng = np.random.default_rng(1)
+    series = 100.0 + rng.normal(0, 5, (6, 3, 20, 20)).astype(np.float32)
+    weight = np.ones((3, 20, 20), bool)
+    weight[:, 8:10, 8:10] = False  # a "vessel": neither smoothed nor spread
+    series[:, :, 8:10, 8:10] = 1000.0
+    out = smooth_in_plane(series, weight, 6.0, (5.0, 2.0, 2.0))
+    assert np.array_equal(out[:, :, 8:10, 8:10], series[:, :, 8:10, 8:10])
+    assert out[:, weight].max() < 130  # the vessel's 1000 did not leak into the tissue around it
+    assert out[:, weight].std() < 0.5 * series[:, weight].std()
+    flat = np.full((2, 3, 20, 20), 50.0, np.float32)
+    assert np.allclose(smooth_in_plane(flat, weight, 6.0, (5.0, 2.0, 2.0)), 50.0)
+    # slices are not mixed
+    step = np.zeros((1, 3, 20, 20), np.float32)
+    step[:, 1] = 10.0
+    sm = smooth_in_plane(step, np.ones((3, 20, 20), bool), 6.0, (5.0, 2.0, 2.0))
+    assert np.allclose(sm[:, 0], 0.0) and np.allclose(sm[:, 1], 10.0)
 
 
 def test_each_voxel_baseline_ends_at_its_own_bolus():
