@@ -135,8 +135,6 @@ class SampleConfig:
     samples: int = 8
     eta: float = 0.0
     slice_noise_correlation: float = 0.9  # AR(1) correlation of initial noise along z
-    # every second sample on the left-right mirrored slices, mirrored back (models.tmax_ddpm.sampler)
-    mirror: bool = False
     max_batch: int = 128
     # bf16 may be a candidate inference path (CPU: only with native bf16, and only if measured fastest
     # within tolerance; see models.tmax_ddpm.runtime); False keeps it out.

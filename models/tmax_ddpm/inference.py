@@ -172,7 +172,6 @@ class TmaxSynthesizer:
             ancestral=ancestral,
             device=self.device,
             progress=progress,
-            mirror=self.cfg.sample.mirror,
         )
         tmax = tmax_from_model(x)  # (samples, z, g, g) seconds
         mean_g = tmax.mean(0)

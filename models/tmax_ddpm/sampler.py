@@ -48,7 +48,6 @@ def sample_volume(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[float], None] | None = None,
-    mirror: bool = False,
 ) -> torch.Tensor:
     """Sample Tmax (model scale) for every slice.
 
@@ -56,9 +55,6 @@ def sample_volume(
     ``net`` is the network (run eagerly, autocast to ``autocast_dtype`` if given) or a denoiser
     callable ``(input, t) -> float32 output`` from :mod:`.runtime` (the path chosen on this machine).
     ``ancestral=True`` runs the full 1000-step DDPM chain (the reference sampler), ignoring ``steps``.
-    ``mirror=True``: every second sample sees the slices mirrored left-right and its result is mirrored
-    back, so the ensemble cannot favour one side of the grid (training flips at random, so both
-    orientations are in-distribution); the cost is that of the same number of plain samples.
     """
     if samples < 1:
         raise ValueError(f"samples: must be >= 1, got {samples}")
@@ -70,9 +66,6 @@ def sample_volume(
     nz, _, h, w = cond.shape
     x = correlated_noise(samples, nz, h, w, rho, gen).reshape(samples * nz, 1, h, w).to(device)
     c = cond.to(device).repeat(samples, 1, 1, 1)
-    mirrored = (torch.arange(samples) % 2 == 1).repeat_interleave(nz).to(device) if mirror else None
-    if mirrored is not None and bool(mirrored.any()):
-        c[mirrored] = c[mirrored].flip(-1)
     n = samples * nz
     if ancestral:
         ts = list(range(sched.num_train_timesteps - 1, -1, -1))
@@ -94,7 +87,4 @@ def sample_volume(
             x, x0 = ddim_step(sched, out, t, t_prev, x, eta=eta, generator=gen)
         if progress is not None:
             progress((i + 1) / len(ts))
-    if mirrored is not None and bool(mirrored.any()):
-        x0 = x0.clone()
-        x0[mirrored] = x0[mirrored].flip(-1)
     return x0.reshape(samples, nz, h, w).clamp(-1, 1).cpu()
