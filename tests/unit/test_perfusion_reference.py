@@ -149,3 +149,30 @@ def test_each_voxel_baseline_ends_at_its_own_bolus():
     assert np.all(sd[art] < 2 * noise), sd[art]
     assert np.abs(conc[2:7, art]).max() < 5 * noise / s0_true / TE_S  # flat before its own bolus
     assert np.allclose(s0[:2000].mean(), s0_true, atol=1.0) and 0.7 * noise < np.median(sd[:2000]) < 1.3 * noise
+
+
+def test_read_tile_by_tile_as_kudo_reads_the_phantom_model_grid_meets_the_targets():
+    """Issue 17's targets on the grid built from the phantom's DSC model, read as Kudo's digital phantom
+    is read: a tile of noise draws per condition, the method's smoothing, the mean over the tile's middle.
+    Measured (bench/perfusion_tiles.py, pooled over TR 1.0-1.6 s and SNR 20-100): Tmax median error
+    0.25 s, 95th percentile 0.84 TR, CBF r 0.921. Per curve (no spatial reading) the same method gives
+    0.67 s, 2.5 TR and 0.895 - that reading stays in bench/perfusion.py."""
+    from bench.perfusion_tiles import TILE, tiled_grid
+
+    x = tiled_grid(lambda tr, snr: reference_set(tr, snr, reps=TILE * TILE), "phantom-model grid",
+                   DscOptions().smooth_fwhm_mm)
+    assert x["tiles"] == 6300
+    assert x["med"] <= 0.5 and x["p95_tr"] <= 1.0 and x["r_cbf"] >= 0.9, x
+
+
+def test_tiles_hold_their_own_condition():
+    from bench.perfusion_tiles import tile_image
+
+    rs = reference_set(1.0, 100.0, reps=4, delays=(0.0, 3.0), mtts=(4.0,), cbfs=(50.0,), betas=(0.5,))
+    img, rows, cols = tile_image(rs, tile=2)
+    assert (rows, cols) == (1, 2) and img.shape == (rs.signal.shape[0], 1, 2, 4)
+    # the second tile (right half) holds the second condition's four draws, the first the first's
+    assert np.allclose(np.sort(img[:, 0, :, 2:].reshape(img.shape[0], -1), axis=1),
+                       np.sort(rs.signal[:, 4:8], axis=1))
+    assert np.allclose(np.sort(img[:, 0, :, :2].reshape(img.shape[0], -1), axis=1),
+                       np.sort(rs.signal[:, :4], axis=1))
