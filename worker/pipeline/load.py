@@ -130,26 +130,55 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def brain_mask(b0: sitk.Image) -> sitk.Image:
-    """Head/brain mask from the b0 (T2-weighted, bright brain and CSF, dark background).
+# tissue bridges narrower than twice this (in-plane) are cut between brain and scalp
+BRAIN_OPENING_MM = 7.0
 
-    Median filter (noise), Otsu threshold on the non-background range, opening to cut thin bridges,
-    largest connected component, closing and per-slice hole filling. Robust to Rician background noise
-    because Otsu splits background from tissue, not tissue classes (background is >half the voxels).
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return (yy ** 2 + xx ** 2 <= radius * radius)[None]
+
+
+def brain_mask(b0: sitk.Image) -> sitk.Image:
+    """Brain mask from the b0 (T2-weighted, bright brain and CSF, dark background and skull).
+
+    Median filter (noise), Otsu threshold on the non-background range (background is over half the
+    voxels, so Otsu splits background from tissue, not tissue classes). A bright scalp is tissue by
+    that threshold too, joined to the brain through partial-volume skull; taking the largest
+    component and filling its holes then took the whole head (on 96 randomised phantom cases 9 masks
+    were over 1.3x the brain, up to 1.94x; a phantom study with a 10 mm bright scalp came out at 2.3x,
+    and the synthetic and DSC Tmax maps called "hypoperfusion" in the scalp). So the tissue is opened by
+    a disk of BRAIN_OPENING_MM in-plane, which cuts those bridges; the component holding most of the
+    head's deep core (the inner half of the in-plane distance to the head's edge) is the brain; it is
+    dilated back by the same disk inside the tissue, closed, and its holes filled per slice. Measured on
+    the same 96: over 1.3x in 1 case (1.63x), mean Dice with the true brain 0.931 -> 0.946, true brain
+    missed 0.1 % on average (1.4 % at most); unrandomised cases unchanged (Dice 0.984).
     """
     img = sitk.Cast(b0, sitk.sitkFloat32)
     img = sitk.Median(img, [1, 1, 0])
-    arr = sitk.GetArrayViewFromImage(img)
+    arr = sitk.GetArrayFromImage(img)
     hi = float(np.percentile(arr, 99.5))
     vals = np.clip(arr[arr > 0], 0, hi) if np.any(arr > 0) else arr.ravel()
-    thr = _otsu(vals)
-    mask = sitk.Cast(img > thr, sitk.sitkUInt8)
-    mask = sitk.BinaryMorphologicalOpening(mask, [2, 2, 0])
-    cc = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
-    mask = sitk.Cast(cc == 1, sitk.sitkUInt8)
+    tissue = arr > _otsu(vals)
+    head = np.stack([ndimage.binary_fill_holes(sl) for sl in tissue])
+    sx, sy = (float(v) for v in b0.GetSpacing()[:2])
+    depth = np.stack([ndimage.distance_transform_edt(sl, sampling=(sy, sx)) for sl in head])
+    deep = head & (depth >= 0.5 * depth.max()) if depth.max() > 0 else head
+    disk = _disk(max(1, int(round(BRAIN_OPENING_MM / sx))))
+    eroded = ndimage.binary_erosion(tissue, disk)
+    labels, n = ndimage.label(eroded)
+    if n == 0:  # nothing survives the opening (a thin slab, a tiny head): the plain largest component
+        labels, n = ndimage.label(tissue)
+        sizes = ndimage.sum(tissue, labels, index=np.arange(1, n + 1)) if n else np.zeros(0)
+        brain = labels == (1 + int(np.argmax(sizes))) if n else tissue
+    else:
+        hits = ndimage.sum(deep, labels, index=np.arange(1, n + 1))
+        brain = ndimage.binary_dilation(labels == (1 + int(np.argmax(hits))), disk) & tissue
+    mask = sitk.GetImageFromArray(brain.astype(np.uint8))
+    mask.CopyInformation(b0)
     mask = sitk.BinaryMorphologicalClosing(mask, [3, 3, 1])
-    arr = sitk.GetArrayFromImage(mask).astype(bool)
-    filled = np.stack([ndimage.binary_fill_holes(sl) for sl in arr]).astype(np.uint8)
+    arr_m = sitk.GetArrayFromImage(mask).astype(bool)
+    filled = np.stack([ndimage.binary_fill_holes(sl) for sl in arr_m]).astype(np.uint8)
     out = sitk.GetImageFromArray(filled)
     out.CopyInformation(b0)
     return out
