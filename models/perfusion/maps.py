@@ -1,7 +1,8 @@
 """DSC-PWI series -> Tmax, CBF, CBV, MTT, TTP and relative maps, with the checks that guard them.
 
 Order: whole-brain bolus (baseline, arrival, truncation) -> Delta R2* -> motion check -> automatic AIF
--> oSVD deconvolution (one SVD, all voxels) -> maps. Units: CBF mL/100 g/min and CBV mL/100 g with
+-> in-plane smoothing of the tissue curves (not the AIF's, not large vessels') -> oSVD deconvolution
+(one SVD, all voxels) -> maps. Units: CBF mL/100 g/min and CBV mL/100 g with
 the customary large/small-vessel haematocrit correction ``kH = (1 - 0.45)/(1 - 0.25)`` and brain
 density 1.04 g/mL; the AIF is not corrected for partial volume, so absolute CBF/CBV are nominal
 and the relative maps (against the unaffected hemisphere) are the ones to compare. Tmax and MTT
