@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -23,25 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from bench import perfusion_tiles
-from models.perfusion import compute_maps, concentration, detect_bolus, voxel_maps
+from models.perfusion import compute_maps, voxel_maps
+from models.tmax_ddpm.runtime import CpuFeatures
 from phantom.api import make_case
-from tests.unit.dsc_reference import SNRS, TE_S, TRS_S, alternative_set, reference_set
+from tests.unit.dsc_reference import SNRS, TRS_S, alternative_set, delta_r2s, reference_set
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench.perfusion:begin -->", "<!-- bench.perfusion:end -->"
 #: oSVD oscillation-index thresholds whose CBF correlation the bench reports (0.035, Wu 2003, is the default)
 OI_SWEEP = (0.02, 0.035, 0.05, 0.1)
 SCENARIO = {"occlusion": "M1", "side": "left", "collaterals": "moderate", "onset_h": 3.0}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _r(a: np.ndarray, b: np.ndarray) -> float:
@@ -57,7 +47,7 @@ def _grid(make, name: str, reps: int) -> dict:
     for tr in TRS_S:
         for snr in SNRS:
             rs = make(tr, snr)
-            conc = concentration(rs.signal, detect_bolus(rs.signal.mean(axis=1)), TE_S)[0]
+            conc = delta_r2s(rs.signal)
             t0 = time.perf_counter()
             o = voxel_maps(conc, rs.aif_r2s, tr)
             seconds += time.perf_counter() - t0
@@ -211,7 +201,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
-    cpu = cpu_model()
+    feats = CpuFeatures.detect()
+    cpu = f"{feats.name} (torch CPU capability {feats.capability})"
     g = grid()
     a = alt_grid()
     for x in (g, a):

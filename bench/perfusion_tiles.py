@@ -20,9 +20,9 @@ import math
 
 import numpy as np
 
-from models.perfusion import concentration, detect_bolus, voxel_maps
+from models.perfusion import voxel_maps
 from models.perfusion.maps import DscOptions, smooth_in_plane
-from tests.unit.dsc_reference import SNRS, TE_S, TRS_S, ReferenceSet, alternative_set, reference_set
+from tests.unit.dsc_reference import SNRS, TRS_S, ReferenceSet, alternative_set, delta_r2s, reference_set
 
 TILE = 10
 MARGIN = 3  # voxels left out at each tile edge: about 3 kernel SDs at 5 mm FWHM on 2 mm pixels
@@ -53,7 +53,7 @@ def read_tiles(rs: ReferenceSet, fwhm_mm: float, tile: int = TILE, margin: int =
     if fwhm_mm > 0:
         img = smooth_in_plane(img, np.ones(img.shape[1:], bool), fwhm_mm, (1.0, PIXEL_MM, PIXEL_MM))
     sig = img.reshape(t, -1)
-    conc = concentration(sig, detect_bolus(sig.mean(axis=1)), TE_S)[0]
+    conc = delta_r2s(sig)
     maps = voxel_maps(conc, rs.aif_r2s, rs.tr)
     conds = rs.tmax.size // (tile * tile)
     roi = slice(margin, tile - margin)

@@ -32,7 +32,7 @@ import torch
 from models.registry import resolve
 from models.tmax_ddpm.checkpoint import CheckpointError, export_weights, load_weights, read_info
 from models.tmax_ddpm.config import Config, model_config_hash
-from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, step_loader
+from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, draw_batch, step_loader
 from models.tmax_ddpm.diffusion import make_scheduler, training_target
 from models.tmax_ddpm.loss import perfusion_weights, weighted_mse
 from models.tmax_ddpm.network import build_network, count_parameters
@@ -433,14 +433,8 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
             break
         threads.before(step)
         t_step = time.perf_counter()
-        if loader is not None:
-            cond, x0, noise, t = (v.to(dev, non_blocking=True) for v in next(loader))
-        else:
-            ids = torch.randint(0, len(bank), (tc.batch_size,), generator=gen).tolist()
-            cond, x0 = bank.batch(ids, gen, augment=True)
-            cond, x0 = cond.to(dev), x0.to(dev)
-            noise = torch.randn(x0.shape, generator=gen).to(dev)
-            t = torch.randint(0, mc.num_train_timesteps, (x0.shape[0],), generator=gen).to(dev)
+        batch = next(loader) if loader is not None else draw_batch(bank, tc.batch_size, mc.num_train_timesteps, gen)
+        cond, x0, noise, t = (v.to(dev, non_blocking=loader is not None) for v in batch)
         xt = sched.add_noise(x0, noise, t)
         target = training_target(sched, x0, noise, t)
         w = perfusion_weights(x0, tc.hypo_threshold_s, tc.hypo_weight, tc.border_weight, tc.border_px)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.cluster.vq import kmeans2
 
+from models.perfusion.signal import delta_r2s_noise
+
 N_CLUSTERS = 5
 # an arterial curve peaks seconds before the brain's median voxel (tissue transit and dispersion; 4 s in
 # the phantom's healthy cases); a "lead" under 2 s means the AIF came from tissue (dt known)
@@ -130,9 +132,7 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
     # measure (wiggle around a running mean, curvature) was used first; at a coarse TR it reads the sharp
     # arterial peak itself as irregular (TR 1.5 s: 18 of the 19 unsaturated sylvian arteries of phantom
     # seed 2 dropped, the AIF taken from grey matter), so noise is measured where there is no bolus
-    with np.errstate(divide="ignore", invalid="ignore"):
-        noise_r2s = np.where(s0[idx] > 0, sd[idx] / s0[idx], np.inf) / te_s
-    rough = noise_r2s[top] / np.maximum(peak[top], 1e-12)
+    rough = delta_r2s_noise(s0[idx][top], sd[idx][top], te_s) / np.maximum(peak[top], 1e-12)
     top = top[rough <= np.quantile(rough, 0.75)]
     chosen = top[_pick_cluster(win[:, top], seed)]
     if chosen.size >= 2 * N_CLUSTERS:
@@ -149,7 +149,7 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
     aif_peak = float(curve[a0:a1].max())
     ttp = int(a0 + np.argmax(curve[a0:a1]))
     brain_ttp = float(np.median(a0 + np.argmax(win, axis=0)))
-    noise = float(np.median(sd[vox] / np.maximum(s0[vox], 1e-9))) / te_s  # Delta R2* noise, 1/s
+    noise = float(np.median(delta_r2s_noise(s0[vox], sd[vox], te_s)))  # Delta R2* noise, 1/s (s0 > 0 here)
     fwhm = float(_fwhm_frames(curve[a0:a1, None])[0])
     quality = {
         "n_voxels": int(vox.size), "n_candidates": int(idx.size), "n_saturated_rejected": int(saturated.sum()),

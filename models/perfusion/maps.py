@@ -21,15 +21,15 @@ import numpy as np
 
 from models.perfusion.aif import AifResult, select_aif
 from models.perfusion.deconv import DEFAULT_OI, osvd, residue_peak_time, ssvd
-from models.perfusion.signal import Bolus, Motion, concentration, detect_bolus, motion_check
+from models.perfusion.signal import Bolus, Motion, concentration, delta_r2s_noise, detect_bolus, motion_check
 from models.perfusion.tmax_fit import fit_residue
 
 KH = (1 - 0.45) / (1 - 0.25)
 RHO = 1.04
-LATE_FRACTION = 0.1
-NO_BOLUS_CNR = 5.0  # voxels peaking in the last 10 % of frames are flagged as truncated
-VESSEL_CBV_RATIO = 5.0
-LATE_TTP_S = 3.0  # TTP this much after the brain's median: late tissue, for the affected side without a core  # CBV over 5x the brain median: a large vessel, no Tmax
+LATE_FRACTION = 0.1  # voxels peaking in the last 10 % of frames are flagged as truncated
+NO_BOLUS_CNR = 5.0  # peak Delta R2* under this many baseline noise SDs: no measurable bolus, no value
+VESSEL_CBV_RATIO = 5.0  # CBV over 5x the brain median: a large vessel, no Tmax
+LATE_TTP_S = 3.0  # TTP this much after the brain's median: late tissue, for the affected side without a core
 
 
 @dataclass
@@ -106,14 +106,17 @@ def uniform_frames(series: np.ndarray, times_s: np.ndarray) -> tuple[np.ndarray,
     return (1 - w) * series[j] + w * series[j + 1], dt
 
 
+def measurable_bolus(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, te_s: float) -> np.ndarray:
+    """Voxels whose peak Delta R2* reaches NO_BOLUS_CNR baseline noise SDs (CSF and background do not)."""
+    return conc.max(axis=0) >= NO_BOLUS_CNR * delta_r2s_noise(s0, sd, te_s)
+
+
 def late_hemisphere(conc: np.ndarray, hemi: np.ndarray, dt: float, s0: np.ndarray, sd: np.ndarray,
                     te_s: float) -> int | None:
     """The hemisphere label (1/2) with clearly more tissue peaking late (TTP over LATE_TTP_S after the
     brain's median, among voxels with a measurable bolus): at least twice the other side's count and 1 %
     of those voxels; None when the two sides look alike."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        noise = np.where(s0 > 0, sd / s0, np.inf) / te_s
-    ok = (conc.max(axis=0) >= NO_BOLUS_CNR * noise) & (hemi > 0)
+    ok = measurable_bolus(conc, s0, sd, te_s) & (hemi > 0)
     if ok.sum() < 100 or conc.shape[0] < 5:
         return None
     c = conc[:, ok]
@@ -262,9 +265,7 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
         # large vessels are found on the unsmoothed curves (first-pass area, as CBV) and kept out of the
         # kernel, so arterial and sinus signal is not spread into the tissue around them
         raw_cbv = first_pass_cbv(conc, aif.curve, dt).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            raw_noise = np.where(s0 > 0, sd / s0, np.inf) / te_s
-        raw_bolus = conc.max(axis=0) >= NO_BOLUS_CNR * raw_noise
+        raw_bolus = measurable_bolus(conc, s0, sd, te_s)
         med = float(np.median(raw_cbv[raw_bolus])) if raw_bolus.any() else 0.0
         vessel_raw = raw_bolus & (raw_cbv > VESSEL_CBV_RATIO * med) if med > 0 else np.zeros_like(raw_bolus)
         weight = np.zeros(shape, bool)
@@ -275,9 +276,7 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     per = voxel_maps(conc, aif.curve, dt, opt.method, opt.oi_threshold, opt.tmax_method)
     # voxels without a measurable bolus (CSF, background inside the mask) get no value rather than
     # the argmax of noise: peak Delta R2* under 5 baseline noise SDs
-    with np.errstate(divide="ignore", invalid="ignore"):
-        noise = np.where(s0 > 0, sd / s0, np.inf) / te_s
-    no_bolus = ~(conc.max(axis=0) >= NO_BOLUS_CNR * noise)
+    no_bolus = ~measurable_bolus(conc, s0, sd, te_s)
     for name in ("tmax", "cbf", "cbv", "mtt", "ttp"):
         per[name] = np.where(no_bolus, np.nan, per[name]).astype(np.float32)
     # large vessels (venous sinus, arteries in the cisterns) are not tissue: their "residue" peaks at the

@@ -152,6 +152,12 @@ def concentration(signal: np.ndarray, bolus: Bolus, te_s: float) -> tuple[np.nda
     return conc, s0, sd
 
 
+def delta_r2s_noise(s0: np.ndarray, sd: np.ndarray, te_s: float) -> np.ndarray:
+    """Each voxel's baseline noise in Delta R2* (1/s): signal SD over S0, over TE; inf where S0 <= 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(s0 > 0, sd / s0, np.inf) / te_s
+
+
 def motion_check(series: np.ndarray, spacing_zyx: tuple[float, float, float], bolus: Bolus,
                  threshold_mm: float = 2.0) -> Motion:
     """Head centre-of-mass displacement per frame for a (t, z, y, x) series."""

@@ -230,12 +230,18 @@ class StepBatches(torch.utils.data.Dataset):
         return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        g = self.generator(step)
-        ids = torch.randint(0, len(self.bank), (self.batch_size,), generator=g).tolist()
-        cond, x0 = self.bank.batch(ids, g, augment=True)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, self.timesteps, (x0.shape[0],), generator=g)
-        return cond, x0, noise, t
+        return draw_batch(self.bank, self.batch_size, self.timesteps, self.generator(step))
+
+
+def draw_batch(bank: SliceBank, batch_size: int, timesteps: int,
+               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch from ``g``: slice ids, augmented conditioning and Tmax, noise, timesteps (in
+    that order of draws, which both the in-process path and StepBatches rely on)."""
+    ids = torch.randint(0, len(bank), (batch_size,), generator=g).tolist()
+    cond, x0 = bank.batch(ids, g, augment=True)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, timesteps, (x0.shape[0],), generator=g)
+    return cond, x0, noise, t
 
 
 def step_loader(batches: StepBatches, first: int, last: int, workers: int, pin_memory: bool):

@@ -15,6 +15,8 @@ import numpy as np
 
 from phantom.dicom.build import Acq, SeriesSpec, Study, write_classic_series, write_enhanced_series
 from phantom.dicom.vendors import STYLES
+from phantom.dsc import TE_S as DSC_TE_S
+from phantom.dsc import TR_S as DSC_TR_S
 from phantom.geometry import centred_grid
 
 
@@ -39,8 +41,8 @@ def _acqs(vendor: str, field_t: float, case) -> dict[str, Acq]:
               slice_thickness_mm=7.0, contrast="T1")
     dsc_info = (case.truth.get("acquisition") or {}).get("dsc") or {}
     dsc = Acq(("EP", "GR") if vendor != "siemens" else ("EP",), ("SK",), ("FS",),
-              tr_ms=round(1000.0 * float(dsc_info.get("tr_s", 1.0)), 3),
-              te_ms=round(1000.0 * float(dsc_info.get("te_s", 0.030)), 3),
+              tr_ms=round(1000.0 * float(dsc_info.get("tr_s", DSC_TR_S)), 3),
+              te_ms=round(1000.0 * float(dsc_info.get("te_s", DSC_TE_S)), 3),
               flip_deg=90.0, etl=case.grid.shape[1] // 2, bandwidth=1500.0, slice_thickness_mm=dwi_thick,
               echo_planar=True, fat_sat=True, contrast="PERFUSION")
     return {"dwi": dwi, "adc": dwi, "flair": flair, "t1": t1, "localizer": loc, "dsc": dsc}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import gamma as gamma_dist
 
+from models.perfusion import concentration, detect_bolus
 from phantom.dsc import arterial_input, residue_peak_offset
 
 DELAYS_S = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -149,3 +150,8 @@ def alternative_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> Refe
                         rows.append((d, m, f, mean_disp, tmax))
                         curves.append(c[pick] * f / 6000.0)
     return _noisy_set(tr, snr, rng, rows, curves, reps, aif_fine[pick])
+
+
+def delta_r2s(signal: np.ndarray) -> np.ndarray:
+    """A grid's signals (t, curves) as Delta R2* (1/s), the bolus found on their mean as the method does."""
+    return concentration(signal, detect_bolus(signal.mean(axis=1)), TE_S)[0]

@@ -14,12 +14,11 @@ from models.perfusion import concentration, detect_bolus, osvd, ssvd, voxel_maps
 from models.perfusion.deconv import oscillation_index
 from models.perfusion.maps import DscOptions, smooth_in_plane
 from models.perfusion.tmax_fit import fit_tmax
-from tests.unit.dsc_reference import TE_S, alternative_set, reference_set
+from tests.unit.dsc_reference import TE_S, alternative_set, delta_r2s, reference_set
 
 
 def _conc(rs):
-    bolus = detect_bolus(rs.signal.mean(axis=1))
-    return concentration(rs.signal, bolus, TE_S)[0]
+    return delta_r2s(rs.signal)
 
 
 @pytest.fixture(scope="module", params=[(1.0, 50.0), (1.6, 100.0)], ids=["tr1.0-snr50", "tr1.6-snr100"])
