@@ -22,7 +22,15 @@ import numpy as np
 
 from models.perfusion import voxel_maps
 from models.perfusion.maps import DscOptions, smooth_in_plane
-from tests.unit.dsc_reference import SNRS, TRS_S, ReferenceSet, alternative_set, delta_r2s, reference_set
+from tests.unit.dsc_reference import (
+    SNRS,
+    TRS_S,
+    ReferenceSet,
+    alternative_set,
+    delta_r2s,
+    reference_set,
+    third_set,
+)
 
 TILE = 10
 MARGIN = 3  # voxels left out at each tile edge: about 3 kernel SDs at 5 mm FWHM on 2 mm pixels
@@ -46,12 +54,13 @@ def tile_image(rs: ReferenceSet, tile: int = TILE) -> tuple[np.ndarray, int, int
     return img, rows, cols
 
 
-def read_tiles(rs: ReferenceSet, fwhm_mm: float, tile: int = TILE, margin: int = MARGIN) -> dict[str, np.ndarray]:
+def read_tiles(rs: ReferenceSet, fwhm_mm: float, tile: int = TILE, margin: int = MARGIN,
+               pixel_mm: float = PIXEL_MM) -> dict[str, np.ndarray]:
     """Per condition: the ROI means of Tmax and CBF, and the truth (one value per tile)."""
     img, rows, cols = tile_image(rs, tile)
     t = img.shape[0]
     if fwhm_mm > 0:
-        img = smooth_in_plane(img, np.ones(img.shape[1:], bool), fwhm_mm, (1.0, PIXEL_MM, PIXEL_MM))
+        img = smooth_in_plane(img, np.ones(img.shape[1:], bool), fwhm_mm, (1.0, pixel_mm, pixel_mm))
     sig = img.reshape(t, -1)
     conc = delta_r2s(sig)
     maps = voxel_maps(conc, rs.aif_r2s, rs.tr)
@@ -67,12 +76,14 @@ def read_tiles(rs: ReferenceSet, fwhm_mm: float, tile: int = TILE, margin: int =
             "true_cbf": rs.cbf[first], "true_delay": rs.delay[first]}
 
 
-def tiled_grid(make, name: str, fwhm_mm: float) -> dict:
-    """Pooled over TR and SNR: Tmax median / 95th percentile absolute error (s and TR) and CBF r per tile."""
+def tiled_grid(make, name: str, fwhm_mm: float, tile: int = TILE, margin: int = MARGIN,
+               pixel_mm: float = PIXEL_MM) -> dict:
+    """Pooled over TR and SNR: Tmax median / 95th percentile absolute error (s and TR) and CBF r per tile.
+    ``make(tr, snr)`` must give tile^2 noise draws per condition."""
     err, err_tr, cbf, true_cbf, by_snr = [], [], [], [], {}
     for tr in TRS_S:
         for snr in SNRS:
-            r = read_tiles(make(tr, snr), fwhm_mm)
+            r = read_tiles(make(tr, snr), fwhm_mm, tile, margin, pixel_mm)
             e = np.abs(r["tmax"] - r["true_tmax"])
             err.append(e)
             err_tr.append(e / tr)
@@ -80,7 +91,8 @@ def tiled_grid(make, name: str, fwhm_mm: float) -> dict:
             true_cbf.append(r["true_cbf"])
             by_snr.setdefault(int(snr), []).append(e)
     e, etr = np.concatenate(err), np.concatenate(err_tr)
-    return {"name": name, "fwhm_mm": fwhm_mm, "tiles": int(e.size), "med": float(np.median(e)),
+    return {"name": name, "fwhm_mm": fwhm_mm, "tile": tile, "roi": tile - 2 * margin, "pixel_mm": pixel_mm,
+            "tiles": int(e.size), "med": float(np.median(e)),
             "p95": float(np.percentile(e, 95)), "p95_tr": float(np.percentile(etr, 95)),
             "by_snr": {k: float(np.median(np.concatenate(v))) for k, v in by_snr.items()},
             "r_cbf": float(np.corrcoef(np.concatenate(cbf), np.concatenate(true_cbf))[0, 1])}
@@ -93,15 +105,35 @@ def run(fwhm_mm: float | None = None) -> list[dict]:
     for smooth in (fwhm, 0.0):
         out.append(tiled_grid(lambda tr, snr: reference_set(tr, snr, reps=per), "phantom-model grid", smooth))
         out.append(tiled_grid(lambda tr, snr: alternative_set(tr, snr, reps=per), "alternative-model grid", smooth))
+        out.append(tiled_grid(lambda tr, snr: third_set(tr, snr, reps=per), "third grid (plateau-like residues)", smooth))
+    return out
+
+
+#: (tile, margin) x pixel (mm) that the sensitivity check reads the phantom-model grid with: ROIs of 2^2
+#: to 6^2 voxels, pixels 1.5-3 mm around the default 10 x 10 / 4^2 / 2 mm
+SENSITIVITY_TILES = ((8, 3), (10, 3), (12, 3), (10, 2))
+SENSITIVITY_PIXELS_MM = (1.5, 2.0, 3.0)
+
+
+def sensitivity(fwhm_mm: float | None = None) -> list[dict]:
+    """The phantom-model grid's tile reading over other tile sizes, ROIs and pixel sizes: whether the
+    targets hold depends on this reading's own choices or not."""
+    fwhm = DscOptions().smooth_fwhm_mm if fwhm_mm is None else fwhm_mm
+    out = []
+    for tile, margin in SENSITIVITY_TILES:
+        for px in SENSITIVITY_PIXELS_MM:
+            out.append(tiled_grid(lambda tr, snr, n=tile * tile: reference_set(tr, snr, reps=n), "phantom-model grid",
+                                  fwhm, tile, margin, px))
     return out
 
 
 def line(x: dict) -> str:
-    return (f"{x['name']}, {x['tiles']} tiles, smoothing {x['fwhm_mm']:g} mm: Tmax median abs error {x['med']:.2f} s "
+    return (f"{x['name']}, {x['tiles']} tiles of {x['tile']}^2 ({x['roi']}^2 ROI, {x['pixel_mm']:g} mm), "
+            f"smoothing {x['fwhm_mm']:g} mm: Tmax median abs error {x['med']:.2f} s "
             f"(SNR 20/50/100: {', '.join(f'{v:.2f}' for v in x['by_snr'].values())}), p95 {x['p95']:.2f} s "
             f"({x['p95_tr']:.2f} TR); CBF r {x['r_cbf']:.3f}")
 
 
 if __name__ == "__main__":
-    for x in run():
+    for x in run() + sensitivity():
         print(line(x), flush=True)

@@ -19,8 +19,8 @@ Why: once the curve has passed through the AIF's 4-5 s wide first pass, MTT and 
 against each other and many shapes fit a noisy curve almost equally well, with Tmax values seconds
 apart; the single best one follows the noise. Averaging over them weighs each by how well it fits, and
 on the reference grid read per curve it cut the median error from 0.67 s (the maximum-likelihood
-template with a parabola refinement, used until 2026-12) to 0.46 s and the 95th percentile from 2.5 to
-2.0 TR (docs/perfusion.md). The search window is centred on the oSVD Tmax (-4 s to +2 s: oSVD is late,
+template with a parabola refinement, used until 2026-12) to 0.47 s and the 95th percentile from 2.5 to
+1.97 TR (docs/perfusion.md). The search window is centred on the oSVD Tmax (-4 s to +2 s: oSVD is late,
 never seconds early), so one matrix product per chunk of voxels covers it.
 
 The shape family is a model: curves from other residues (linear, gamma-distributed transit times) or
@@ -58,7 +58,8 @@ def residue_peak_offset(mtt: np.ndarray | float, beta: np.ndarray | float) -> np
     return np.where(beta <= 0, 0.0, t)
 
 
-def _shape_tissue_curves(aif: np.ndarray, dt: float, pad_s: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _shape_tissue_curves(aif: np.ndarray, dt: float, pad_s: float, mtts: tuple[float, ...] = FIT_MTTS_S,
+                         betas: tuple[float, ...] = FIT_BETAS_S) -> tuple[np.ndarray, np.ndarray, float]:
     """AIF (*) k for every shape on a fine grid (shapes, fine samples), their t*, and the fine step.
 
     The AIF is interpolated by a cubic spline between frames and held at its last value past the
@@ -69,9 +70,9 @@ def _shape_tissue_curves(aif: np.ndarray, dt: float, pad_s: float) -> tuple[np.n
     tf = np.arange(0.0, n * dt + pad_s, dtf)
     af = np.where(tf <= t[-1], CubicSpline(t, aif)(np.minimum(tf, t[-1])), aif[-1])
     curves, tstar = [], []
-    for mtt in FIT_MTTS_S:
+    for mtt in mtts:
         r = np.exp(-tf / mtt)
-        for beta in FIT_BETAS_S:
+        for beta in betas:
             k = r if beta == 0 else np.convolve(np.exp(-tf / beta) / beta, r)[: tf.size] * dtf
             curves.append(np.convolve(af, k)[: tf.size] * dtf)
             tstar.append(float(residue_peak_offset(mtt, beta)))
@@ -105,8 +106,9 @@ def fit_tmax(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray, ch
 
 
 @single_threaded_blas
-def fit_residue(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray,
-                chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def fit_residue(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray, chunk: int = 4096,
+                shapes: tuple[tuple[float, ...], tuple[float, ...]] = (FIT_MTTS_S, FIT_BETAS_S),
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Model-based Tmax (s) and flow (1/s, the fitted amplitude ``A``) per voxel of ``conc``.
 
     ``A`` is CBF in the units of the SVD residue's height: the fitted ``k`` has ``R(0) = 1`` and a
@@ -125,7 +127,7 @@ def fit_residue(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray,
     centre = np.round(g / GROUP_S) * GROUP_S
     offsets = np.arange(WINDOW_S[0] - GROUP_S / 2, WINDOW_S[1] + GROUP_S / 2 + 1e-9, STEP_S)
     pad = max(0.0, -float(centre.min()) - WINDOW_S[0] + GROUP_S) + dt
-    cf, tstar, dtf = _shape_tissue_curves(aif, dt, pad)
+    cf, tstar, dtf = _shape_tissue_curves(aif, dt, pad, *shapes)
     n_shape, n_off = cf.shape[0], offsets.size
     out = np.empty(conc.shape[1], np.float32)
     flow = np.empty(conc.shape[1], np.float32)

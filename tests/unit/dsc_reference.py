@@ -11,6 +11,11 @@ caught out: Parker's population AIF (Parker et al., MRM 2006;56:993; two Gaussia
 sigmoid-modulated exponential), gamma-variate dispersion kernels (shape 2), and Kudo's exponential and
 linear residues plus a gamma-distributed transit-time residue (Mouridsen et al., MRM 2006;55:524).
 
+``third_set`` shares models with neither, and its residues are plateau-like, where the argmax is least
+defined: a lognormal first-pass AIF over a slowly rising recirculation tail, lognormal dispersion kernels,
+and lognormal (sigma 0.6) and bi-exponential (70 % fast) transit residues. It was written to judge a
+change to the fit's shape family, and is reported beside the other two, never tuned to.
+
 Used by tests/unit/test_perfusion_reference.py and bench/perfusion.py.
 """
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import gamma as gamma_dist
+from scipy.stats import lognorm
 
 from models.perfusion import concentration, detect_bolus
 from phantom.dsc import arterial_input, residue_peak_offset
@@ -62,10 +68,14 @@ def _tissue(t_fine: np.ndarray, aif_fine: np.ndarray, delay: float, mtt: float, 
     h = np.exp(-t_fine / beta) / beta
     r = np.exp(-t_fine / mtt)
     k = np.convolve(h, r)[: t_fine.size] * _DT
-    c = np.convolve(aif_fine, k)[: t_fine.size] * _DT
+    return _delayed(np.convolve(aif_fine, k)[: t_fine.size] * _DT, delay)
+
+
+def _delayed(c: np.ndarray, delay: float) -> np.ndarray:
+    """``c`` on the fine grid moved later by ``delay`` s (earlier when negative), length kept."""
     shift = int(round(delay / _DT))
     if shift >= 0:
-        return np.concatenate([np.zeros(shift), c])[: t_fine.size]
+        return np.concatenate([np.zeros(shift), c])[: c.size]
     return np.concatenate([c[-shift:], np.zeros(-shift)])
 
 
@@ -142,11 +152,55 @@ def alternative_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> Refe
                     h /= h.sum() * _DT
                     k = np.convolve(h, _alt_residue(kind, t_fine, m))[: t_fine.size] * _DT
                     tmax = d + float(t_fine[np.argmax(k)])
-                    c = np.convolve(aif_fine, k)[: t_fine.size] * _DT
-                    shift = int(round(d / _DT))
-                    c = (np.concatenate([np.zeros(shift), c])[: t_fine.size] if shift >= 0
-                         else np.concatenate([c[-shift:], np.zeros(-shift)]))
+                    c = _delayed(np.convolve(aif_fine, k)[: t_fine.size] * _DT, d)
                     for f in ALT_CBFS:
+                        rows.append((d, m, f, mean_disp, tmax))
+                        curves.append(c[pick] * f / 6000.0)
+    return _noisy_set(tr, snr, rng, rows, curves, reps, aif_fine[pick])
+
+
+THIRD_DELAYS_S = (-2.0, 0.0, 1.5, 3.0, 5.0)
+THIRD_MTTS_S = (3.5, 5.0, 7.0, 10.0, 14.0, 20.0)
+THIRD_CBFS = (15.0, 35.0, 70.0)
+THIRD_DISPERSION_MEANS_S = (0.7, 2.0)
+THIRD_RESIDUES = ("lognormal", "biexponential")
+
+
+def lognormal_aif(t_s: np.ndarray, t0: float = 9.0, peak_mm: float = 8.0) -> np.ndarray:
+    """A lognormal first pass (median 4 s after ``t0``) over a tail that rises to 8 % of the peak."""
+    x = np.clip(t_s - t0, 1e-9, None)
+    first = lognorm.pdf(x, 0.35, scale=4.0)
+    tail = 0.08 * first.max() / (1.0 + np.exp(-(x - 10.0) / 2.0))
+    c = np.where(t_s > t0, first + tail, 0.0)
+    return c * peak_mm / c.max()
+
+
+def _third_residue(kind: str, tau: np.ndarray, mtt: float) -> np.ndarray:
+    if kind == "lognormal":
+        sigma = 0.6
+        return lognorm.sf(tau, sigma, scale=mtt * np.exp(-sigma * sigma / 2))  # mean transit time = mtt
+    fast, t_fast = 0.7, 0.4 * mtt
+    t_slow = (mtt - fast * t_fast) / (1 - fast)
+    return fast * np.exp(-tau / t_fast) + (1 - fast) * np.exp(-tau / t_slow)
+
+
+def third_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> ReferenceSet:
+    """The third grid (module docstring); ``beta`` holds the mean dispersion time."""
+    rng = np.random.default_rng([seed, int(tr * 100), int(snr), 11])
+    t_fine = np.arange(0, N_FRAMES * tr + 20.0, _DT)
+    aif_fine = lognormal_aif(t_fine)
+    pick = np.round(np.arange(N_FRAMES) * tr / _DT).astype(int)
+    rows, curves = [], []
+    for kind in THIRD_RESIDUES:
+        for d in THIRD_DELAYS_S:
+            for m in THIRD_MTTS_S:
+                for mean_disp in THIRD_DISPERSION_MEANS_S:
+                    h = lognorm.pdf(t_fine, 0.5, scale=mean_disp * np.exp(-0.125))
+                    h /= h.sum() * _DT
+                    k = np.convolve(h, _third_residue(kind, t_fine, m))[: t_fine.size] * _DT
+                    tmax = d + float(t_fine[np.argmax(k)])
+                    c = _delayed(np.convolve(aif_fine, k)[: t_fine.size] * _DT, d)
+                    for f in THIRD_CBFS:
                         rows.append((d, m, f, mean_disp, tmax))
                         curves.append(c[pick] * f / 6000.0)
     return _noisy_set(tr, snr, rng, rows, curves, reps, aif_fine[pick])
