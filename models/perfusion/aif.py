@@ -19,6 +19,12 @@ known - the hemisphere without it, so the AIF is not taken downstream of the occ
    median (tissue, not artery: at a small matrix that side may hold almost no unsaturated artery),
    the search runs again over both; that AIF is kept if it passes the check, warned and marked not ok
    (it may come from the affected side, downstream of the occlusion).
+7. if that is still tissue-like, the arteries are there but saturated (a long TE, a small matrix: every
+   healthy-side artery voxel drops to the noise floor at the peak). Their curves keep the bolus's
+   timing on the frames that are not saturated, so the earliest cluster of saturated curves is taken
+   (hemisphere without the core first), each curve's saturated frames are replaced by a gamma-variate
+   fitted to its unsaturated first-pass frames, and the AIF is their mean, warned and marked not ok.
+   Its height is an extrapolation (CBF and CBV are nominal anyway); Tmax depends on its timing.
 
 Venous curves (sagittal sinus) are as high as arterial ones but arrive seconds later, so the
 first-moment criterion leaves them out.
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.cluster.vq import kmeans2
+from scipy.optimize import curve_fit
 
 from models.perfusion.signal import delta_r2s_noise
 
@@ -84,6 +91,67 @@ def _pick_cluster(curves: np.ndarray, seed: int) -> np.ndarray:
         if key is None or score < key:
             best, key = lab, score
     return np.nonzero(labels == best)[0]
+
+
+def _gamma_variate(t: np.ndarray, a: float, t0: float, alpha: float, beta: float) -> np.ndarray:
+    x = np.clip(t - t0, 0.0, None)
+    return a * x ** alpha * np.exp(-x / beta)
+
+
+def _desaturate(curve: np.ndarray, valid: np.ndarray, first_pass: tuple[int, int]) -> np.ndarray | None:
+    """``curve`` with its saturated first-pass frames (``valid`` False) replaced by a gamma variate fitted
+    to its valid first-pass frames; None when the fit fails or has too few frames to stand on."""
+    a0, a1 = first_pass
+    t = np.arange(curve.size, dtype=np.float64)
+    fit_frames = np.nonzero(valid[a0:a1])[0] + a0
+    bad = np.nonzero(~valid[a0:a1])[0] + a0
+    if bad.size == 0 or fit_frames.size < 5:
+        return None
+    rise = int(bad[0])
+    t0 = float(max(a0, rise - 2))
+    y = curve[fit_frames]
+    p0 = (float(max(y.max(), 1e-6)), t0, 3.0, 1.5)
+    try:
+        p, _ = curve_fit(_gamma_variate, t[fit_frames], y, p0=p0, maxfev=4000,
+                         bounds=([0.0, a0 - 2.0, 0.5, 0.3], [np.inf, float(rise), 8.0, 8.0]))
+    except (RuntimeError, ValueError):
+        return None
+    out = curve.astype(np.float64).copy()
+    model = _gamma_variate(t, *p)
+    out[bad] = np.maximum(model[bad], curve[bad])  # never below what the saturated frame still shows
+    return out
+
+
+def _saturated_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, te_s: float, first_pass: tuple[int, int],
+                   saturated: np.ndarray, hemisphere: np.ndarray | None, avoid_hemisphere: int | None,
+                   seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Step 7 of the module docstring: (AIF curve, voxel indices) from saturated arteries, or None."""
+    pool = saturated.copy()
+    if hemisphere is not None and avoid_hemisphere is not None:
+        other = pool & (np.asarray(hemisphere) != avoid_hemisphere) & (np.asarray(hemisphere) > 0)
+        if other.sum() >= 3:
+            pool = other
+    idx = np.nonzero(pool)[0]
+    if idx.size < 3:
+        return None
+    a0, a1 = first_pass
+    # Delta R2* above which the signal is under 3 noise SDs or 5 % of S0: that frame says only "saturated".
+    # The noise SD is the image's (magnitude noise is about the same in every voxel): an early artery's own
+    # baseline SD can hold its bolus's first frames when the series has under 4 baseline frames
+    noise = float(np.median(sd[sd > 0])) if (sd > 0).any() else 0.0
+    ceiling = -np.log(np.clip(3.0 * noise / s0[idx], 0.05, 0.5)) / te_s
+    valid = conc[:, idx] < 0.8 * ceiling[None, :]
+    clipped = np.minimum(conc[:, idx], ceiling[None, :])[a0:a1]
+    chosen = _pick_cluster(clipped, seed)
+    curves, kept = [], []
+    for j in chosen:
+        c = _desaturate(conc[:, idx[j]].astype(np.float64), valid[:, j], first_pass)
+        if c is not None:
+            curves.append(c)
+            kept.append(idx[j])
+    if len(curves) < 3:
+        return None
+    return np.mean(curves, axis=0), np.asarray(kept)
 
 
 def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.ndarray, te_s: float,
@@ -180,6 +248,23 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
                           min_candidates=min_candidates, seed=seed, dt=dt)
         if not both.quality["tissue_like"]:
             note = f"AIF from both hemispheres: the one without the core gave a tissue-like curve ({tissue_warning})"
-            both.quality.update(ok=False, fallback="both hemispheres", side_tried=side_used)
+            inner = both.quality.get("fallback")  # the search over both may itself have needed saturated arteries
+            both.quality.update(ok=False, fallback="both hemispheres" + (f", {inner}" if inner else ""),
+                                side_tried=side_used)
             return AifResult(both.curve, both.voxels, both.quality, [note] + both.warnings)
+    if tissue_like and dt is not None:
+        sat = _saturated_aif(conc, s0, sd, te_s, (a0, a1), saturated, hemisphere, avoid_hemisphere, seed)
+        if sat is not None:
+            s_curve, s_vox = sat
+            s_ttp = int(a0 + np.argmax(s_curve[a0:a1]))
+            if (brain_ttp - s_ttp) * dt >= MIN_AIF_LEAD_S:
+                s_peak = float(s_curve[a0:a1].max())
+                quality.update(ok=False, tissue_like=False, fallback="saturated arteries", n_voxels=int(s_vox.size),
+                               ttp_frame=s_ttp, peak_delta_r2s_per_s=round(s_peak, 4),
+                               peak_drop_fraction=round(1 - float(np.exp(-s_peak * te_s)), 4),
+                               fwhm_frames=float(_fwhm_frames(s_curve[a0:a1, None])[0]))
+                note = (f"AIF from {s_vox.size} saturated arterial voxels, their peaks reconstructed by a gamma-variate "
+                        f"fit (the unsaturated search gave a tissue-like curve: {tissue_warning}); CBF and CBV scale "
+                        "uncertain")
+                return AifResult(curve=s_curve.astype(np.float32), voxels=s_vox, quality=quality, warnings=[note])
     return AifResult(curve=curve.astype(np.float32), voxels=vox, quality=quality, warnings=warnings)
