@@ -101,23 +101,30 @@ def voxel_baseline_end(signal: np.ndarray, bolus: Bolus, k_sd: float = BASELINE_
     (measured on seed 13 of the 64² phantom: SD 90-170 against about 5 for tissue), which then marks
     clean arterial curves as saturated. A voxel's baseline ends at the first of two consecutive frames
     more than ``k_sd`` robust SDs (its median and MAD over the brain-wide baseline frames) below that
-    median (never before its third baseline frame); at the brain's arrival otherwise. Returns frame
-    indices (voxels,).
+    median (never before its third baseline frame); at the brain's arrival otherwise. When the brain's
+    baseline has only 3 frames, the robust SD is the image's (the median voxel's) and the baseline may end
+    after 2 frames: on randomised phantom study 500001 (TR 1.6 s, bolus 5 s in) the healthy side's
+    arteries otherwise kept SDs 25x the noise, were rejected as saturated, and the AIF came from the
+    other hemisphere (Dice 0.71 -> 0.88 at 64²). Returns frame indices (voxels,).
     """
     sig = np.asarray(signal, dtype=np.float32)
     b0, a = bolus.baseline_start, bolus.arrival
     end = np.full(sig.shape[1], a, dtype=np.int64)
-    if a - b0 < 4:  # too few frames for a robust baseline: keep the brain's
+    if a - b0 < 3:  # too few frames for any baseline of a voxel's own: keep the brain's
         return end
     base = sig[b0:a]
     med = np.median(base, axis=0)
     rsd = 1.4826 * np.median(np.abs(base - med), axis=0)
+    if a - b0 < 4:
+        # 3 frames give each voxel a median but no spread of its own: use the image's noise (the median
+        # voxel's; magnitude noise is about the same in every voxel)
+        rsd = np.full_like(rsd, float(np.median(rsd)))
     # the brain's arrival frame too, so a bolus that starts on the last baseline frame is seen
     low = sig[b0:a + 1] < (med - k_sd * np.maximum(rsd, 1e-6))
     run = low[1:-1] & low[2:]  # two consecutive low frames, starting from the second baseline frame
     hit = run.any(axis=0)
-    # at least 3 baseline frames, so a voxel's S0 and SD stay estimates (a series that short is warned anyway)
-    end[hit] = np.maximum(b0 + 1 + np.argmax(run[:, hit], axis=0), min(b0 + 3, a))
+    # at least 3 baseline frames (2 when the brain has only 3), so a voxel's S0 and SD stay estimates
+    end[hit] = np.maximum(b0 + 1 + np.argmax(run[:, hit], axis=0), min(b0 + (3 if a - b0 >= 4 else 2), a))
     return end
 
 
