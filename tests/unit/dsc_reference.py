@@ -137,26 +137,35 @@ def _alt_residue(kind: str, tau: np.ndarray, mtt: float) -> np.ndarray:
     return gamma_dist.sf(tau, 3.0, scale=mtt / 3.0)
 
 
-def alternative_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> ReferenceSet:
-    """The second grid: other AIF, dispersion and residue models; ``beta`` holds the mean dispersion time."""
-    rng = np.random.default_rng([seed, int(tr * 100), int(snr), 7])
+def _model_grid(tr: float, snr: float, reps: int, rng: np.random.Generator, aif, kernel, residue, kinds,
+                delays, mtts, dispersion_means, cbfs) -> ReferenceSet:
+    """Every (residue kind, delay, MTT, mean dispersion, CBF) on one AIF: ``aif(t_fine)`` in mM,
+    ``kernel(t_fine, mean)`` a dispersion kernel (normalised here), ``residue(kind, tau, mtt)``. Truth Tmax is
+    the argmax of the delayed, dispersed residue; ``beta`` holds the mean dispersion time."""
     t_fine = np.arange(0, N_FRAMES * tr + 20.0, _DT)
-    aif_fine = parker_aif(t_fine, ALT_AIF_T0_S)
+    aif_fine = aif(t_fine)
     pick = np.round(np.arange(N_FRAMES) * tr / _DT).astype(int)
     rows, curves = [], []
-    for kind in ALT_RESIDUES:
-        for d in ALT_DELAYS_S:
-            for m in ALT_MTTS_S:
-                for mean_disp in ALT_DISPERSION_MEANS_S:
-                    h = gamma_dist.pdf(t_fine, 2.0, scale=mean_disp / 2.0)
+    for kind in kinds:
+        for d in delays:
+            for m in mtts:
+                for mean_disp in dispersion_means:
+                    h = kernel(t_fine, mean_disp)
                     h /= h.sum() * _DT
-                    k = np.convolve(h, _alt_residue(kind, t_fine, m))[: t_fine.size] * _DT
+                    k = np.convolve(h, residue(kind, t_fine, m))[: t_fine.size] * _DT
                     tmax = d + float(t_fine[np.argmax(k)])
                     c = _delayed(np.convolve(aif_fine, k)[: t_fine.size] * _DT, d)
-                    for f in ALT_CBFS:
+                    for f in cbfs:
                         rows.append((d, m, f, mean_disp, tmax))
                         curves.append(c[pick] * f / 6000.0)
     return _noisy_set(tr, snr, rng, rows, curves, reps, aif_fine[pick])
+
+
+def alternative_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> ReferenceSet:
+    """The second grid: other AIF, dispersion and residue models; ``beta`` holds the mean dispersion time."""
+    return _model_grid(tr, snr, reps, np.random.default_rng([seed, int(tr * 100), int(snr), 7]),
+                       lambda t: parker_aif(t, ALT_AIF_T0_S), lambda t, mean: gamma_dist.pdf(t, 2.0, scale=mean / 2.0),
+                       _alt_residue, ALT_RESIDUES, ALT_DELAYS_S, ALT_MTTS_S, ALT_DISPERSION_MEANS_S, ALT_CBFS)
 
 
 THIRD_DELAYS_S = (-2.0, 0.0, 1.5, 3.0, 5.0)
@@ -186,24 +195,9 @@ def _third_residue(kind: str, tau: np.ndarray, mtt: float) -> np.ndarray:
 
 def third_set(tr: float, snr: float, reps: int = 1, seed: int = 0) -> ReferenceSet:
     """The third grid (module docstring); ``beta`` holds the mean dispersion time."""
-    rng = np.random.default_rng([seed, int(tr * 100), int(snr), 11])
-    t_fine = np.arange(0, N_FRAMES * tr + 20.0, _DT)
-    aif_fine = lognormal_aif(t_fine)
-    pick = np.round(np.arange(N_FRAMES) * tr / _DT).astype(int)
-    rows, curves = [], []
-    for kind in THIRD_RESIDUES:
-        for d in THIRD_DELAYS_S:
-            for m in THIRD_MTTS_S:
-                for mean_disp in THIRD_DISPERSION_MEANS_S:
-                    h = lognorm.pdf(t_fine, 0.5, scale=mean_disp * np.exp(-0.125))
-                    h /= h.sum() * _DT
-                    k = np.convolve(h, _third_residue(kind, t_fine, m))[: t_fine.size] * _DT
-                    tmax = d + float(t_fine[np.argmax(k)])
-                    c = _delayed(np.convolve(aif_fine, k)[: t_fine.size] * _DT, d)
-                    for f in THIRD_CBFS:
-                        rows.append((d, m, f, mean_disp, tmax))
-                        curves.append(c[pick] * f / 6000.0)
-    return _noisy_set(tr, snr, rng, rows, curves, reps, aif_fine[pick])
+    return _model_grid(tr, snr, reps, np.random.default_rng([seed, int(tr * 100), int(snr), 11]), lognormal_aif,
+                       lambda t, mean: lognorm.pdf(t, 0.5, scale=mean * np.exp(-0.125)), _third_residue,
+                       THIRD_RESIDUES, THIRD_DELAYS_S, THIRD_MTTS_S, THIRD_DISPERSION_MEANS_S, THIRD_CBFS)
 
 
 def delta_r2s(signal: np.ndarray) -> np.ndarray:
