@@ -28,6 +28,10 @@ KH = (1 - 0.45) / (1 - 0.25)
 RHO = 1.04
 LATE_FRACTION = 0.1  # voxels peaking in the last 10 % of frames are flagged as truncated
 NO_BOLUS_CNR = 5.0  # peak Delta R2* under this many baseline noise SDs: no measurable bolus, no value
+# with smoothing, a voxel's own unsmoothed curve must hold OWN_BOLUS_FRAMES consecutive frames whose mean
+# reaches OWN_BOLUS_CNR noise SDs of such a mean (own_bolus)
+OWN_BOLUS_FRAMES = 8
+OWN_BOLUS_CNR = 4.0
 VESSEL_CBV_RATIO = 5.0  # CBV over 5x the brain median: a large vessel, no Tmax
 LATE_TTP_S = 3.0  # TTP this much after the brain's median: late tissue, for the affected side without a core
 
@@ -109,6 +113,26 @@ def uniform_frames(series: np.ndarray, times_s: np.ndarray) -> tuple[np.ndarray,
 def measurable_bolus(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, te_s: float) -> np.ndarray:
     """Voxels whose peak Delta R2* reaches NO_BOLUS_CNR baseline noise SDs (CSF and background do not)."""
     return conc.max(axis=0) >= NO_BOLUS_CNR * delta_r2s_noise(s0, sd, te_s)
+
+
+def own_bolus(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, te_s: float, start: int,
+              window: int = OWN_BOLUS_FRAMES) -> np.ndarray:
+    """Voxels whose own (unsmoothed) curve shows a bolus: some ``window``-frame mean of Delta R2* from
+    frame ``start`` on reaches OWN_BOLUS_CNR noise SDs of such a mean.
+
+    Why a running mean and not the peak: hypoperfused tissue's bolus is only a few noise SDs per frame
+    at a clinical TE (why the curves are smoothed at all), but it lasts many frames; a voxel without
+    blood has no run of frames above its noise. Measured on 14 randomised studies through the b0 brain
+    mask (docs/perfusion.md, "Spatial smoothing"): false Tmax > 6 s outside the true brain 0.1-20 mL ->
+    0.0-2.8 mL, all-voxel Dice 0.893 -> 0.933; every voxel it removes inside the true brain on
+    17 unrandomised studies is CSF, to which the phantom's truth gives a Tmax."""
+    c = np.asarray(conc[start:], np.float32)
+    w = int(min(window, c.shape[0]))
+    if w < 1:
+        return np.zeros(c.shape[1], bool)
+    cs = np.cumsum(np.vstack([np.zeros((1, c.shape[1]), np.float32), c]), axis=0)
+    run = (cs[w:] - cs[:-w]) / w
+    return run.max(axis=0) >= OWN_BOLUS_CNR * delta_r2s_noise(s0, sd, te_s) / np.sqrt(w)
 
 
 def late_hemisphere(conc: np.ndarray, hemi: np.ndarray, dt: float, s0: np.ndarray, sd: np.ndarray,
@@ -270,6 +294,7 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
         vessel_raw = raw_bolus & (raw_cbv > VESSEL_CBV_RATIO * med) if med > 0 else np.zeros_like(raw_bolus)
         weight = np.zeros(shape, bool)
         weight[brain] = ~vessel_raw
+        raw_conc, raw_s0, raw_sd = conc, s0, sd
         smoothed = smooth_in_plane(series, weight, opt.smooth_fwhm_mm, spacing_zyx)
         conc, s0, sd = concentration(smoothed[:, brain], bolus, te_s)
 
@@ -277,6 +302,10 @@ def compute_maps(series: np.ndarray, times_s: np.ndarray, te_s: float, brain: np
     # voxels without a measurable bolus (CSF, background inside the mask) get no value rather than
     # the argmax of noise: peak Delta R2* under 5 baseline noise SDs
     no_bolus = ~measurable_bolus(conc, s0, sd, te_s)
+    if raw_cbv is not None:
+        # smoothing fills a voxel inside the mask from its neighbours even where it has no blood of its
+        # own (CSF, skull and marrow in the mask's rim): such a voxel gets no value either
+        no_bolus |= ~own_bolus(raw_conc, raw_s0, raw_sd, te_s, bolus.arrival)
     for name in ("tmax", "cbf", "cbv", "mtt", "ttp"):
         per[name] = np.where(no_bolus, np.nan, per[name]).astype(np.float32)
     # large vessels (venous sinus, arteries in the cisterns) are not tissue: their "residue" peaks at the
