@@ -70,12 +70,12 @@ def test_dsc_study_gives_maps_on_the_dwi_grid(tmp_path: Path, case, vendor: str,
     assert np.all(hemi.ravel()[aif_vox] != core_side)
     tmax = np.nan_to_num(res.maps["tmax"])
     dice = _dice((tmax > 6) & case.brain, (case.tmax > 6) & case.brain)
-    # measured 0.914 in all six vendor styles before the 5 mm smoothing (0.956 with it, from the arrays;
-    # 0.868 before large vessels lost their Tmax, 0.854 with the
-    # oSVD residue argmax, whose +1 s bias widened Tmax > 6 s)
+    # measured 0.939 (GE enhanced; 0.956 before voxels needed a bolus of their own: the truth gives the
+    # CSF rim a Tmax), 0.914 in all six vendor styles before the 5 mm smoothing, 0.868 before large vessels
+    # lost their Tmax, 0.854 with the oSVD residue argmax, whose +1 s bias widened Tmax > 6 s
     assert dice >= 0.88
     m = real_measures(res, brain, case.core, case.grid.voxel_volume_mm3 / 1000)
-    assert case.truth["tmax6_ml"] * 0.85 < m["tmax6_ml"] < case.truth["tmax6_ml"] * 1.15  # measured 0.93x
+    assert case.truth["tmax6_ml"] * 0.85 < m["tmax6_ml"] < case.truth["tmax6_ml"] * 1.15  # measured 0.91x
     # the venous sinus (5 s after the AIF, CBV far above tissue's) reports no Tmax
     assert 0 < res.quality["vessel_fraction"] < 0.05
     paths = write_maps(res, loaded.dwi, tmp_path / "perf")
