@@ -93,6 +93,15 @@ def _pick_cluster(curves: np.ndarray, seed: int) -> np.ndarray:
     return np.nonzero(labels == best)[0]
 
 
+def _curve_shape(curve: np.ndarray, first_pass: tuple[int, int], te_s: float) -> dict:
+    """The quality record's description of an AIF curve: peak Delta R2*, the signal drop at that peak,
+    the peak frame and the first-pass width."""
+    a0, a1 = first_pass
+    peak = float(curve[a0:a1].max())
+    return {"peak_delta_r2s_per_s": round(peak, 4), "peak_drop_fraction": round(1 - float(np.exp(-peak * te_s)), 4),
+            "ttp_frame": int(a0 + np.argmax(curve[a0:a1])), "fwhm_frames": float(_fwhm_frames(curve[a0:a1, None])[0])}
+
+
 def _gamma_variate(t: np.ndarray, a: float, t0: float, alpha: float, beta: float) -> np.ndarray:
     x = np.clip(t - t0, 0.0, None)
     return a * x ** alpha * np.exp(-x / beta)
@@ -214,16 +223,14 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
         chosen = chosen[keep]
     curve = cur[:, chosen].mean(axis=1)
     vox = idx[chosen]
-    aif_peak = float(curve[a0:a1].max())
-    ttp = int(a0 + np.argmax(curve[a0:a1]))
+    shape = _curve_shape(curve, (a0, a1), te_s)
+    aif_peak, ttp = float(curve[a0:a1].max()), shape["ttp_frame"]
     brain_ttp = float(np.median(a0 + np.argmax(win, axis=0)))
     noise = float(np.median(delta_r2s_noise(s0[vox], sd[vox], te_s)))  # Delta R2* noise, 1/s (s0 > 0 here)
-    fwhm = float(_fwhm_frames(curve[a0:a1, None])[0])
     quality = {
         "n_voxels": int(vox.size), "n_candidates": int(idx.size), "n_saturated_rejected": int(saturated.sum()),
         "n_partial_volume_rejected": pv_rejected, "hemisphere": side_used,
-        "peak_delta_r2s_per_s": round(aif_peak, 4), "peak_drop_fraction": round(1 - float(np.exp(-aif_peak * te_s)), 4),
-        "ttp_frame": ttp, "fwhm_frames": fwhm, "brain_median_ttp_frame": brain_ttp,
+        **shape, "brain_median_ttp_frame": brain_ttp,
         "peak_cnr": round(aif_peak / max(noise, 1e-9), 2),
         "mean_correlation": round(float(np.mean(corr[keep])) if keep.any() else float(np.mean(corr)), 4),
     }
@@ -256,13 +263,10 @@ def select_aif(conc: np.ndarray, s0: np.ndarray, sd: np.ndarray, signal_min: np.
         sat = _saturated_aif(conc, s0, sd, te_s, (a0, a1), saturated, hemisphere, avoid_hemisphere, seed)
         if sat is not None:
             s_curve, s_vox = sat
-            s_ttp = int(a0 + np.argmax(s_curve[a0:a1]))
-            if (brain_ttp - s_ttp) * dt >= MIN_AIF_LEAD_S:
-                s_peak = float(s_curve[a0:a1].max())
+            s_shape = _curve_shape(s_curve, (a0, a1), te_s)
+            if (brain_ttp - s_shape["ttp_frame"]) * dt >= MIN_AIF_LEAD_S:
                 quality.update(ok=False, tissue_like=False, fallback="saturated arteries", n_voxels=int(s_vox.size),
-                               ttp_frame=s_ttp, peak_delta_r2s_per_s=round(s_peak, 4),
-                               peak_drop_fraction=round(1 - float(np.exp(-s_peak * te_s)), 4),
-                               fwhm_frames=float(_fwhm_frames(s_curve[a0:a1, None])[0]))
+                               **s_shape)
                 note = (f"AIF from {s_vox.size} saturated arterial voxels, their peaks reconstructed by a gamma-variate "
                         f"fit (the unsaturated search gave a tissue-like curve: {tissue_warning}); CBF and CBV scale "
                         "uncertain")

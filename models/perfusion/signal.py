@@ -112,10 +112,11 @@ def voxel_baseline_end(signal: np.ndarray, bolus: Bolus, k_sd: float = BASELINE_
     end = np.full(sig.shape[1], a, dtype=np.int64)
     if a - b0 < 3:  # too few frames for any baseline of a voxel's own: keep the brain's
         return end
+    short = a - b0 < 4
     base = sig[b0:a]
     med = np.median(base, axis=0)
     rsd = 1.4826 * np.median(np.abs(base - med), axis=0)
-    if a - b0 < 4:
+    if short:
         # 3 frames give each voxel a median but no spread of its own: use the image's noise (the median
         # voxel's; magnitude noise is about the same in every voxel)
         rsd = np.full_like(rsd, float(np.median(rsd)))
@@ -124,7 +125,7 @@ def voxel_baseline_end(signal: np.ndarray, bolus: Bolus, k_sd: float = BASELINE_
     run = low[1:-1] & low[2:]  # two consecutive low frames, starting from the second baseline frame
     hit = run.any(axis=0)
     # at least 3 baseline frames (2 when the brain has only 3), so a voxel's S0 and SD stay estimates
-    end[hit] = np.maximum(b0 + 1 + np.argmax(run[:, hit], axis=0), min(b0 + (3 if a - b0 >= 4 else 2), a))
+    end[hit] = np.maximum(b0 + 1 + np.argmax(run[:, hit], axis=0), min(b0 + (2 if short else 3), a))
     return end
 
 
