@@ -113,7 +113,12 @@ def fit_residue(aif: np.ndarray, conc: np.ndarray, dt: float, guess: np.ndarray,
 
     ``A`` is CBF in the units of the SVD residue's height: the fitted ``k`` has ``R(0) = 1`` and a
     unit-area dispersion kernel, so dispersion and delay, which lower the height of the SVD residue
-    (Calamante et al., MRM 2000), do not lower ``A``. Negative amplitudes (no enhancement) are 0."""
+    (Calamante et al., MRM 2000), do not lower ``A``. Negative amplitudes (no enhancement) are 0.
+
+    ``chunk`` voxels are scored at a time: it bounds memory (4096 voxels x 4 000 templates, float32, is
+    about 65 MB per array; the posterior needs the whole score matrix), it is not a speed setting.
+    ``shapes`` (MTTs, dispersion times, s) is the template family; bench/perfusion.py narrows it to a
+    reference grid's own values to measure what an estimator that knows the truth's shapes reaches."""
     aif = np.asarray(aif, np.float64)
     conc = np.asarray(conc)
     guess = np.asarray(guess, np.float64)
