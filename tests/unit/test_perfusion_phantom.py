@@ -136,9 +136,7 @@ def test_without_a_core_the_aif_avoids_the_late_hemisphere():
     case6 = phantom_api.make_case(6, matrix=64, with_dsc=True)
     brain = case6.brain
     assert not (case6.core & brain).any() and ((case6.tmax > 6) & brain).sum() > 1000
-    hemi, band = hemispheres_and_band(_sitk_like(case6), brain)
-    res = compute_maps(case6.dsc, case6.dsc_times_s, 0.03, brain, spacing_zyx=case6.grid.spacing, core=case6.core,
-                       hemisphere=hemi, aif_region=band)
+    hemi, res = _maps_of(case6)
     late_side = np.bincount(hemi[(case6.tmax > 6) & brain], minlength=3)[1:].argmax() + 1
     assert res.quality["aif"]["avoided_side_from"] == "ttp"
     assert res.quality["reference"]["affected_hemisphere"] == late_side
@@ -148,15 +146,22 @@ def test_without_a_core_the_aif_avoids_the_late_hemisphere():
     assert _dice((tmax > 6) & brain, (case6.tmax > 6) & brain) >= 0.85
 
 
-def _maps_for_seed(seed: int, drop_from_aif_region=None):
-    """Maps of a 64² phantom case; ``drop_from_aif_region(case, hemi)`` gives voxels the AIF may not use."""
-    c = phantom_api.make_case(seed, matrix=64, with_dsc=True)
-    hemi, band = hemispheres_and_band(_sitk_like(c), c.brain)
+def _maps_of(c, mask: np.ndarray | None = None, drop_from_aif_region=None):
+    """The DSC chain on a phantom case's arrays within ``mask`` (default: the true brain), at the case's TE;
+    ``drop_from_aif_region(case, hemi)`` gives voxels the AIF may not use. Returns (hemispheres, result)."""
+    mask = c.brain if mask is None else mask
+    hemi, band = hemispheres_and_band(_sitk_like(c), mask)
     if drop_from_aif_region is not None:
         band = band & ~drop_from_aif_region(c, hemi)
-    res = compute_maps(c.dsc, c.dsc_times_s, 0.03, c.brain, spacing_zyx=c.grid.spacing, core=c.core,
-                       hemisphere=hemi, aif_region=band)
-    return c, hemi, res
+    res = compute_maps(c.dsc, c.dsc_times_s, c.truth["acquisition"]["dsc"]["te_s"], mask,
+                       spacing_zyx=c.grid.spacing, core=c.core & mask, hemisphere=hemi, aif_region=band)
+    return hemi, res
+
+
+def _maps_for_seed(seed: int, drop_from_aif_region=None):
+    """Maps of a 64² phantom case in the default acquisition."""
+    c = phantom_api.make_case(seed, matrix=64, with_dsc=True)
+    return (c, *_maps_of(c, drop_from_aif_region=drop_from_aif_region))
 
 
 def _core_side(c, hemi) -> int:
@@ -201,10 +206,7 @@ def test_saturated_arteries_give_the_aif_when_no_unsaturated_one_is_left():
     (measured before: Tmax>6 s Dice 0.40, a tissue-like AIF, warned). The saturated arteries' unsaturated
     frames still carry the bolus timing: their peaks are rebuilt by a gamma-variate fit (measured Dice 0.961)."""
     c = phantom_api.make_case(410002, matrix=64, with_dsc=True, randomise=True, family="template")
-    te = c.truth["acquisition"]["dsc"]["te_s"]
-    hemi, band = hemispheres_and_band(_sitk_like(c), c.brain)
-    res = compute_maps(c.dsc, c.dsc_times_s, te, c.brain, spacing_zyx=c.grid.spacing, core=c.core,
-                       hemisphere=hemi, aif_region=band)
+    _, res = _maps_of(c)
     assert res.aif.quality["fallback"] == "both hemispheres, saturated arteries" and not res.aif.quality["ok"]
     assert any("saturated arterial voxels" in w for w in res.warnings), res.warnings
     vox = res.aif_flat_indices()
@@ -227,9 +229,7 @@ def test_voxels_without_blood_of_their_own_get_no_tmax_from_the_smoothing():
     b0.CopyInformation(ref)
     mask = sitk.GetArrayFromImage(brain_mask(b0)) > 0
     assert mask.sum() > 1.05 * c.brain.sum()
-    hemi, band = hemispheres_and_band(ref, mask)
-    res = compute_maps(c.dsc, c.dsc_times_s, c.truth["acquisition"]["dsc"]["te_s"], mask, spacing_zyx=c.grid.spacing,
-                       core=c.core & mask, hemisphere=hemi, aif_region=band)
+    _, res = _maps_of(c, mask)
     t6 = np.nan_to_num(res.maps["tmax"]) > 6
     voxel_ml = c.grid.voxel_volume_mm3 / 1000
     assert (t6 & ~c.brain).sum() * voxel_ml < 5.0
@@ -258,9 +258,8 @@ def test_the_automatic_chain_holds_at_other_acquisitions(tr_s: float, te_s: floa
     for seed in (3, 5):
         c = phantom_api.make_case(seed, matrix=64, with_dsc=True, scenario=SCENARIO, dsc_acquisition=acq)
         assert c.dsc.shape[0] == n_frames and np.allclose(np.diff(c.dsc_times_s), tr_s)
-        hemi, band = hemispheres_and_band(_sitk_like(c), c.brain)
-        res = compute_maps(c.dsc, c.dsc_times_s, te_s, c.brain, spacing_zyx=c.grid.spacing, core=c.core,
-                           hemisphere=hemi, aif_region=band)
+        assert c.truth["acquisition"]["dsc"]["te_s"] == te_s
+        _, res = _maps_of(c)
         assert res.aif.quality["ok"] and np.mean(c.tissue.ravel()[res.aif_flat_indices()] == CSF) >= 0.9
         tmax = np.nan_to_num(res.maps["tmax"])
         assert _dice((tmax > 6) & c.brain, (c.tmax > 6) & c.brain) >= min_dice
