@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-core", action="store_true", help="skip scoring the core rule against the truth core "
                    "(before and after its partial-volume step; needs adc.nii.gz)")
+    p.add_argument("--save-maps", action="store_true", help="also keep each case's mean and SD Tmax maps "
+                   "(OUT/maps/<case>.npz, float16 seconds) for analyses that should not sample again")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="instead of evaluating: one markdown table "
                    "(a row per model and family) from earlier evaluations' per_case.csv of the same cases, "
                    "each named by its folder, e.g. the cross-family table of models trained on one family each")
@@ -82,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         s = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, limit=args.limit,
-                     seed=args.seed, device=args.device, core_methods=None if args.no_core else core_methods())
+                     seed=args.seed, device=args.device, core_methods=None if args.no_core else core_methods(),
+                     save_maps=args.save_maps)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -80,7 +80,10 @@ def territory_baseline(territory: np.ndarray | None, core: np.ndarray) -> np.nda
 
 
 def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, samples: int | None, seed: int,
-                  reference: Mapping | None = None, core_methods: Mapping[str, CoreMethod] | None = None) -> dict:
+                  reference: Mapping | None = None, core_methods: Mapping[str, CoreMethod] | None = None,
+                  maps_dir: Path | None = None) -> dict:
+    """One case's row; with ``maps_dir`` its mean and SD maps are also kept there (``<case>.npz``, float16 s),
+    so later analyses (a threshold, a confidence part) need no second round of sampling."""
     case = load_case(case_dir)
     im = case.images
     brain = case.brain
@@ -90,6 +93,9 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
         im["dwi"], im.get("flair"), im.get("core"), brain, adc=im.get("adc"),
         spacing_zyx=case.spacing_zyx, steps=steps, samples=samples, seed=seed,
     )
+    if maps_dir is not None:
+        np.savez_compressed(maps_dir / f"{case.case_id}.npz", mean=res.mean.astype(np.float16),
+                            sd=res.sd.astype(np.float16), spacing_zyx=np.asarray(case.spacing_zyx))
     voxel_ml = float(np.prod(case.spacing_zyx)) / 1000.0
     t6, t10 = (truth > 6) & brain, (truth > 10) & brain
     p6, p10 = (res.mean > 6) & brain, (res.mean > 10) & brain
@@ -300,10 +306,12 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     core_methods: Mapping[str, CoreMethod] | None = None,
+    save_maps: bool = False,
 ) -> dict:
     """Run the evaluation; writes per_case.csv, summary.json and bland_altman.png into out_dir.
 
-    ``core_methods``: core segmentations to score against the truth core (module docstring)."""
+    ``core_methods``: core segmentations to score against the truth core (module docstring).
+    ``save_maps``: also keep every case's mean and SD maps in out_dir/maps (evaluate_case)."""
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -320,7 +328,10 @@ def evaluate(
         it = tqdm(cases, desc="evaluating", unit="case")
     t0 = time.perf_counter()
     reference = load_reference(synth.source)
-    rows = [evaluate_case(synth, c, steps, samples, seed, reference, core_methods) for c in it]
+    maps_dir = out / "maps" if save_maps else None
+    if maps_dir is not None:
+        maps_dir.mkdir(exist_ok=True)
+    rows = [evaluate_case(synth, c, steps, samples, seed, reference, core_methods, maps_dir) for c in it]
     summary = summarise(rows)
     summary.update(
         {

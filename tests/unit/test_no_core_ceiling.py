@@ -29,7 +29,8 @@ def _case(root: Path, fvh_at: tuple[int, int, int] | None) -> Path:
 
 
 def test_the_oracle_calls_the_whole_territory_of_a_sign_and_nothing_without_one(tmp_path: Path):
-    dice, voxels = fvh_territory_oracle(_case(tmp_path, (1, 2, 7)))  # a sign in territory 2
+    dice, voxels, called_ml = fvh_territory_oracle(_case(tmp_path, (1, 2, 7)))  # a sign in territory 2
     assert voxels == 1
     assert dice == pytest.approx(2 * 100 / (200 + 100))  # called 200 voxels, 100 of them true
-    assert fvh_territory_oracle(_case(tmp_path, None)) == (0.0, 0)
+    assert called_ml == pytest.approx(200 * 1e-3)  # 1 mm voxels
+    assert fvh_territory_oracle(_case(tmp_path, None)) == (0.0, 0, 0.0)

@@ -1,0 +1,117 @@
+"""Where to cut the synthetic mean Tmax map: Dice, volume bias and DEFUSE-3 agreement against the cut.
+
+Not a timing benchmark and not run by ``make bench``. The served map is the voxelwise *mean* of the
+samples. A mean shrinks towards the middle wherever the model is unsure (a boundary, a penumbra it
+half sees), so cutting it at the clinical 6 s can under-call the Tmax>6 s region even when each sample
+is right on average. This reads evaluations made with ``synthperf evaluate --save-maps`` and the cases
+they scored, and gives, for each cut of the mean map, the figures evaluate gives at 6 s (and 10 s):
+mean Dice over stroke studies (split by a visible core), volume bias, DEFUSE-3 agreement and the false
+volume on healthy brains. ``--choose`` picks the cut on the first evaluation only (a calibration set
+drawn from the training distribution); the others are read at that cut, held out.
+
+    .venv/bin/python -m bench.tmax_cut runs/ev/calib:runs/eval-data/calib runs/ev/setA:runs/eval-data/setA
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from models.confidence import ConfidenceParams
+from models.evaluate import read_rows
+from models.tmax_ddpm.data import load_case
+from models.tmax_ddpm.metrics import defuse3, dice
+
+CUTS_6 = tuple(np.round(np.arange(4.0, 7.01, 0.25), 2))
+CUTS_10 = tuple(np.round(np.arange(7.0, 11.01, 0.5), 2))
+
+
+def case_scores(maps: Path, case_dir: Path, cuts6: tuple[float, ...], cuts10: tuple[float, ...]) -> dict:
+    """Per cut: Dice and volume (mL) of the mean map cut there against the truth at 6 s (and 10 s)."""
+    c = load_case(case_dir, ("tmax", "brain", "core"))
+    brain = c.images["brain"] > 0
+    truth = np.clip(np.nan_to_num(c.images["tmax"]), 0, 20) * brain
+    core = (c.images["core"] > 0.5) & brain
+    mean = np.load(maps / f"{c.case_id}.npz")["mean"].astype(np.float32)
+    voxel_ml = float(np.prod(c.spacing_zyx)) / 1000.0
+    t6, t10 = (truth > 6) & brain, (truth > 10) & brain
+    out = {"core_ml": float(core.sum() * voxel_ml), "true6_ml": float(t6.sum() * voxel_ml), "d6": {}, "v6": {},
+           "d10": {}}
+    for cut in cuts6:
+        p = (mean > cut) & brain
+        out["d6"][cut], out["v6"][cut] = dice(p, t6), float(p.sum() * voxel_ml)
+    for cut in cuts10:
+        out["d10"][cut] = dice((mean > cut) & brain, t10)
+    return out
+
+
+def summarise(cases: list[dict], cut6: float, cut10: float) -> dict:
+    """evaluate's figures at one pair of cuts."""
+    visible = ConfidenceParams().anchor_ok_ml
+    stroke = [c for c in cases if c["true6_ml"] > 0 or c["core_ml"] > 0]
+    healthy = [c for c in cases if c not in stroke]
+    agree = [defuse3(c["core_ml"], c["v6"][cut6])["target"] == defuse3(c["core_ml"], c["true6_ml"])["target"]
+             for c in cases]
+    with_core = [c["d6"][cut6] for c in stroke if c["core_ml"] >= visible]
+    no_core = [c["d6"][cut6] for c in stroke if c["core_ml"] < visible]
+    return {
+        "dice6_stroke": float(np.mean([c["d6"][cut6] for c in stroke])) if stroke else float("nan"),
+        "dice6_core": float(np.mean(with_core)) if with_core else float("nan"),
+        "dice6_no_core": float(np.mean(no_core)) if no_core else float("nan"),
+        "dice10_stroke": float(np.mean([c["d10"][cut10] for c in stroke])) if stroke else float("nan"),
+        "bias6_ml": float(np.mean([c["v6"][cut6] - c["true6_ml"] for c in cases])),
+        "defuse3": float(np.mean(agree)),
+        "healthy_false_ml_median": float(np.median([c["v6"][cut6] for c in healthy])) if healthy else float("nan"),
+        "healthy_yes": int(sum(defuse3(0.0, c["v6"][cut6])["target"] for c in healthy)),
+        "n": len(cases), "stroke": len(stroke),
+    }
+
+
+def choose(cases: list[dict]) -> tuple[float, float]:
+    """The cuts with the highest mean Dice over the stroke studies (Tmax>6 s and >10 s apart)."""
+    stroke = [c for c in cases if c["true6_ml"] > 0 or c["core_ml"] > 0]
+    c6 = max(stroke[0]["d6"], key=lambda t: np.mean([c["d6"][t] for c in stroke]))
+    c10 = max(stroke[0]["d10"], key=lambda t: np.mean([c["d10"][t] for c in stroke]))
+    return float(c6), float(c10)
+
+
+def _row(name: str, cut: str, s: dict) -> str:
+    return (f"| {name} | {cut} | {s['n']} ({s['stroke']}) | {s['dice6_stroke']:.3f} | {s['dice6_core']:.3f} | "
+            f"{s['dice6_no_core']:.3f} | {s['dice10_stroke']:.3f} | {s['bias6_ml']:+.1f} | {s['defuse3']:.2f} | "
+            f"{s['healthy_false_ml_median']:.1f}, {s['healthy_yes']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pairs", nargs="+", help="EVAL_DIR:DATA_DIR (evaluate --save-maps output : the cases it scored); "
+                    "the first is the calibration set")
+    ap.add_argument("--sweep", action="store_true", help="also print every cut on the calibration set")
+    args = ap.parse_args(argv)
+    sets = []
+    for pair in args.pairs:
+        ev, data = (Path(p) for p in pair.split(":", 1))
+        rows = read_rows(ev / "per_case.csv")
+        sets.append((ev.name, [case_scores(ev / "maps", data / r["case"], CUTS_6, CUTS_10) for r in rows]))
+    cut6, cut10 = choose(sets[0][1])
+    print(f"cuts chosen on {sets[0][0]} (highest mean Dice over its stroke studies): Tmax>6 s at {cut6} s, "
+          f">10 s at {cut10} s of the mean map")
+    if args.sweep:
+        print("| cut (s) | Dice>6 stroke | core | no core | bias mL | DEFUSE-3 |")
+        print("|---|---|---|---|---|---|")
+        for t in CUTS_6:
+            s = summarise(sets[0][1], t, cut10)
+            print(f"| {t} | {s['dice6_stroke']:.3f} | {s['dice6_core']:.3f} | {s['dice6_no_core']:.3f} | "
+                  f"{s['bias6_ml']:+.1f} | {s['defuse3']:.2f} |")
+    print("| set | cuts (s) | cases (stroke) | Dice>6 stroke | ... core visible | ... no core | Dice>10 stroke | "
+          "vol6 bias mL | DEFUSE-3 agreement | healthy: median false T>6 mL, 'yes' |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, cases in sets:
+        print(_row(name, "6 / 10", summarise(cases, 6.0, 10.0)))
+        print(_row(name, f"{cut6} / {cut10}", summarise(cases, cut6, cut10)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
