@@ -17,6 +17,7 @@ from models.tmax_ddpm.data import SliceBank, build_cache, list_cases, load_case
 from models.tmax_ddpm.diffusion import make_scheduler, training_target
 from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.loss import perfusion_weights, weighted_mse
+from models.tmax_ddpm.metrics import mae
 from models.tmax_ddpm.network import build_network
 from models.train import train
 from tests.unit.test_model import TINY, synthetic_arrays, tiny_config, write_synthetic_case
@@ -216,8 +217,17 @@ def test_territory_baseline_picks_the_core_territory():
 def test_evaluate_writes_table_and_plots(cases: Path, tmp_path: Path):
     cfg = tiny_config()
     export_weights(build_network(cfg.model).state_dict(), cfg, tmp_path / "w")
-    s = evaluate(str(tmp_path / "w"), cases, tmp_path / "eval", steps=1, samples=1, device="cpu", progress=False)
+    s = evaluate(str(tmp_path / "w"), cases, tmp_path / "eval", steps=1, samples=1, device="cpu", progress=False,
+                 save_maps=True)
     assert s["cases"] == 4
+    # the kept maps are the ones scored: their MAE against the truth is the row's
+    for row in read_rows(tmp_path / "eval" / "per_case.csv"):
+        kept = np.load(tmp_path / "eval" / "maps" / f"{row['case']}.npz")
+        case = load_case(cases / row["case"])
+        truth = np.clip(np.nan_to_num(case.images["tmax"]), 0, 20) * case.brain
+        assert row["mae_s"] > 0.1
+        assert mae(kept["mean"].astype(np.float32), truth, case.brain) == pytest.approx(row["mae_s"], rel=0.01)
+        assert kept["sd"].shape == kept["mean"].shape == truth.shape
     for m in ("model", "core", "territory"):
         assert 0 <= s[m]["dice6_mean"] <= 1
     # the territory baseline contains the core, so it never scores below the core baseline here
