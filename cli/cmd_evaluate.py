@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="instead of evaluating: one markdown table "
                    "(a row per model and family) from earlier evaluations' per_case.csv of the same cases, "
                    "each named by its folder, e.g. the cross-family table of models trained on one family each")
+    p.add_argument("--per-case", action="store_true", help="with --compare: also each evaluation's cases as a "
+                   "markdown table (type, volumes, Dice, DEFUSE-3, confidence)")
     p.set_defaults(func=run)
 
 
@@ -57,19 +59,22 @@ def core_methods() -> dict:
     return {"rule": make(CoreParams()), "rule_strict": make(CoreParams(pv_iterations=0))}
 
 
-def compare(dirs: list[str]) -> int:
+def compare(dirs: list[str], per_case: bool = False) -> int:
     from pathlib import Path
 
-    from models.evaluate import comparison_table, read_rows, summarise
+    from models.evaluate import comparison_table, per_case_table, read_rows, summarise
 
-    evals = {}
+    evals, rows = {}, {}
     for d in dirs:
         f = Path(d) / "per_case.csv"
         if not f.is_file():
             print(f"error: --compare {d}: no per_case.csv there (run synthperf evaluate --out {d} first)", file=sys.stderr)
             return 2
-        evals[Path(d).name] = summarise(read_rows(f))
+        rows[Path(d).name] = read_rows(f)
+        evals[Path(d).name] = summarise(rows[Path(d).name])
     print(comparison_table(evals))
+    for name, r in rows.items() if per_case else ():
+        print(f"\n{name}, case by case:\n{per_case_table(r)}")
     return 0
 
 
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from models.evaluate import evaluate, format_summary
 
     if args.compare:
-        return compare(args.compare)
+        return compare(args.compare, args.per_case)
     if not args.model or not args.data:
         print("error: give MODEL and DATA (or --compare EVAL_DIR...)", file=sys.stderr)
         return 2

@@ -105,6 +105,7 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
         "case": case.case_id,
         "family": case_family(case.truth),
         "vendor": case.truth.get("vendor") or case.truth.get("vendor_style") or "",
+        "case_type": case.truth.get("case_type") or case.truth.get("occlusion") or "",
         "seconds": round(res.seconds, 2),
         "core_ml": core_ml,
         "true_tmax6_ml": true6_ml,
@@ -438,6 +439,24 @@ def read_rows(per_case_csv: str | Path) -> list[dict]:
                     row[k] = v
             rows.append(row)
     return rows
+
+
+def per_case_table(rows: list[dict]) -> str:
+    """One evaluation case by case, as markdown: what a reader checks a summary against (issue 15 asks for
+    per-case tables). DEFUSE-3 reads truth -> model; a low-confidence study's call is not served."""
+    head = ("| case | family | type | core mL | true Tmax>6 mL | model Tmax>6 mL | Dice>6 | DEFUSE-3 truth -> model | "
+            "confidence | bad |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    yes = {True: "yes", False: "no"}
+    for r in rows:
+        conf = r.get("confidence")
+        conf_txt = "-" if conf is None else f"{float(conf):.2f}{' low' if r.get('confidence_low') else ''}"
+        lines.append(
+            f"| {r['case']} | {r.get('family', DEFAULT_FAMILY)} | {r.get('case_type') or '-'} | {r['core_ml']:.1f} | "
+            f"{r['true_tmax6_ml']:.1f} | {r['model_tmax6_ml']:.1f} | {r['model_dice6']:.2f} | "
+            f"{yes[bool(r['true_defuse3'])]} -> {yes[bool(r['model_defuse3'])]} | {conf_txt} | "
+            f"{'bad' if r.get('bad') else ''} |")
+    return "\n".join(lines)
 
 
 def comparison_table(evals: Mapping[str, dict]) -> str:

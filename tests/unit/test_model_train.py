@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from models import registry
-from models.evaluate import comparison_table, evaluate, read_rows, summarise, territory_baseline
+from models.evaluate import (
+    comparison_table,
+    evaluate,
+    per_case_table,
+    read_rows,
+    summarise,
+    territory_baseline,
+)
 from models.tmax_ddpm.checkpoint import CheckpointError, export_weights, load_weights
 from models.tmax_ddpm.config import Config
 from models.tmax_ddpm.data import SliceBank, build_cache, list_cases, load_case
@@ -243,6 +250,13 @@ def test_evaluate_writes_table_and_plots(cases: Path, tmp_path: Path):
     table = comparison_table({"a": s, "b": again}).splitlines()
     assert len(table) == 2 + 2 * len(s["per_family"]) and table[2].startswith("| a -> geometric | 4 (4 stroke")
     assert f"{s['per_family']['geometric']['core']['dice6_mean_stroke']:.3f}" in table[3]
+    # and case by case: a line per case with its own volumes and Dice
+    rows = read_rows(tmp_path / "eval" / "per_case.csv")
+    cases_table = per_case_table(rows).splitlines()
+    assert len(cases_table) == 2 + len(rows)
+    for line, r in zip(cases_table[2:], rows, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == r["case"] and cells[3] == f"{r['core_ml']:.1f}" and cells[6] == f"{r['model_dice6']:.2f}"
 
 
 def test_thread_tuner_probes_and_keeps_the_faster(monkeypatch):
