@@ -27,7 +27,7 @@ import numpy as np
 from models.confidence import ConfidenceParams
 from models.evaluate import read_rows
 from models.tmax_ddpm.data import load_case
-from models.tmax_ddpm.metrics import defuse3, dice
+from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
 
 
 class OracleCall(NamedTuple):
@@ -45,7 +45,7 @@ def fvh_territory_oracle(case_dir: Path) -> OracleCall:
     terr = c.images["territory"].astype(int)
     labels = np.unique(terr[fvh & (terr > 0)])
     pred = np.isin(terr, labels) & brain if labels.size else np.zeros_like(brain)
-    return OracleCall(dice(pred, truth), int(fvh.sum()), float(pred.sum() * np.prod(c.spacing_zyx) / 1000.0))
+    return OracleCall(dice(pred, truth), int(fvh.sum()), volume_ml(pred, float(np.prod(c.spacing_zyx)) / 1000.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for fam in sorted({r["family"] for r in every}) + ["all"]:
         studies = [r for r in every if fam in ("all", r["family"])]
         no_core = [r for r in studies if not r.get("no_stroke") and r["core_ml"] < visible]
-        truth = [defuse3(r["core_ml"], r["true_tmax6_ml"])["target"] for r in no_core]
+        truth = [bool(r["true_defuse3"]) for r in no_core]
         model = [bool(r["model_defuse3"]) == t for r, t in zip(no_core, truth, strict=True)]
         oracle = [defuse3(r["core_ml"], oracle_of[r["case"]].called_ml)["target"] == t
                   for r, t in zip(no_core, truth, strict=True)]

@@ -6,8 +6,8 @@ half sees), so cutting it at the clinical 6 s can under-call the Tmax>6 s region
 is right on average. This reads evaluations made with ``synthperf evaluate --save-maps`` and the cases
 they scored, and gives, for each cut of the mean map, the figures evaluate gives at 6 s (and 10 s):
 mean Dice over stroke studies (split by a visible core), volume bias, DEFUSE-3 agreement and the false
-volume on healthy brains. ``--choose`` picks the cut on the first evaluation only (a calibration set
-drawn from the training distribution); the others are read at that cut, held out.
+volume on healthy brains. The cut is chosen on the first evaluation only (a calibration set drawn from
+the training distribution); the others are read at that cut, held out.
 
     .venv/bin/python -m bench.tmax_cut runs/ev/calib:runs/eval-data/calib runs/ev/setA:runs/eval-data/setA
 """
@@ -22,7 +22,7 @@ import numpy as np
 from models.confidence import ConfidenceParams
 from models.evaluate import read_rows
 from models.tmax_ddpm.data import load_case
-from models.tmax_ddpm.metrics import defuse3, dice
+from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
 
 CUTS_6 = tuple(np.round(np.arange(4.0, 7.01, 0.25), 2))
 CUTS_10 = tuple(np.round(np.arange(7.0, 11.01, 0.5), 2))
@@ -37,21 +37,25 @@ def case_scores(maps: Path, case_dir: Path, cuts6: tuple[float, ...], cuts10: tu
     mean = np.load(maps / f"{c.case_id}.npz")["mean"].astype(np.float32)
     voxel_ml = float(np.prod(c.spacing_zyx)) / 1000.0
     t6, t10 = (truth > 6) & brain, (truth > 10) & brain
-    out = {"core_ml": float(core.sum() * voxel_ml), "true6_ml": float(t6.sum() * voxel_ml), "d6": {}, "v6": {},
-           "d10": {}}
+    out = {"core_ml": volume_ml(core, voxel_ml), "true6_ml": volume_ml(t6, voxel_ml), "d6": {}, "v6": {}, "d10": {}}
     for cut in cuts6:
         p = (mean > cut) & brain
-        out["d6"][cut], out["v6"][cut] = dice(p, t6), float(p.sum() * voxel_ml)
+        out["d6"][cut], out["v6"][cut] = dice(p, t6), volume_ml(p, voxel_ml)
     for cut in cuts10:
         out["d10"][cut] = dice((mean > cut) & brain, t10)
     return out
 
 
+def _is_stroke(c: dict) -> bool:
+    """evaluate's split: a no-stroke study has neither a true Tmax>6 s region nor a core."""
+    return c["true6_ml"] > 0 or c["core_ml"] > 0
+
+
 def summarise(cases: list[dict], cut6: float, cut10: float) -> dict:
     """evaluate's figures at one pair of cuts."""
     visible = ConfidenceParams().anchor_ok_ml
-    stroke = [c for c in cases if c["true6_ml"] > 0 or c["core_ml"] > 0]
-    healthy = [c for c in cases if c not in stroke]
+    stroke = [c for c in cases if _is_stroke(c)]
+    healthy = [c for c in cases if not _is_stroke(c)]
     agree = [defuse3(c["core_ml"], c["v6"][cut6])["target"] == defuse3(c["core_ml"], c["true6_ml"])["target"]
              for c in cases]
     with_core = [c["d6"][cut6] for c in stroke if c["core_ml"] >= visible]
@@ -71,7 +75,7 @@ def summarise(cases: list[dict], cut6: float, cut10: float) -> dict:
 
 def choose(cases: list[dict]) -> tuple[float, float]:
     """The cuts with the highest mean Dice over the stroke studies (Tmax>6 s and >10 s apart)."""
-    stroke = [c for c in cases if c["true6_ml"] > 0 or c["core_ml"] > 0]
+    stroke = [c for c in cases if _is_stroke(c)]
     c6 = max(stroke[0]["d6"], key=lambda t: np.mean([c["d6"][t] for c in stroke]))
     c10 = max(stroke[0]["d10"], key=lambda t: np.mean([c["d10"][t] for c in stroke]))
     return float(c6), float(c10)
