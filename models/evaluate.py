@@ -133,6 +133,11 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
         row[f"{name}_mismatch_ml"] = d["mismatch_ml"]
         row[f"{name}_defuse3"] = d["target"]
         row[f"{name}_defuse3_agree"] = d["target"] == ref["target"]
+    # the call each sample makes on its own (the mean map's call hides how many samples disagree)
+    sample6 = res.sample_ml.get(6.0, ())
+    if sample6:
+        row["model_sample_tmax6_ml"] = ";".join(f"{v:.1f}" for v in sample6)
+        row["model_defuse3_share"] = sum(defuse3(core_ml, v)["target"] for v in sample6) / len(sample6)
     row["model_dice10"] = dice(p10, t10)
     row["model_tmax10_ml"] = volume_ml(p10, voxel_ml)
     row["model_vol10_err_ml"] = row["model_tmax10_ml"] - row["true_tmax10_ml"]

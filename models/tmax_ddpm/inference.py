@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,12 @@ class SynthesisResult:
     samples: int
     seconds: float
     inference_path: str = ""
+    # Per sample, the brain volume (mL) above each of SAMPLE_CUTS_S: the spread of a volume and of any
+    # call read from it (the share of samples that call a target mismatch), which the mean map hides.
+    sample_ml: dict[float, tuple[float, ...]] = field(default_factory=dict)
+
+
+SAMPLE_CUTS_S = (6.0, 10.0)  # the clinical Tmax cuts whose volume is kept per sample
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -178,6 +184,10 @@ class TmaxSynthesizer:
         sd_g = tmax.std(0, unbiased=False) if samples > 1 else torch.zeros_like(mean_g)
         mean = np.clip(from_grid(mean_g, geo), 0, None) * brain_b
         sd = np.clip(from_grid(sd_g, geo), 0, None) * brain_b
+        voxel_ml = float(np.prod([float(v) for v in spacing_zyx])) / 1000.0
+        per_sample = [from_grid(t, geo) for t in tmax]  # one sample at a time on the input grid
+        sample_ml = {cut: tuple(float(((t > cut) & brain_b).sum()) * voxel_ml for t in per_sample)
+                     for cut in SAMPLE_CUTS_S}
         return SynthesisResult(
             mean=mean.astype(np.float32),
             sd=sd.astype(np.float32),
@@ -185,4 +195,5 @@ class TmaxSynthesizer:
             samples=samples,
             seconds=time.perf_counter() - t0,
             inference_path=self.runtime.path if self.runtime else "",
+            sample_ml=sample_ml,
         )

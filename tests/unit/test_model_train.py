@@ -206,6 +206,13 @@ def test_synthesizer_interface_on_input_grid(tmp_path: Path):
     assert seen[-1] == pytest.approx(1.0)
     r2 = synth.synthesize(a["dwi"], a["flair"], a["core"], a["brain"], steps=2, samples=3, seed=4)
     np.testing.assert_array_equal(r1.mean, r2.mean)
+    # each sample's own volume above the clinical cuts; with one sample it is the mean map's volume
+    assert set(r1.sample_ml) == {6.0, 10.0} and all(len(v) == 3 for v in r1.sample_ml.values())
+    one = synth.synthesize(a["dwi"], a["flair"], a["core"], a["brain"], spacing_zyx=(5, 1.8, 1.8),
+                           steps=2, samples=1, seed=4)
+    for cut in (6.0, 10.0):
+        called_ml = float(((one.mean > cut) & (a["brain"] > 0)).sum()) * 5 * 1.8 * 1.8 / 1000
+        assert one.sample_ml[cut] == (pytest.approx(called_ml, rel=1e-6),)
     with pytest.raises(ValueError, match="flair"):
         synth.synthesize(a["dwi"], None, a["core"], a["brain"], steps=1, samples=1)
 
@@ -235,6 +242,9 @@ def test_evaluate_writes_table_and_plots(cases: Path, tmp_path: Path):
         assert row["mae_s"] > 0.1
         assert mae(kept["mean"].astype(np.float32), truth, case.brain) == pytest.approx(row["mae_s"], rel=0.01)
         assert kept["sd"].shape == kept["mean"].shape == truth.shape
+        # one sample: its own DEFUSE-3 call is the mean map's
+        assert row["model_defuse3_share"] == float(row["model_defuse3"])
+        assert float(row["model_sample_tmax6_ml"]) == pytest.approx(row["model_tmax6_ml"], abs=0.05)
     for m in ("model", "core", "territory"):
         assert 0 <= s[m]["dice6_mean"] <= 1
     # the territory baseline contains the core, so it never scores below the core baseline here
