@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bench.no_core_ceiling import fvh_territory_oracle
+from bench.no_core_ceiling import defuse3_bounds, fvh_territory_oracle
 
 
 def _case(root: Path, fvh_at: tuple[int, int, int] | None) -> Path:
@@ -34,3 +34,22 @@ def test_the_oracle_calls_the_whole_territory_of_a_sign_and_nothing_without_one(
     assert dice == pytest.approx(2 * 100 / (200 + 100))  # called 200 voxels, 100 of them true
     assert called_ml == pytest.approx(200 * 1e-3)  # 1 mm voxels
     assert fvh_territory_oracle(_case(tmp_path, None)) == (0.0, 0, 0.0)
+
+
+def test_defuse3_bounds_count_the_model_elsewhere_and_the_better_call_on_no_core_studies():
+    def row(case: str, core: float, true_yes: bool, model_yes: bool, no_stroke: bool = False) -> dict:
+        return {"case": case, "core_ml": core, "no_stroke": no_stroke, "true_defuse3": true_yes,
+                "model_defuse3": model_yes, "model_defuse3_agree": true_yes == model_yes}
+
+    studies = [
+        row("core_wrong", 22.0, True, False),  # a core study the model calls wrong: the ceiling forgives it
+        row("healthy", 0.0, False, False, no_stroke=True),
+        row("tia_oracle", 0.0, True, False),  # the oracle's 40 mL calls it right, the model not
+        row("m2_model", 0.0, True, True),  # the model right, the oracle's 5 mL not
+        row("tia_neither", 0.0, True, False),
+    ]
+    b = defuse3_bounds(studies, {"tia_oracle": 40.0, "m2_model": 5.0, "tia_neither": 0.0}, visible=1.0)
+    assert (b.no_core, b.no_core_yes, b.model_no_core, b.oracle_no_core) == (3, 3, 1, 1)
+    assert b.model == pytest.approx(2 / 5)
+    assert b.ceiling == pytest.approx(4 / 5)  # core study and healthy brain right, 2 of 3 no-core
+    assert b.nearer == pytest.approx(3 / 5)  # the core study stays wrong
