@@ -30,6 +30,7 @@ from models.confidence import ConfidenceParams
 from models.evaluate import read_rows
 from models.tmax_ddpm.data import load_case
 from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
+from models.tmax_ddpm.preprocess import normalise_image
 
 
 class OracleCall(NamedTuple):
@@ -50,6 +51,22 @@ def fvh_territory_oracle(case_dir: Path) -> OracleCall:
     return OracleCall(dice(pred, truth), int(fvh.sum()), volume_ml(pred, float(np.prod(c.spacing_zyx)) / 1000.0))
 
 
+class SignContrast(NamedTuple):
+    sign_median: float  # median FLAIR of the true vessel-sign voxels, over the brain median
+    brain_p99: float  # the brain's 99th FLAIR percentile, over the brain median
+
+
+def sign_contrast(case_dir: Path) -> SignContrast | None:
+    """How bright the drawn vessel signs are against the brain's own bright tail, at full resolution
+    (None without a sign): a sign no brighter than the top 1 % of the brain cannot point at a territory."""
+    c = load_case(case_dir, ("flair", "brain", "fvh"))
+    brain, fvh = c.images["brain"] > 0, c.images["fvh"] > 0
+    if not fvh.any():
+        return None
+    flair = normalise_image(c.images["flair"], brain, "flair") + 1.0
+    return SignContrast(float(np.median(flair[fvh])), float(np.percentile(flair[brain], 99)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", type=Path, nargs="+", metavar="EVAL_DIR DATA",
@@ -57,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                          "fvh.nii.gz, territory.nii.gz); more pairs are pooled")
     ap.add_argument("--target", type=float, default=0.75, help="mean Dice over all stroke studies to reach")
     ap.add_argument("--with-core", type=float, default=0.85, help="assumed Dice on studies with a visible core")
+    ap.add_argument("--signs", action="store_true", help="also list each no-core study that is truly 'yes' with how "
+                    "bright its vessel signs are against the brain's 99th FLAIR percentile")
     args = ap.parse_args(argv)
     visible = ConfidenceParams().anchor_ok_ml
     if len(args.pairs) % 2:
@@ -94,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         b = defuse3_bounds(studies, {c: o.called_ml for c, o in oracle_of.items()}, visible)
         print(f"| {fam} | {len(studies)} | {b.no_core} | {b.no_core_yes} | {b.model:.2f} | {b.model_no_core} | "
               f"{b.oracle_no_core} | {b.ceiling:.2f} | {b.nearer:.2f} |")
+    if args.signs:
+        print("\nNo-core stroke studies whose true call is 'yes': the drawn vessel signs' median FLAIR against the "
+              "brain's 99th percentile (both over the brain median, full resolution)")
+        print("| case | true Tmax>6 mL | model mL | sign voxels | sign median | brain p99 | sign above p99 |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["core_ml"] < visible and r["true_defuse3"]:
+                sc = sign_contrast(data_of[r["case"]] / r["case"])
+                cells = ("-", "-", "no sign drawn") if sc is None else (
+                    f"{sc.sign_median:.2f}", f"{sc.brain_p99:.2f}", "yes" if sc.sign_median > sc.brain_p99 else "no")
+                print(f"| {r['case']} | {r['true_tmax6_ml']:.0f} | {r['model_tmax6_ml']:.0f} | "
+                      f"{oracle_of[r['case']].sign_voxels} | " + " | ".join(cells) + " |")
     return 0
 
 
