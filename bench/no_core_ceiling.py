@@ -13,7 +13,8 @@ The ceiling counts every study with a core and every healthy brain as called rig
 as right when the model's call or the oracle's (the vessel signs' territories as the Tmax>6 s volume) is:
 an upper bound for a method that reads what the inputs show. A second, nearer bound keeps the model's own
 calls on the studies with a core and the healthy brains and takes the better of the two on the no-core
-ones: what a perfect no-core method would add to this model.
+ones: what a perfect no-core method would add to this model. ``--signs`` lists how bright the drawn
+vessel signs of the no-core "yes" studies are against the brain's own bright tail.
 
     .venv/bin/python -m bench.no_core_ceiling runs/eval/demo runs/data/heldout96 [EVAL_DIR DATA ...]
 """
@@ -58,7 +59,8 @@ class SignContrast(NamedTuple):
 
 def sign_contrast(case_dir: Path) -> SignContrast | None:
     """How bright the drawn vessel signs are against the brain's own bright tail, at full resolution
-    (None without a sign): a sign no brighter than the top 1 % of the brain cannot point at a territory."""
+    (None without a sign): a sign no brighter than the top 1 % of the brain is hard to tell from the brain's
+    own bright voxels (look-alikes, noise) by its intensity alone."""
     c = load_case(case_dir, ("flair", "brain", "fvh"))
     brain, fvh = c.images["brain"] > 0, c.images["fvh"] > 0
     if not fvh.any():

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bench.no_core_ceiling import defuse3_bounds, fvh_territory_oracle
+from bench.no_core_ceiling import defuse3_bounds, fvh_territory_oracle, sign_contrast
 
 
 def _case(root: Path, fvh_at: tuple[int, int, int] | None) -> Path:
@@ -22,7 +22,9 @@ def _case(root: Path, fvh_at: tuple[int, int, int] | None) -> Path:
     fvh = np.zeros(shape, np.float32)
     if fvh_at:
         fvh[fvh_at] = 1
-    images = {"tmax": tmax, "brain": np.ones(shape, np.float32), "territory": territory, "fvh": fvh}
+    flair = np.linspace(90.0, 110.0, fvh.size, dtype=np.float32).reshape(shape)  # median 100, p99 ~ 110
+    flair[fvh > 0] = 250.0  # the sign: 2.5 times the brain median
+    images = {"tmax": tmax, "brain": np.ones(shape, np.float32), "territory": territory, "fvh": fvh, "flair": flair}
     for name, arr in images.items():
         nib.save(nib.Nifti1Image(arr.transpose(2, 1, 0), np.eye(4)), str(d / f"{name}.nii.gz"))
     return d
@@ -53,3 +55,10 @@ def test_defuse3_bounds_count_the_model_elsewhere_and_the_better_call_on_no_core
     assert b.model == pytest.approx(2 / 5)
     assert b.ceiling == pytest.approx(4 / 5)  # core study and healthy brain right, 2 of 3 no-core
     assert b.nearer == pytest.approx(3 / 5)  # the core study stays wrong
+
+
+def test_sign_contrast_measures_the_sign_against_the_brains_bright_tail(tmp_path: Path):
+    sc = sign_contrast(_case(tmp_path, (1, 2, 7)))
+    assert sc is not None and sc.sign_median == pytest.approx(2.5, rel=0.01)
+    assert sc.brain_p99 == pytest.approx(1.1, abs=0.01)
+    assert sign_contrast(_case(tmp_path, None)) is None
