@@ -39,7 +39,7 @@ import numpy as np
 
 from models.confidence import ConfidenceParams, assess, auroc, load_reference
 from models.tmax_ddpm.data import list_cases, load_case
-from models.tmax_ddpm.inference import TmaxSynthesizer
+from models.tmax_ddpm.inference import SAMPLE_CUTS_S, TmaxSynthesizer
 from models.tmax_ddpm.metrics import defuse3, dice, mae, psnr, ssim, volume_ml
 
 METHODS = ("model", "core", "territory")
@@ -91,7 +91,7 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     truth = np.clip(np.nan_to_num(im["tmax"]), 0, 20) * brain
     res = synth.synthesize(
         im["dwi"], im.get("flair"), im.get("core"), brain, adc=im.get("adc"),
-        spacing_zyx=case.spacing_zyx, steps=steps, samples=samples, seed=seed,
+        spacing_zyx=case.spacing_zyx, steps=steps, samples=samples, seed=seed, sample_cuts_s=SAMPLE_CUTS_S,
     )
     if maps_dir is not None:
         np.savez_compressed(maps_dir / f"{case.case_id}.npz", mean=res.mean.astype(np.float16),

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from bench.defuse3_share import agreement, choose, kind, main, mean_map_call, sample_share, share_call
+from models.tmax_ddpm.metrics import defuse3
 
 
 def _row(case: str, core_ml: float, true_ml: float, sample_ml: list[float], mean_ml: float, low: bool = False) -> dict:
     """A per_case.csv row as evaluate writes it, the calls worked out with DEFUSE-3's own rule."""
     def target(v: float) -> bool:
-        return core_ml < 70 and (core_ml == 0 or v / core_ml >= 1.8) and v - core_ml >= 15
+        return defuse3(core_ml, v)["target"]
 
     return {
         "case": case, "core_ml": core_ml, "true_tmax6_ml": true_ml, "no_stroke": core_ml == 0 and true_ml == 0,

@@ -198,7 +198,7 @@ def test_synthesizer_interface_on_input_grid(tmp_path: Path):
     a = synthetic_arrays(5, shape=(6, 44, 36))
     seen: list[float] = []
     r1 = synth.synthesize(a["dwi"], a["flair"], a["core"], a["brain"], spacing_zyx=(5, 1.8, 1.8),
-                          steps=2, samples=3, seed=4, progress=seen.append)
+                          steps=2, samples=3, seed=4, progress=seen.append, sample_cuts_s=(6.0, 10.0))
     assert r1.mean.shape == r1.sd.shape == (6, 44, 36)
     assert r1.steps == 2 and r1.samples == 3 and r1.seconds > 0
     assert np.all(r1.mean >= 0) and np.all(r1.mean <= 20) and np.all(r1.sd >= 0)
@@ -209,7 +209,7 @@ def test_synthesizer_interface_on_input_grid(tmp_path: Path):
     # each sample's own volume above the clinical cuts; with one sample it is the mean map's volume
     assert set(r1.sample_ml) == {6.0, 10.0} and all(len(v) == 3 for v in r1.sample_ml.values())
     one = synth.synthesize(a["dwi"], a["flair"], a["core"], a["brain"], spacing_zyx=(5, 1.8, 1.8),
-                           steps=2, samples=1, seed=4)
+                           steps=2, samples=1, seed=4, sample_cuts_s=(6.0, 10.0))
     for cut in (6.0, 10.0):
         called_ml = float(((one.mean > cut) & (a["brain"] > 0)).sum()) * 5 * 1.8 * 1.8 / 1000
         assert one.sample_ml[cut] == (pytest.approx(called_ml, rel=1e-6),)
