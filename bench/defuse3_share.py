@@ -20,8 +20,7 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from models.confidence import ConfidenceParams
-from models.evaluate import read_rows
+from models.evaluate import core_visible, read_rows
 
 Call = Callable[[Mapping], bool]
 
@@ -37,7 +36,7 @@ def kind(row: Mapping) -> str:
     """'healthy', 'core' (a visible core, >= the confidence score's anchor volume) or 'no core'."""
     if row.get("no_stroke"):
         return "healthy"
-    return "core" if float(row["core_ml"]) >= ConfidenceParams().anchor_ok_ml else "no core"
+    return "core" if core_visible(row["core_ml"]) else "no core"
 
 
 def share_call(q: float) -> Call:

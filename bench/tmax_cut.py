@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.confidence import ConfidenceParams
-from models.evaluate import read_rows
+from models.evaluate import core_visible, read_rows
 from models.tmax_ddpm.data import load_case
 from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
 
@@ -53,13 +52,12 @@ def _is_stroke(c: dict) -> bool:
 
 def summarise(cases: list[dict], cut6: float, cut10: float) -> dict:
     """evaluate's figures at one pair of cuts."""
-    visible = ConfidenceParams().anchor_ok_ml
     stroke = [c for c in cases if _is_stroke(c)]
     healthy = [c for c in cases if not _is_stroke(c)]
     agree = [defuse3(c["core_ml"], c["v6"][cut6])["target"] == defuse3(c["core_ml"], c["true6_ml"])["target"]
              for c in cases]
-    with_core = [c["d6"][cut6] for c in stroke if c["core_ml"] >= visible]
-    no_core = [c["d6"][cut6] for c in stroke if c["core_ml"] < visible]
+    with_core = [c["d6"][cut6] for c in stroke if core_visible(c["core_ml"])]
+    no_core = [c["d6"][cut6] for c in stroke if not core_visible(c["core_ml"])]
     return {
         "dice6_stroke": float(np.mean([c["d6"][cut6] for c in stroke])) if stroke else float("nan"),
         "dice6_core": float(np.mean(with_core)) if with_core else float("nan"),

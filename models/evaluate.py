@@ -226,19 +226,25 @@ def core_summary(rows: list[dict]) -> dict:
     return out
 
 
+def core_visible(core_ml: float) -> bool:
+    """Whether a study's core is big enough to anchor the hypoperfusion to
+    (>= ``ConfidenceParams.anchor_ok_ml``): the split every no-core figure uses."""
+    return float(core_ml) >= ConfidenceParams().anchor_ok_ml
+
+
 def _stroke_strata(rows: list[dict], key: str) -> dict:
     """Mean of ``key`` over stroke studies (the issue's measure; a healthy brain's empty-vs-empty Dice
     of 1 is left out), and split by whether the core is visible (>= ConfidenceParams.anchor_ok_ml):
     without a core the inputs carry little of the hypoperfusion, so the two strata tell a model that
     misses what it could see from one that misses what nothing shows."""
-    visible = ConfidenceParams().anchor_ok_ml
     stroke = [r for r in rows if not r.get("no_stroke") and key in r]
+    with_core = [r for r in stroke if core_visible(r.get("core_ml", 0.0))]
     return {
         "dice6_mean_stroke": _mean(stroke, key),
-        "dice6_mean_core_visible": _mean([r for r in stroke if r.get("core_ml", 0.0) >= visible], key),
-        "dice6_mean_no_core": _mean([r for r in stroke if r.get("core_ml", 0.0) < visible], key),
+        "dice6_mean_core_visible": _mean(with_core, key),
+        "dice6_mean_no_core": _mean([r for r in stroke if not core_visible(r.get("core_ml", 0.0))], key),
         "stroke_cases": len(stroke),
-        "core_visible_cases": sum(r.get("core_ml", 0.0) >= visible for r in stroke),
+        "core_visible_cases": len(with_core),
     }
 
 
