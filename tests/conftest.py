@@ -47,6 +47,18 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test: on a shared 2-core box, 2 spinning OpenMP threads can be
+    20x slower. The model tests ask for it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def port() -> int:
     return free_port()
 

@@ -35,14 +35,8 @@ from models.tmax_ddpm.preprocess import (
 )
 from models.tmax_ddpm.sampler import correlated_noise, sample_volume
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box, 2 spinning OpenMP threads can be 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: one intra-op thread (tests/conftest.py: one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = {"grid": 32, "channels": (16, 32), "attention_levels": (False, False), "norm_num_groups": 8,

@@ -24,13 +24,8 @@ from models.tmax_ddpm.symmetry import (
 )
 from models.train import _adds_mirror_channels, widen_input_conv
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: one intra-op thread (tests/conftest.py: one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _flair_on_grid(case, grid: int = 64) -> torch.Tensor:

@@ -29,14 +29,8 @@ from models.tmax_ddpm.network import build_network
 from models.train import train
 from tests.unit.test_model import TINY, synthetic_arrays, tiny_config, write_synthetic_case
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box, 2 spinning OpenMP threads can be 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: one intra-op thread (tests/conftest.py: one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
