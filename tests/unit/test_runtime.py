@@ -256,3 +256,20 @@ def test_training_precision_never_emulates_bf16():
     calls.clear()
     dtype, _ = rt.choose_training_precision(torch.device("cpu"), False, time_step, features=NATIVE)
     assert dtype is None and not calls
+
+
+def test_training_precision_is_timed_interleaved_under_a_changing_load():
+    """A neighbour that starts working part-way through the measurement (every call from the sixth on
+    takes 1.7x) must not decide it: bf16 (1.7 s) beats fp32 (2.1 s) when the two are timed in turns.
+    Timed one block after the other, all of bf16's calls would fall in the loaded part (2.9 s) and
+    fp32 would be chosen."""
+    calls: list = []
+
+    def time_step(dtype):
+        calls.append(dtype)
+        load = 1.0 if len(calls) <= 5 else 1.7
+        return (2.1 if dtype is None else 1.7) * load
+
+    dtype, note = rt.choose_training_precision(torch.device("cpu"), True, time_step, features=NATIVE)
+    assert dtype is torch.bfloat16, note
+    assert calls[2:6] == [None, torch.bfloat16, None, torch.bfloat16]
