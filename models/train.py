@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ import torch
 
 from models.registry import resolve
 from models.tmax_ddpm.checkpoint import CheckpointError, export_weights, load_weights, read_info
-from models.tmax_ddpm.config import Config, ModelConfig, model_config_hash
+from models.tmax_ddpm.config import Config, model_config_hash
 from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, draw_batch, step_loader
 from models.tmax_ddpm.diffusion import make_scheduler, training_target
 from models.tmax_ddpm.loss import perfusion_weights, weighted_mse
@@ -248,27 +247,6 @@ def lr_at(step: int, cfg, restart: int = 0) -> float:
     return lr
 
 
-def _adds_mirror_channels(old: ModelConfig, new: ModelConfig) -> bool:
-    """True when ``new`` is ``old`` plus mirror-difference channels and nothing else."""
-    return (dataclasses.replace(new, mirror_diff=()) == dataclasses.replace(old, mirror_diff=())
-            and new.mirror_diff[: len(old.mirror_diff)] == old.mirror_diff and len(new.mirror_diff) > len(old.mirror_diff))
-
-
-def widen_input_conv(state: dict, old: ModelConfig, new: ModelConfig, key: str = "conv_in.conv.weight") -> dict:
-    """Weights of ``old`` for the network of ``new``, which has more input channels (mirror
-    differences, appended after the images and before the noisy Tmax). The new channels' input
-    weights start at zero, so the widened network computes exactly what the old one did and
-    training finds out what the new channels are worth."""
-    w = state[key]
-    if w.shape[1] != old.in_channels:
-        raise CheckpointError(f"{key}: {w.shape[1]} input channels, the old config says {old.in_channels}")
-    wide = torch.zeros(w.shape[0], new.in_channels, *w.shape[2:], dtype=w.dtype)
-    n_old = old.in_channels - 1
-    wide[:, :n_old] = w[:, :n_old]
-    wide[:, -1] = w[:, -1]  # the noisy Tmax channel stays last
-    return {**state, key: wide}
-
-
 def warm_start(init_from: str | Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Module) -> tuple[int, float]:
     """Load exported EMA weights into the network and its EMA; return (step, train_seconds) they had.
 
@@ -279,16 +257,12 @@ def warm_start(init_from: str | Path, cfg: Config, net: torch.nn.Module, ema: to
     """
     src = resolve(init_from)
     loaded, wcfg = load_weights(src)
-    state = loaded.state_dict()
     if model_config_hash(wcfg.model) != model_config_hash(cfg.model):
-        if not _adds_mirror_channels(wcfg.model, cfg.model):
-            raise CheckpointError(
-                f"--init-from {init_from}: the weights were trained with a different model config than this run's "
-                f"({src / 'config.json'}); start the run with that config (--config {src / 'config.json'})"
-            )
-        state = widen_input_conv(state, wcfg.model, cfg.model)
-        log.info("--init-from %s: input layer widened for mirror_diff %s (new channels start at zero)",
-                 init_from, cfg.model.mirror_diff)
+        raise CheckpointError(
+            f"--init-from {init_from}: the weights were trained with a different model config than this run's "
+            f"({src / 'config.json'}); start the run with that config (--config {src / 'config.json'})"
+        )
+    state = loaded.state_dict()
     net.load_state_dict(state)
     ema.load_state_dict(state)
     info = read_info(src)
@@ -348,7 +322,7 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
     cache = build_cache(data_dir, mc.grid, run / "cache" / f"grid{mc.grid}", progress=progress and dist.main)
     if dist.main:
         dist.barrier()
-    bank = SliceBank(cache, mc.inputs, mc.slices, tc, mc.mirror_diff)
+    bank = SliceBank(cache, mc.inputs, mc.slices, tc)
 
     with torch.random.fork_rng(devices=[]):  # the initial weights from the run's seed; the caller's RNG untouched
         torch.manual_seed(tc.seed)

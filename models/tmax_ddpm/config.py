@@ -44,9 +44,6 @@ class ModelConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample"
-    # grey-level inputs whose difference from their mirror image across the head's midline is added
-    # as k more channels each (symmetry.py: a stroke is one-sided, its faint signs are not)
-    mirror_diff: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -57,10 +54,6 @@ class ModelConfig:
             raise ValueError(f"inputs: unknown or empty {bad or self.inputs}; choose from {KNOWN_INPUTS}")
         if len(set(self.inputs)) != len(self.inputs):
             raise ValueError(f"inputs: duplicates in {self.inputs}")
-        self.mirror_diff = tuple(self.mirror_diff)
-        bad = [m for m in self.mirror_diff if m not in self.inputs or m == "core"]
-        if bad or len(set(self.mirror_diff)) != len(self.mirror_diff):
-            raise ValueError(f"mirror_diff: {self.mirror_diff} must name distinct grey-level inputs of {self.inputs}")
         if self.slices < 1 or self.slices % 2 == 0:
             raise ValueError(f"slices: must be odd and >= 1, got {self.slices}")
         if self.grid < 16 or self.grid % (2 ** (len(self.channels) - 1)) != 0:
@@ -74,7 +67,7 @@ class ModelConfig:
 
     @property
     def in_channels(self) -> int:
-        return (len(self.inputs) + len(self.mirror_diff)) * self.slices + 1
+        return len(self.inputs) * self.slices + 1
 
 
 @dataclass
@@ -197,10 +190,6 @@ class Config:
 
 
 def model_config_hash(model: ModelConfig) -> str:
-    """Stable hash of the architecture-defining config; stored in the weights' metadata. Fields added
-    later are left out while they hold their default, so older weights keep their hash."""
-    data = dataclasses.asdict(model)
-    if not data["mirror_diff"]:
-        del data["mirror_diff"]
-    text = json.dumps(data, sort_keys=True)
+    """Stable hash of the architecture-defining config; stored in the weights' metadata."""
+    text = json.dumps(dataclasses.asdict(model), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from .config import KNOWN_INPUTS, TrainConfig
 from .pack import is_pack, packs_in, read_pack, read_packs
 from .preprocess import Geometry, normalise_image, stack_neighbours, tmax_to_model, to_grid
-from .symmetry import append_mirror_differences, case_midline, transform_midline
 
 REQUIRED = ("dwi", "flair", "core", "tmax", "brain")
 
@@ -129,24 +128,14 @@ def build_cache(root: str | Path, grid: int, cache_dir: str | Path | None, progr
 
 
 class SliceBank:
-    """Every (case, slice) with enough brain, and batch assembly with augmentation.
+    """Every (case, slice) with enough brain, and batch assembly with augmentation."""
 
-    With ``mirror_diff`` images, each case's midline is fitted once (from the first of them, as
-    inference does), carried through each sample's flip and affine, and the mirror differences are
-    taken after augmentation, so they see the same appearance randomisation as their image."""
-
-    def __init__(self, cache: dict, inputs: tuple[str, ...], k: int, cfg: TrainConfig,
-                 mirror_diff: tuple[str, ...] = ()):
+    def __init__(self, cache: dict, inputs: tuple[str, ...], k: int, cfg: TrainConfig):
         self.items = cache["items"]
         self.inputs = inputs
         self.k = k
         self.cfg = cfg
-        self.mirror_diff = tuple(mirror_diff)
         self.chan_idx = [KNOWN_INPUTS.index(n) for n in inputs]
-        self.midlines = []
-        if self.mirror_diff:
-            mi = KNOWN_INPUTS.index(self.mirror_diff[0])
-            self.midlines = [case_midline(it["cond"][mi].float()) for it in self.items]
         for n, i in zip(inputs, self.chan_idx, strict=True):
             if any(torch.isnan(it["cond"][i]).any() for it in self.items[:3]):
                 raise ValueError(f"inputs: the data has no {n} volumes but the config asks for {n}")
@@ -163,33 +152,27 @@ class SliceBank:
         return len(self.index)
 
     def batch(self, ids: list[int], generator: torch.Generator, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> cond (b, (len(inputs) + len(mirror_diff))*k, g, g), x0 (b, 1, g, g), float32."""
-        conds, x0s, mids = [], [], []
+        """-> cond (b, len(inputs)*k, g, g), x0 (b, 1, g, g), float32."""
+        conds, x0s = [], []
         for i in ids:
             ci, z = self.index[i]
             it = self.items[ci]
             cond = it["cond"][self.chan_idx].float()
             conds.append(stack_neighbours(cond, self.k, torch.tensor([z]))[0])
             x0s.append(it["tmax"][z : z + 1].float())
-            if self.midlines:
-                mids.append(self.midlines[ci][z])
         cond = torch.stack(conds)
         x0 = torch.stack(x0s)
-        mid = torch.stack(mids) if mids else None
         if augment:
-            cond, x0, mid = self.augment(cond, x0, generator, mid)
-        return append_mirror_differences(cond, self.inputs, self.mirror_diff, self.k, mid), x0
+            cond, x0 = self.augment(cond, x0, generator)
+        return cond, x0
 
-    def augment(self, cond: torch.Tensor, x0: torch.Tensor, g: torch.Generator,
-                mid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Flip, intensity, appearance and a small affine; ``mid`` (b, 3) midlines are moved along."""
+    def augment(self, cond: torch.Tensor, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, b, k = self.cfg, cond.shape[0], self.k
         # left-right flip
         flip = torch.rand(b, generator=g) < cfg.aug_flip
         if flip.any():
             cond[flip] = cond[flip].flip(-1)
             x0[flip] = x0[flip].flip(-1)
-        theta = None
         # intensity: per image, per sample scale of (x + 1) for the grey-level images
         for j, name in enumerate(self.inputs):
             if name in ("dwi", "flair", "adc") and cfg.aug_intensity > 0:
@@ -222,9 +205,7 @@ class SliceBank:
                 j = self.inputs.index("core")
                 sl = slice(j * k, (j + 1) * k)
                 cond[:, sl] = torch.where(cond[:, sl] > 0, 1.0, -1.0)
-        if mid is not None:
-            mid = transform_midline(mid, flip, theta)
-        return cond.contiguous(), x0.contiguous(), mid
+        return cond.contiguous(), x0.contiguous()
 
 
 class StepBatches(torch.utils.data.Dataset):

@@ -21,7 +21,6 @@ from .config import Config
 from .diffusion import make_scheduler
 from .preprocess import from_grid, prepare_conditioning, stack_neighbours, tmax_from_model
 from .sampler import sample_volume
-from .symmetry import append_mirror_differences, case_midline
 
 
 @dataclass
@@ -167,11 +166,7 @@ class TmaxSynthesizer:
             raise ValueError(f"dwi: needs shape {brain_b.shape} (same as brain)")
         images = {"dwi": dwi, "flair": flair, "core": core, "adc": adc}
         cond, geo = prepare_conditioning(images, brain_b, self.inputs, self.cfg.model.grid)
-        mc = self.cfg.model
-        stacks = stack_neighbours(cond, mc.slices)
-        if mc.mirror_diff:
-            mid = case_midline(cond[self.inputs.index(mc.mirror_diff[0])])
-            stacks = append_mirror_differences(stacks, self.inputs, mc.mirror_diff, mc.slices, mid)
+        stacks = stack_neighbours(cond, self.cfg.model.slices)
         self.ensure_runtime(stacks)
         x = sample_volume(
             self._denoise,
