@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models.confidence import ConfidenceParams
+from models.confidence import ConfidenceParams, auroc
 from models.evaluate import read_rows
 from models.tmax_ddpm.data import load_case
 from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                          "fvh.nii.gz, territory.nii.gz); more pairs are pooled")
     ap.add_argument("--target", type=float, default=0.75, help="mean Dice over all stroke studies to reach")
     ap.add_argument("--with-core", type=float, default=0.85, help="assumed Dice on studies with a visible core")
+    ap.add_argument("--defuse3-target", type=float, default=0.90, help="DEFUSE-3 agreement over all studies to reach")
     ap.add_argument("--signs", action="store_true", help="also list each no-core study that is truly 'yes' with how "
                     "bright its vessel signs are against the brain's 99th FLAIR percentile")
     args = ap.parse_args(argv)
@@ -115,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         b = defuse3_bounds(studies, {c: o.called_ml for c, o in oracle_of.items()}, visible)
         print(f"| {fam} | {len(studies)} | {b.no_core} | {b.no_core_yes} | {b.model:.2f} | {b.model_no_core} | "
               f"{b.oracle_no_core} | {b.ceiling:.2f} | {b.nearer:.2f} |")
+    print(f"\nWhat the {sum(1 for r in rows if r['core_ml'] < visible)} no-core stroke studies show of their true "
+          "DEFUSE-3 call (on a study without a core: 15 mL or more hypoperfused)")
+    print("| evidence | AUROC | share called right |")
+    print("|---|---|---|")
+    for line in evidence_lines(every, {c: o.sign_voxels for c, o in oracle_of.items()}, visible, args.defuse3_target):
+        print(line)
     if args.signs:
         print("\nNo-core stroke studies whose true call is 'yes': the drawn vessel signs' median FLAIR against the "
               "brain's 99th percentile (both over the brain median, full resolution)")
@@ -152,6 +159,49 @@ def defuse3_bounds(studies: list[dict], oracle_ml: dict[str, float], visible: fl
     n = len(studies)
     return Defuse3Bounds(len(no_core), sum(truth), sum(model), sum(oracle), right / n,
                          (n - len(no_core) + either) / n, (right - sum(model) + either) / n)
+
+
+def best_threshold_accuracy(values: list[float], labels: list[bool]) -> tuple[float, float]:
+    """(accuracy, threshold) of the best rule "value >= threshold -> yes" on these very studies
+    (chosen in-sample, so an upper bound for that one number); calling every study "no" is a candidate."""
+    v, y = np.asarray(values, float), np.asarray(labels, bool)
+    best = (float(np.mean(~y)), float("inf"))
+    for th in np.unique(v):
+        acc = float(np.mean((v >= th) == y))
+        if acc > best[0]:
+            best = (acc, float(th))
+    return best
+
+
+def needed_no_core_share(studies: list[dict], visible: float, target: float) -> float:
+    """Share of the no-core stroke studies that must be called right for DEFUSE-3 agreement ``target``
+    over all ``studies``, keeping the model's own calls on every other study."""
+    is_no_core = [not r.get("no_stroke") and r["core_ml"] < visible for r in studies]
+    others_right = sum(bool(r["model_defuse3_agree"]) for r, nc in zip(studies, is_no_core, strict=True) if not nc)
+    n_no_core = sum(is_no_core)
+    return (target * len(studies) - others_right) / n_no_core if n_no_core else float("nan")
+
+
+def evidence_lines(studies: list[dict], sign_voxels: dict[str, int], visible: float, target: float) -> list[str]:
+    """How well the no-core stroke studies' true call can be told from the model's Tmax>6 s volume and
+    from the count of drawn vessel-sign voxels (the truth mask: more than any model sees), as AUROC and as
+    the best single threshold on these studies, against what ``target`` over all studies needs."""
+    no_core = [r for r in studies if not r.get("no_stroke") and r["core_ml"] < visible]
+    if not no_core:
+        return []
+    truth = [bool(r["true_defuse3"]) for r in no_core]
+    model_ml = [float(r["model_tmax6_ml"]) for r in no_core]
+    signs = [float(sign_voxels[r["case"]]) for r in no_core]
+    served = float(np.mean([bool(r["model_defuse3"]) == t for r, t in zip(no_core, truth, strict=True)]))
+    lines = [f"| model's Tmax>6 s volume | {auroc(model_ml, truth):.3f} | {served:.3f} at 15 mL (the served rule) |"]
+    for name, values in (("model's Tmax>6 s volume", model_ml), ("drawn vessel-sign voxels (truth)", signs)):
+        acc, th = best_threshold_accuracy(values, truth)
+        if name.startswith("drawn"):
+            lines.append(f"| {name} | {auroc(values, truth):.3f} | |")
+        lines.append(f"| {name}, best single threshold here | | {acc:.3f} at {th:.4g} |")
+    lines.append(f"| needed for {target:.0%} over all {len(studies)} studies | | "
+                 f"{needed_no_core_share(studies, visible, target):.3f} |")
+    return lines
 
 
 if __name__ == "__main__":

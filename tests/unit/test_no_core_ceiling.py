@@ -8,7 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bench.no_core_ceiling import defuse3_bounds, fvh_territory_oracle, sign_contrast
+from bench.no_core_ceiling import (
+    best_threshold_accuracy,
+    defuse3_bounds,
+    fvh_territory_oracle,
+    needed_no_core_share,
+    sign_contrast,
+)
 
 
 def _case(root: Path, fvh_at: tuple[int, int, int] | None) -> Path:
@@ -62,3 +68,20 @@ def test_sign_contrast_measures_the_sign_against_the_brains_bright_tail(tmp_path
     assert sc is not None and sc.sign_median == pytest.approx(2.5, rel=0.01)
     assert sc.brain_p99 == pytest.approx(1.1, abs=0.01)
     assert sign_contrast(_case(tmp_path, None)) is None
+
+
+def test_best_threshold_and_the_no_core_share_the_line_needs():
+    # volumes 1..6, truly "yes" from 4 up except the 5: cutting at 4 gets 5 of 6
+    acc, th = best_threshold_accuracy([1, 2, 3, 4, 5, 6], [False, False, False, True, False, True])
+    assert (acc, th) == (pytest.approx(5 / 6), 4.0)
+    # all "no" is a candidate: nothing beats it when every study is "no"
+    assert best_threshold_accuracy([3, 9], [False, False]) == (1.0, float("inf"))
+
+    def row(case: str, core: float, agree: bool, no_stroke: bool = False) -> dict:
+        return {"case": case, "core_ml": core, "no_stroke": no_stroke, "model_defuse3_agree": agree}
+
+    studies = [row("c1", 30.0, True), row("c2", 30.0, False), row("h", 0.0, True, no_stroke=True),
+               row("n1", 0.0, False), row("n2", 0.0, False)]
+    # 80 % of 5 is 4 right; 2 of the 3 others are right, so both no-core studies must be
+    assert needed_no_core_share(studies, visible=1.0, target=0.8) == pytest.approx(1.0)
+    assert needed_no_core_share(studies, visible=1.0, target=0.6) == pytest.approx(0.5)
