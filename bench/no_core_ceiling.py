@@ -193,11 +193,11 @@ def evidence_lines(studies: list[dict], sign_voxels: dict[str, int], visible: fl
     model_ml = [float(r["model_tmax6_ml"]) for r in no_core]
     signs = [float(sign_voxels[r["case"]]) for r in no_core]
     served = float(np.mean([bool(r["model_defuse3"]) == t for r, t in zip(no_core, truth, strict=True)]))
-    lines = [f"| model's Tmax>6 s volume | {auroc(model_ml, truth):.3f} | {served:.3f} at 15 mL (the served rule) |"]
-    for name, values in (("model's Tmax>6 s volume", model_ml), ("drawn vessel-sign voxels (truth)", signs)):
+    lines = []
+    for name, values, at_rule in (("model's Tmax>6 s volume", model_ml, f"{served:.3f} at 15 mL (the served rule)"),
+                                  ("drawn vessel-sign voxels (truth)", signs, "")):
         acc, th = best_threshold_accuracy(values, truth)
-        if name.startswith("drawn"):
-            lines.append(f"| {name} | {auroc(values, truth):.3f} | |")
+        lines.append(f"| {name} | {auroc(values, truth):.3f} | {at_rule} |")
         lines.append(f"| {name}, best single threshold here | | {acc:.3f} at {th:.4g} |")
     lines.append(f"| needed for {target:.0%} over all {len(studies)} studies | | "
                  f"{needed_no_core_share(studies, visible, target):.3f} |")

@@ -11,6 +11,7 @@ import pytest
 from bench.no_core_ceiling import (
     best_threshold_accuracy,
     defuse3_bounds,
+    evidence_lines,
     fvh_territory_oracle,
     needed_no_core_share,
     sign_contrast,
@@ -85,3 +86,17 @@ def test_best_threshold_and_the_no_core_share_the_line_needs():
     # 80 % of 5 is 4 right; 2 of the 3 others are right, so both no-core studies must be
     assert needed_no_core_share(studies, visible=1.0, target=0.8) == pytest.approx(1.0)
     assert needed_no_core_share(studies, visible=1.0, target=0.6) == pytest.approx(0.5)
+
+
+def test_evidence_lines_report_auroc_cuts_and_the_needed_share():
+    def row(case: str, model_ml: float, true_yes: bool, core: float = 0.0) -> dict:
+        return {"case": case, "core_ml": core, "no_stroke": False, "true_defuse3": true_yes,
+                "model_tmax6_ml": model_ml, "model_defuse3": model_ml >= 15,
+                "model_defuse3_agree": (model_ml >= 15) == true_yes}
+
+    studies = [row("a", 2.0, False), row("b", 8.0, True), row("c", 20.0, True), row("d", 40.0, True, core=30.0)]
+    lines = evidence_lines(studies, {"a": 0, "b": 5, "c": 1}, visible=1.0, target=0.75)
+    assert lines[0] == "| model's Tmax>6 s volume | 1.000 | 0.667 at 15 mL (the served rule) |"
+    assert lines[1] == "| model's Tmax>6 s volume, best single threshold here | | 1.000 at 8 |"
+    assert lines[2].startswith("| drawn vessel-sign voxels (truth) | 1.000 |")
+    assert lines[-1] == "| needed for 75% over all 4 studies | | 0.667 |"  # 3 of 4; the core study is right
