@@ -18,9 +18,10 @@ from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.metrics import defuse3
 from models.tmax_ddpm.network import build_network
 from phantom.api import make_case, write_training_case
+from tests.unit.test_model import tiny_config, write_synthetic_case
 
-# _one_thread: test_model's autouse fixture (one intra-op thread), active here by being imported
-from tests.unit.test_model import _one_thread, tiny_config, write_synthetic_case  # noqa: F401
+#: one intra-op thread (tests/conftest.py: one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

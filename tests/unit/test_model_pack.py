@@ -15,9 +15,10 @@ from models.tmax_ddpm.config import Config
 from models.tmax_ddpm.data import SliceBank, StepBatches, build_cache, step_loader
 from models.tmax_ddpm.pack import read_pack, write_pack
 from models.train import train
+from tests.unit.test_model import TINY, write_synthetic_case
 
-# _one_thread: test_model's autouse fixture (one intra-op thread), active here by being imported
-from tests.unit.test_model import TINY, _one_thread, write_synthetic_case  # noqa: F401
+#: one intra-op thread (tests/conftest.py: one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
