@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             every.append(r)
             data_of[r["case"]] = data
     rows = [r for r in every if not r.get("no_stroke")]
-    oracle_of = {r["case"]: fvh_territory_oracle(data_of[r["case"]] / r["case"]) for r in rows if r["core_ml"] < visible}
+    oracle_of = {r["case"]: fvh_territory_oracle(data_of[r["case"]] / r["case"]) for r in no_core_strokes(rows, visible)}
     print(f"{' + '.join(str(e) for e in args.pairs[::2])}: stroke studies without a visible core (< {visible} mL); oracle = the territories "
           "of the true FLAIR vessel signs")
     print("| family | stroke | no core | ... with signs | model | oracle | best of both | needed for the target |")
     print("|---|---|---|---|---|---|---|---|")
     for fam in sorted({r["family"] for r in rows}):
         stroke = [r for r in rows if r["family"] == fam]
-        no_core = [r for r in stroke if r["core_ml"] < visible]
+        no_core = no_core_strokes(stroke, visible)
         if not no_core:
             continue
         scored = [(r["model_dice6"], *oracle_of[r["case"]]) for r in no_core]
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         b = defuse3_bounds(studies, {c: o.called_ml for c, o in oracle_of.items()}, visible)
         print(f"| {fam} | {len(studies)} | {b.no_core} | {b.no_core_yes} | {b.model:.2f} | {b.model_no_core} | "
               f"{b.oracle_no_core} | {b.ceiling:.2f} | {b.nearer:.2f} |")
-    print(f"\nWhat the {sum(1 for r in rows if r['core_ml'] < visible)} no-core stroke studies show of their true "
+    print(f"\nWhat the {len(oracle_of)} no-core stroke studies show of their true "
           "DEFUSE-3 call (on a study without a core: 15 mL or more hypoperfused)")
     print("| evidence | AUROC | share called right |")
     print("|---|---|---|")
@@ -127,14 +127,19 @@ def main(argv: list[str] | None = None) -> int:
               "brain's 99th percentile (both over the brain median, full resolution)")
         print("| case | true Tmax>6 mL | model mL | sign voxels | sign median | brain p99 | sign above p99 |")
         print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            if r["core_ml"] < visible and r["true_defuse3"]:
+        for r in no_core_strokes(rows, visible):
+            if r["true_defuse3"]:
                 sc = sign_contrast(data_of[r["case"]] / r["case"])
                 cells = ("-", "-", "no sign drawn") if sc is None else (
                     f"{sc.sign_median:.2f}", f"{sc.brain_p99:.2f}", "yes" if sc.sign_median > sc.brain_p99 else "no")
                 print(f"| {r['case']} | {r['true_tmax6_ml']:.0f} | {r['model_tmax6_ml']:.0f} | "
                       f"{oracle_of[r['case']].sign_voxels} | " + " | ".join(cells) + " |")
     return 0
+
+
+def no_core_strokes(studies: list[dict], visible: float) -> list[dict]:
+    """The stroke studies without a visible core (under ``visible`` mL): those every table here is about."""
+    return [r for r in studies if not r.get("no_stroke") and r["core_ml"] < visible]
 
 
 class Defuse3Bounds(NamedTuple):
@@ -150,7 +155,7 @@ class Defuse3Bounds(NamedTuple):
 def defuse3_bounds(studies: list[dict], oracle_ml: dict[str, float], visible: float) -> Defuse3Bounds:
     """DEFUSE-3 agreement of the model and the two bounds (module docstring) over ``studies`` (evaluate rows);
     ``oracle_ml`` is the oracle's Tmax>6 s volume of each no-core stroke study."""
-    no_core = [r for r in studies if not r.get("no_stroke") and r["core_ml"] < visible]
+    no_core = no_core_strokes(studies, visible)
     truth = [bool(r["true_defuse3"]) for r in no_core]
     model = [bool(r["model_defuse3"]) == t for r, t in zip(no_core, truth, strict=True)]
     oracle = [defuse3(r["core_ml"], oracle_ml[r["case"]])["target"] == t for r, t in zip(no_core, truth, strict=True)]
@@ -176,17 +181,17 @@ def best_threshold_accuracy(values: list[float], labels: list[bool]) -> tuple[fl
 def needed_no_core_share(studies: list[dict], visible: float, target: float) -> float:
     """Share of the no-core stroke studies that must be called right for DEFUSE-3 agreement ``target``
     over all ``studies``, keeping the model's own calls on every other study."""
-    is_no_core = [not r.get("no_stroke") and r["core_ml"] < visible for r in studies]
-    others_right = sum(bool(r["model_defuse3_agree"]) for r, nc in zip(studies, is_no_core, strict=True) if not nc)
-    n_no_core = sum(is_no_core)
-    return (target * len(studies) - others_right) / n_no_core if n_no_core else float("nan")
+    no_core = no_core_strokes(studies, visible)
+    others_right = (sum(bool(r["model_defuse3_agree"]) for r in studies)
+                    - sum(bool(r["model_defuse3_agree"]) for r in no_core))
+    return (target * len(studies) - others_right) / len(no_core) if no_core else float("nan")
 
 
 def evidence_lines(studies: list[dict], sign_voxels: dict[str, int], visible: float, target: float) -> list[str]:
     """How well the no-core stroke studies' true call can be told from the model's Tmax>6 s volume and
     from the count of drawn vessel-sign voxels (the truth mask: more than any model sees), as AUROC and as
     the best single threshold on these studies, against what ``target`` over all studies needs."""
-    no_core = [r for r in studies if not r.get("no_stroke") and r["core_ml"] < visible]
+    no_core = no_core_strokes(studies, visible)
     if not no_core:
         return []
     truth = [bool(r["true_defuse3"]) for r in no_core]

@@ -39,10 +39,11 @@ import numpy as np
 
 from models.confidence import ConfidenceParams, assess, auroc, load_reference
 from models.tmax_ddpm.data import list_cases, load_case
-from models.tmax_ddpm.inference import SAMPLE_CUTS_S, TmaxSynthesizer
+from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.metrics import defuse3, dice, mae, psnr, ssim, volume_ml
 
 METHODS = ("model", "core", "territory")
+SAMPLE_CUTS_S = (6.0, 10.0)  # the clinical Tmax cuts whose volume evaluate keeps per sample
 #: the family of a case whose truth.json has no ``family`` key (written before families existed)
 DEFAULT_FAMILY = "geometric"
 #: a case is "bad" (the positive class of the confidence AUROC) below this Tmax>6 s Dice on a stroke

@@ -39,8 +39,6 @@ class SynthesisResult:
     sample_ml: dict[float, tuple[float, ...]] = field(default_factory=dict)
 
 
-SAMPLE_CUTS_S = (6.0, 10.0)  # the clinical Tmax cuts; evaluate keeps their volume per sample
-
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":

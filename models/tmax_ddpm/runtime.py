@@ -30,7 +30,7 @@ import platform
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -332,6 +332,18 @@ def cache_key(device: torch.device, features: CpuFeatures, model_id: str, thread
 SampleFn = Callable[[Denoise], torch.Tensor]
 
 
+def round_robin_best(keys: Sequence[str], time_once: Callable[[str], float], rounds: int) -> dict[str, float]:
+    """The best (lowest) of ``rounds`` timings of each key, taken round-robin, so that a burst of load
+    from another process lands on every key rather than on one (measured one block after the other, a
+    second training run starting beside one once made bf16 look slower than fp32, 2.83 against 2.78 s,
+    where it was 1.71 against 2.14 s). ``time_once`` returns inf for a key it cannot time."""
+    best = {k: float("inf") for k in keys}
+    for _ in range(max(1, rounds)):
+        for k in keys:
+            best[k] = min(best[k], time_once(k))
+    return best
+
+
 def measure_paths(paths: list[str], make: Callable[[str], Denoise], sample: SampleFn, brain: torch.Tensor,
                   rounds: int = 2) -> tuple[list[PathTrial], dict[str, Denoise]]:
     """Time each path's sampler run on the probe and compare its Tmax (s) with fp32 eager's.
@@ -373,17 +385,20 @@ def measure_paths(paths: list[str], make: Callable[[str], Denoise], sample: Samp
             built[p] = fn
         except Exception as exc:  # noqa: BLE001 - a path that fails is not chosen; the reason is kept
             fail(tr, exc)
-    for _ in range(max(1, rounds)):
-        for p in order:
-            tr = trials[p]
-            if not tr.ok:
-                continue
-            try:
-                t1 = time.perf_counter()
-                sample(built[p])
-                tr.probe_s = min(tr.probe_s, time.perf_counter() - t1)
-            except Exception as exc:  # noqa: BLE001
-                fail(tr, exc)
+    def time_once(p: str) -> float:
+        tr = trials[p]
+        if not tr.ok:
+            return float("inf")
+        try:
+            t1 = time.perf_counter()
+            sample(built[p])
+            return time.perf_counter() - t1
+        except Exception as exc:  # noqa: BLE001
+            fail(tr, exc)
+            return float("inf")
+
+    for p, best in round_robin_best(order, time_once, rounds).items():
+        trials[p].probe_s = best
     out_trials = list(trials.values())
     for tr in out_trials:
         if not np.isfinite(tr.probe_s):
@@ -505,17 +520,10 @@ def choose_training_precision(
         return None, {"precision": "fp32", "why": "bf16_cpu is off in the config"}
     if not features.native_bf16:
         return None, {"precision": "fp32", "why": f"no native bf16 on this CPU (capability {features.capability})"}
-    candidates = (("fp32", None), ("bf16", torch.bfloat16))
-    for _, dtype in candidates:
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    for dtype in dtypes.values():
         time_step(dtype)  # warm-up: oneDNN primitives, allocator
-    # interleaved, so that a neighbour's load that comes or goes during the measurement weighs on both
-    # (measured one block after the other, a second training run starting beside this one once made
-    # bf16 look slower than fp32, 2.83 against 2.78 s, where it was 1.71 against 2.14 s)
-    samples: dict[str, list[float]] = {name: [] for name, _ in candidates}
-    for _ in range(repeats):
-        for name, dtype in candidates:
-            samples[name].append(time_step(dtype))
-    times = {name: min(v) for name, v in samples.items()}
+    times = round_robin_best(list(dtypes), lambda name: time_step(dtypes[name]), repeats)
     best = min(times, key=times.get)
     return (torch.bfloat16 if best == "bf16" else None), {
         "precision": best, "why": "measured", "step_s": {k: round(v, 4) for k, v in times.items()},
