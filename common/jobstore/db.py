@@ -14,6 +14,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.jobstore.fork_guard import FORK_GUARD
+
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     cur = dbapi_conn.cursor()
@@ -49,7 +51,8 @@ os.register_at_fork(after_in_child=_new_pools_in_child)
 
 
 def get_engine(url: str) -> Engine:
-    """One engine per URL per process; a forked child gets fresh pools (``_new_pools_in_child``)."""
+    """One engine per URL per process; a forked child gets fresh pools (``_new_pools_in_child``) and
+    never inherits a transaction (``FORK_GUARD``)."""
     engine = _ENGINES.get(url)
     if engine is not None:
         return engine
@@ -59,6 +62,7 @@ def get_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
+    FORK_GUARD.watch(engine)  # no connection in use while this process forks (fork_guard.py)
     return _ENGINES.setdefault(url, engine)
 
 

@@ -6,6 +6,11 @@ query and the job was re-queued every 10 s with nothing running it. These tests 
 thread of the parent holds the pool's lock (what the reaper's thread does for a moment every round),
 and check that the child neither waits for that lock nor reuses the parent's connections. Both run
 on SQLite and on PostgreSQL (``jobstore_url`` in tests/conftest.py).
+
+At stop 30 the replacement came up unable to write at all: the fork landed while the main process's
+heartbeat or reaper thread was inside a write transaction, and SQLite's per-process lock record told
+the child that the write lock was held by one of its own connections, for ever (fork_guard.py). The
+last test forks while another thread of the parent is inside a write transaction.
 """
 
 from __future__ import annotations
@@ -61,3 +66,49 @@ def test_forked_child_gets_its_own_pool_and_connections(jobstore_url: str) -> No
                           cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "ok", proc.stdout + proc.stderr[-2000:]
+
+
+WRITE_DURING_FORK = r"""
+import os, sys, threading, time
+from sqlalchemy import text
+from common.jobstore.db import session_scope
+
+url = sys.argv[1]
+sqlite = url.startswith("sqlite")
+with session_scope(url) as s:
+    s.execute(text("create table if not exists fork_probe (n integer)"))
+in_transaction = threading.Event()
+
+def write_slowly():  # what the heartbeat and the reaper do every few seconds, stretched
+    with session_scope(url) as s:
+        s.execute(text("insert into fork_probe values (1)"))
+        in_transaction.set()
+        time.sleep(0.5)
+
+writer = threading.Thread(target=write_slowly)
+writer.start()
+in_transaction.wait()
+pid = os.fork()
+if pid == 0:
+    try:
+        with session_scope(url) as s:
+            if sqlite:
+                s.execute(text("PRAGMA busy_timeout=3000"))  # fail in 3 s, not the store's 30 s
+            s.execute(text("insert into fork_probe values (2)"))
+    except Exception as exc:
+        print("child:", exc, flush=True)
+        os._exit(5)
+    os._exit(0)
+writer.join()
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+with session_scope(url) as s:
+    rows = sorted(s.execute(text("select n from fork_probe")).scalars())
+print("ok" if code == 0 else f"child exit {code}", rows)
+"""
+
+
+def test_child_forked_during_a_write_transaction_can_write(jobstore_url: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", WRITE_DURING_FORK, jobstore_url], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok [1, 2]", proc.stdout + proc.stderr[-2000:]
