@@ -14,7 +14,10 @@ as right when the model's call or the oracle's (the vessel signs' territories as
 an upper bound for a method that reads what the inputs show. A second, nearer bound keeps the model's own
 calls on the studies with a core and the healthy brains and takes the better of the two on the no-core
 ones: what a perfect no-core method would add to this model. ``--signs`` lists how bright the drawn
-vessel signs of the no-core "yes" studies are against the brain's own bright tail.
+vessel signs of the no-core "yes" studies are against the brain's own bright tail, at full resolution
+and on the model grid, and (from ``evaluate --save-maps``'s maps) how much of their hypoperfusion lies
+in slices whose 2.5D window holds a sign and how much of it the model finds there: whether the model's
+misses are signs it cannot see (out of its window, blurred by its grid) or signs it sees and does not use.
 
     .venv/bin/python -m bench.no_core_ceiling runs/eval/demo runs/data/heldout96 [EVAL_DIR DATA ...]
 """
@@ -29,9 +32,10 @@ import numpy as np
 
 from models.confidence import ConfidenceParams, auroc
 from models.evaluate import read_rows
+from models.tmax_ddpm.config import ModelConfig
 from models.tmax_ddpm.data import load_case
 from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
-from models.tmax_ddpm.preprocess import normalise_image
+from models.tmax_ddpm.preprocess import Geometry, normalise_image, to_grid
 
 
 class OracleCall(NamedTuple):
@@ -57,16 +61,47 @@ class SignContrast(NamedTuple):
     brain_p99: float  # the brain's 99th FLAIR percentile, over the brain median
 
 
-def sign_contrast(case_dir: Path) -> SignContrast | None:
-    """How bright the drawn vessel signs are against the brain's own bright tail, at full resolution
-    (None without a sign): a sign no brighter than the top 1 % of the brain is hard to tell from the brain's
-    own bright voxels (look-alikes, noise) by its intensity alone."""
+def sign_contrast(case_dir: Path, grid: int | None = None) -> SignContrast | None:
+    """How bright the drawn vessel signs are against the brain's own bright tail (None without a sign): a sign
+    no brighter than the top 1 % of the brain is hard to tell from the brain's own bright voxels (look-alikes,
+    noise) by its intensity alone. At full resolution, or on the model's in-plane ``grid`` (the images
+    area-averaged as the model gets them; a sign voxel is one at least half covered by the drawn sign)."""
     c = load_case(case_dir, ("flair", "brain", "fvh"))
     brain, fvh = c.images["brain"] > 0, c.images["fvh"] > 0
     if not fvh.any():
         return None
     flair = normalise_image(c.images["flair"], brain, "flair") + 1.0
+    if grid is not None:
+        geo = Geometry.for_shape(brain.shape[1], brain.shape[2], grid)
+        flair, cover, share = (to_grid(a.astype(np.float32), geo, background=0.0).numpy() for a in (flair, brain, fvh))
+        brain, fvh = cover > 0.5, (share >= 0.5) & (cover > 0.5)
+        if not fvh.any():
+            return None
     return SignContrast(float(np.median(flair[fvh])), float(np.percentile(flair[brain], 99)))
+
+
+class SignReach(NamedTuple):
+    hypo_slices: int  # slices with true Tmax>6 s
+    in_window: int  # ... whose 2.5D window (the model's k slices around it) holds a drawn sign
+    truth_voxels: int  # true Tmax>6 s voxels in those windowed slices
+    found_voxels: int  # ... that the model's map calls too
+
+
+def sign_reach(case_dir: Path, mean_map: np.ndarray, k: int) -> SignReach:
+    """Whether the vessel signs lie within the model's reach of the hypoperfused slices, and what it found there."""
+    c = load_case(case_dir, ("tmax", "brain", "fvh"))
+    brain = c.images["brain"] > 0
+    truth = (c.images["tmax"] > 6) & brain
+    nz, half = truth.shape[0], k // 2
+    signed = (c.images["fvh"] > 0).reshape(nz, -1).any(1)
+    window = np.array([signed[max(0, z - half): z + half + 1].any() for z in range(nz)])
+    hypo = truth.reshape(nz, -1).any(1)
+    found = truth & (mean_map > 6)
+    return SignReach(int(hypo.sum()), int((hypo & window).sum()), int(truth[window].sum()), int(found[window].sum()))
+
+
+def _sign_kind(sc: SignContrast | None) -> str:
+    return "none" if sc is None else ("clear" if sc.sign_median > sc.brain_p99 else "faint")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,16 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-core", type=float, default=0.85, help="assumed Dice on studies with a visible core")
     ap.add_argument("--defuse3-target", type=float, default=0.90, help="DEFUSE-3 agreement over all studies to reach")
     ap.add_argument("--signs", action="store_true", help="also list each no-core study that is truly 'yes' with how "
-                    "bright its vessel signs are against the brain's 99th FLAIR percentile")
+                    "bright its vessel signs are against the brain's 99th FLAIR percentile, and what the model finds "
+                    "within reach of them (needs evaluate --save-maps)")
+    ap.add_argument("--grid", type=int, default=ModelConfig().grid, help="the model's in-plane grid, for --signs")
+    ap.add_argument("--slices", type=int, default=ModelConfig().slices, help="the model's 2.5D window, for --signs")
     args = ap.parse_args(argv)
     visible = ConfidenceParams().anchor_ok_ml
     if len(args.pairs) % 2:
         ap.error("give EVAL_DIR DATA pairs")
-    every, data_of = [], {}
+    every, data_of, eval_of = [], {}, {}
     for ev, data in zip(args.pairs[::2], args.pairs[1::2], strict=True):
         for r in read_rows(ev / "per_case.csv"):
             every.append(r)
-            data_of[r["case"]] = data
+            data_of[r["case"]], eval_of[r["case"]] = data, ev
     rows = [r for r in every if not r.get("no_stroke")]
     oracle_of = {r["case"]: fvh_territory_oracle(data_of[r["case"]] / r["case"]) for r in no_core_strokes(rows, visible)}
     print(f"{' + '.join(str(e) for e in args.pairs[::2])}: stroke studies without a visible core (< {visible} mL); oracle = the territories "
@@ -125,15 +163,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.signs:
         print("\nNo-core stroke studies whose true call is 'yes': the drawn vessel signs' median FLAIR against the "
               "brain's 99th percentile (both over the brain median, full resolution)")
-        print("| case | true Tmax>6 mL | model mL | sign voxels | sign median | brain p99 | sign above p99 |")
-        print("|---|---|---|---|---|---|---|")
+        print("| case | true Tmax>6 mL | model mL | sign voxels | sign median | brain p99 | sign above p99 | "
+              f"... on the {args.grid} grid |")
+        print("|---|---|---|---|---|---|---|---|")
+        kinds: dict[tuple[str, str], list[bool]] = {}
+        reach: dict[str, list[SignReach]] = {}
         for r in no_core_strokes(rows, visible):
-            if r["true_defuse3"]:
-                sc = sign_contrast(data_of[r["case"]] / r["case"])
-                cells = ("-", "-", "no sign drawn") if sc is None else (
-                    f"{sc.sign_median:.2f}", f"{sc.brain_p99:.2f}", "yes" if sc.sign_median > sc.brain_p99 else "no")
-                print(f"| {r['case']} | {r['true_tmax6_ml']:.0f} | {r['model_tmax6_ml']:.0f} | "
-                      f"{oracle_of[r['case']].sign_voxels} | " + " | ".join(cells) + " |")
+            if not r["true_defuse3"]:
+                continue
+            case_dir = data_of[r["case"]] / r["case"]
+            sc, sc_grid = sign_contrast(case_dir), sign_contrast(case_dir, args.grid)
+            cells = ("-", "-", "no sign drawn") if sc is None else (
+                f"{sc.sign_median:.2f}", f"{sc.brain_p99:.2f}", "yes" if sc.sign_median > sc.brain_p99 else "no")
+            print(f"| {r['case']} | {r['true_tmax6_ml']:.0f} | {r['model_tmax6_ml']:.0f} | "
+                  f"{oracle_of[r['case']].sign_voxels} | " + " | ".join(cells) + f" | {_sign_kind(sc_grid)} |")
+            kinds.setdefault((_sign_kind(sc), _sign_kind(sc_grid)), []).append(r["model_tmax6_ml"] >= 15)
+            maps = eval_of[r["case"]] / "maps" / f"{r['case']}.npz"
+            if maps.exists():
+                reach.setdefault(_sign_kind(sc), []).append(
+                    sign_reach(case_dir, np.load(maps)["mean"].astype(np.float32), args.slices))
+        print(f"\nThe same studies by sign, at full resolution and on the {args.grid} grid")
+        print("| signs | on the model grid | studies | model 'yes' (15 mL or more) |")
+        print("|---|---|---|---|")
+        for (full, on_grid), yes in sorted(kinds.items()):
+            print(f"| {full} | {on_grid} | {len(yes)} | {sum(yes)} |")
+        if reach:
+            print(f"\nWithin the model's reach ({args.slices}-slice window holding a sign): hypoperfused slices and "
+                  "the true Tmax>6 s voxels there that the model's mean map calls")
+            print("| signs | studies | hypoperfused slices | ... with a sign in the window | found in those slices |")
+            print("|---|---|---|---|---|")
+            for kind, rs in sorted(reach.items()):
+                hypo, win = sum(x.hypo_slices for x in rs), sum(x.in_window for x in rs)
+                found = sum(x.found_voxels for x in rs) / max(1, sum(x.truth_voxels for x in rs))
+                print(f"| {kind} | {len(rs)} | {hypo} | {win} ({win / max(1, hypo):.0%}) | {found:.2f} |")
     return 0
 
 

@@ -15,10 +15,11 @@ from bench.no_core_ceiling import (
     fvh_territory_oracle,
     needed_no_core_share,
     sign_contrast,
+    sign_reach,
 )
 
 
-def _case(root: Path, fvh_at: tuple[int, int, int] | None) -> Path:
+def _case(root: Path, fvh_at: tuple[int | slice, ...] | None) -> Path:
     d = root / ("sign" if fvh_at else "none")
     d.mkdir()
     shape = (4, 10, 10)  # (z, y, x)
@@ -69,6 +70,25 @@ def test_sign_contrast_measures_the_sign_against_the_brains_bright_tail(tmp_path
     assert sc is not None and sc.sign_median == pytest.approx(2.5, rel=0.01)
     assert sc.brain_p99 == pytest.approx(1.1, abs=0.01)
     assert sign_contrast(_case(tmp_path, None)) is None
+
+
+def test_a_one_voxel_sign_is_lost_on_a_coarser_grid_and_a_wide_one_is_not(tmp_path: Path):
+    (tmp_path / "thin").mkdir(), (tmp_path / "wide").mkdir()
+    thin = _case(tmp_path / "thin", (1, 2, 7))  # one voxel: a quarter of the 2x2 block a 5x5 grid voxel averages
+    assert sign_contrast(thin) is not None and sign_contrast(thin, grid=5) is None
+    wide = _case(tmp_path / "wide", (1, slice(2, 4), slice(6, 8)))  # a 2x2 block that is one grid voxel
+    sc = sign_contrast(wide, grid=5)
+    assert sc is not None and sc.sign_median > sc.brain_p99
+
+
+def test_sign_reach_counts_the_hypoperfused_slices_within_the_window_and_what_the_map_found_there(tmp_path: Path):
+    case = _case(tmp_path, (1, 2, 7))  # the sign on slice 1; every slice hypoperfused (25 voxels each)
+    mean = np.full((4, 10, 10), 2.0, np.float32)
+    mean[0, 5:, 5:] = 9.0  # the map finds slice 0's hypoperfusion and nothing else
+    mean[3, 5:, 5:] = 9.0  # ... and slice 3's, which is out of a 3-slice window's reach of the sign
+    reach = sign_reach(case, mean, k=3)
+    assert reach == (4, 3, 75, 25)  # slices 0-2 in reach; 25 of their 75 true voxels found
+    assert sign_reach(case, mean, k=5) == (4, 4, 100, 50)
 
 
 def test_best_threshold_and_the_no_core_share_the_line_needs():
