@@ -89,6 +89,10 @@ class TrainConfig:
     hypo_threshold_s: float = 6.0
     # only slices with brain (fraction of brain pixels) are sampled; empty slices waste steps
     min_brain_fraction: float = 0.02
+    # how much more often a hypoperfused slice of a case without any core is drawn than any other slice
+    # (1 = uniform, today's recipe): the studies whose hypoperfusion rests on FLAIR alone are few, and
+    # the model paints too little of it there (issue 15)
+    no_core_hypo_draw: float = 1.0
     # augmentation
     aug_flip: float = 0.5
     aug_intensity: float = 0.15  # +- relative scale of DWI/FLAIR/ADC

@@ -147,6 +147,28 @@ class SliceBank:
         if not index:
             raise ValueError("no slices with brain found in the training data")
         self.index = index
+        self.draw_weights = self._draw_weights(cfg.no_core_hypo_draw)
+
+    def _draw_weights(self, no_core_hypo: float) -> torch.Tensor | None:
+        """Per-slice draw weights, ``no_core_hypo`` on the hypoperfused slices of cases without a core
+        (None when that is 1: the uniform draw, whose random stream stays what it always was)."""
+        if no_core_hypo <= 0:
+            raise ValueError(f"no_core_hypo_draw must be positive, got {no_core_hypo}")
+        if no_core_hypo == 1.0:
+            return None
+        ci, cut = KNOWN_INPUTS.index("core"), float(tmax_to_model(np.float32(self.cfg.hypo_threshold_s)))
+        no_core = [not bool((it["cond"][ci] > 0).any()) for it in self.items]
+        w = torch.ones(len(self.index), dtype=torch.float64)
+        for i, (c, z) in enumerate(self.index):
+            if no_core[c] and bool((self.items[c]["tmax"][z].float() > cut).any()):
+                w[i] = no_core_hypo
+        return w
+
+    def draw(self, n: int, g: torch.Generator) -> list[int]:
+        """``n`` slice ids: uniform, or by ``draw_weights``."""
+        if self.draw_weights is None:
+            return torch.randint(0, len(self), (n,), generator=g).tolist()
+        return torch.multinomial(self.draw_weights, n, replacement=True, generator=g).tolist()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -237,7 +259,7 @@ def draw_batch(bank: SliceBank, batch_size: int, timesteps: int,
                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training batch from ``g``: slice ids, augmented conditioning and Tmax, noise, timesteps (in
     that order of draws, which both the in-process path and StepBatches rely on)."""
-    ids = torch.randint(0, len(bank), (batch_size,), generator=g).tolist()
+    ids = bank.draw(batch_size, g)
     cond, x0 = bank.batch(ids, g, augment=True)
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, timesteps, (x0.shape[0],), generator=g)
