@@ -95,13 +95,14 @@ def choose_no_core(cases: list[dict], healthy_ml: float = 5.0) -> float:
     healthy brains' median false Tmax>6 s within ``healthy_ml`` (issue 15's line) and call "yes" on no
     more of them than 6 s does; ties go to the higher no-core Dice, then to 6 s."""
     base = summarise(cases, 6.0, 10.0)
-    best, key = 6.0, (base["defuse3"], base["dice6_no_core"], 1)
+    best, best_key = 6.0, (base["defuse3"], base["dice6_no_core"], 1)
     for cut in cases[0]["d6"]:
         s = summarise(cases, cut, 10.0, no_core_only=True)
         if s["healthy_false_ml_median"] > healthy_ml or s["healthy_yes"] > base["healthy_yes"]:
             continue
-        if (s["defuse3"], s["dice6_no_core"], int(cut == 6.0)) > key:
-            best, key = float(cut), (s["defuse3"], s["dice6_no_core"], int(cut == 6.0))
+        key = (s["defuse3"], s["dice6_no_core"], int(cut == 6.0))
+        if key > best_key:
+            best, best_key = float(cut), key
     return best
 
 
