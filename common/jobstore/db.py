@@ -6,7 +6,6 @@ completion loop, workers and the API can share one file; PostgreSQL is used by U
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,33 +25,13 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
-#: one engine per URL in this process (get_engine); the fork handler below renews their pools
+#: one engine per URL in this process (get_engine); FORK_GUARD looks after them across a fork
 _ENGINES: dict[str, Engine] = {}
-#: pools inherited from the parent: kept referenced and never used, so the child never closes them
-_INHERITED_POOLS: list[object] = []
-
-
-def _new_pools_in_child() -> None:
-    """After a fork, give every engine a fresh connection pool in the child.
-
-    A Celery worker's main process uses the job store (its lease reaper), and billiard forks a
-    replacement pool process from it whenever one dies. The child inherited the parent's pool: its
-    connections (one SQLite handle or PostgreSQL socket used from two processes) and its lock, which the
-    reaper's thread may hold at the moment of the fork and which then stays held in the child for
-    ever. SQLAlchemy's answer is ``dispose(close=False)`` in the child: a new, empty pool, the
-    parent's connections left untouched (kept referenced here so no finaliser closes them).
-    """
-    for engine in _ENGINES.values():
-        _INHERITED_POOLS.append(engine.pool)
-        engine.dispose(close=False)
-
-
-os.register_at_fork(after_in_child=_new_pools_in_child)
 
 
 def get_engine(url: str) -> Engine:
-    """One engine per URL per process; a forked child gets fresh pools (``_new_pools_in_child``) and
-    never inherits a transaction (``FORK_GUARD``)."""
+    """One engine per URL per process; a forked child never inherits a transaction and gets fresh
+    pools (``FORK_GUARD``, common/jobstore/fork_guard.py)."""
     engine = _ENGINES.get(url)
     if engine is not None:
         return engine
@@ -62,7 +41,7 @@ def get_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    FORK_GUARD.watch(engine)  # no connection in use while this process forks (fork_guard.py)
+    FORK_GUARD.watch(engine)  # no connection in use while this process forks, fresh pools in the child
     return _ENGINES.setdefault(url, engine)
 
 

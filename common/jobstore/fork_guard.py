@@ -1,4 +1,4 @@
-"""No connection of the job store is in use while this process forks.
+"""The job store across a fork: no connection in use while this process forks, fresh pools in the child.
 
 Celery's prefork pool forks replacement pool processes from the worker's main process, whose
 heartbeat and lease reaper threads write to the job store every few seconds. SQLite keeps a
@@ -16,6 +16,13 @@ kind that can hold a transaction) and, from ``os.register_at_fork``'s *before* h
 other thread holds one and keeps new check-outs waiting until the fork is done. Connections made
 outside an engine (the receiver's raw sqlite3 fast path, common/jobstore/queries.py) are not
 counted: that path runs in the gateway, which never forks without exec.
+
+The child also gets a fresh, empty pool in every engine. It inherited the parent's pools: their
+connections (one SQLite handle or PostgreSQL socket used from two processes) and their lock, which
+a thread of the parent may hold at the moment of the fork and which then stays held in the child for
+ever (a replacement pool process once hung before its first job query). SQLAlchemy's answer is
+``dispose(close=False)`` in the child, the parent's connections left untouched (kept referenced so
+that no finaliser closes them).
 """
 
 from __future__ import annotations
@@ -43,9 +50,13 @@ class ForkGuard:
         self._cond = threading.Condition()
         self._holders: dict[int, int] = {}  # id(connection record) -> thread that checked it out
         self._forking = False
+        self._engines: list[Engine] = []
+        self._inherited_pools: list[object] = []  # kept referenced and never used in a child
 
     def watch(self, engine: Engine) -> None:
-        """Count ``engine``'s check-outs and check-ins (its pool's events survive ``dispose``)."""
+        """Count ``engine``'s check-outs and check-ins (its pool's events survive ``dispose``), and renew
+        its pool in a forked child."""
+        self._engines.append(engine)
         event.listen(engine, "checkout", self._checkout)
         event.listen(engine, "checkin", self._checkin)
         event.listen(engine, "detach", self._checkin)
@@ -82,10 +93,13 @@ class ForkGuard:
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
-        """The child starts with no connection checked out and a lock nobody holds."""
+        """The child starts with no connection checked out, a lock nobody holds and fresh pools."""
         self._cond = threading.Condition()
         self._holders = {}
         self._forking = False
+        for engine in self._engines:
+            self._inherited_pools.append(engine.pool)
+            engine.dispose(close=False)
 
 
 #: the process's guard, watching every engine that common.jobstore.db makes
