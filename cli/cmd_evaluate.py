@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-core", action="store_true", help="skip scoring the core rule against the truth core "
                    "(before and after its partial-volume step; needs adc.nii.gz)")
+    p.add_argument("--condition-on", choices=("truth", "rule", "rule_strict"), default="truth",
+                   help="the core the model is conditioned on and the DEFUSE-3 calls use: the phantom's truth core "
+                   "(default, the paper's protocol) or the service's core rule (rule: with its partial-volume step, "
+                   "as `synthperf process` runs it; the end-to-end figure)")
     p.add_argument("--save-maps", action="store_true", help="also keep each case's mean and SD Tmax maps "
                    "(OUT/maps/<case>.npz, float16 seconds) for analyses that should not sample again")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="instead of evaluating: one markdown table "
@@ -87,10 +91,13 @@ def run(args: argparse.Namespace) -> int:
         print("error: give MODEL and DATA (or --compare EVAL_DIR...)", file=sys.stderr)
         return 2
 
+    if args.no_core and args.condition_on != "truth":
+        print(f"error: --condition-on {args.condition_on} needs the core rule, which --no-core skips", file=sys.stderr)
+        return 2
     try:
         s = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, limit=args.limit,
                      seed=args.seed, device=args.device, core_methods=None if args.no_core else core_methods(),
-                     save_maps=args.save_maps)
+                     save_maps=args.save_maps, condition_on=args.condition_on)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,8 +10,12 @@ also given per family (``truth.json`` key ``family``; cases without it are "geom
 before it existed). On no-stroke studies (truth Tmax>6 s and core both empty) Dice is 1 for any empty
 call and hides the failure that matters - hypoperfusion called on a healthy brain - so those studies
 get their own figures: the false Tmax>6 s volume each method calls and how often DEFUSE-3 says "yes".
-Every method is given the truth core, so a method's mismatch-volume error equals its Tmax>6 s volume
-error; it is not reported twice (the Bland-Altman plot shows the mismatch volumes themselves).
+By default every method is given the truth core (the paper's protocol), so a method's mismatch-volume
+error equals its Tmax>6 s volume error; it is not reported twice (the Bland-Altman plot shows the
+mismatch volumes themselves). ``condition_on`` names one of the ``core_methods`` instead: the model is
+then conditioned on that core, and the methods' DEFUSE-3 calls, the baselines and the confidence use it,
+as the service does with its own core rule - the end-to-end figure that an independent generator
+scoring ``synthperf process`` sees. The truth call always uses the truth core.
 The family is read from the JSON, not from phantom/, which models must not import.
 
 Knowing when it does not know (issue 15 item 4): every case also gets the per-study confidence the
@@ -82,25 +86,33 @@ def territory_baseline(territory: np.ndarray | None, core: np.ndarray) -> np.nda
 
 def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, samples: int | None, seed: int,
                   reference: Mapping | None = None, core_methods: Mapping[str, CoreMethod] | None = None,
-                  maps_dir: Path | None = None) -> dict:
+                  maps_dir: Path | None = None, condition_on: str = "truth") -> dict:
     """One case's row; with ``maps_dir`` its mean and SD maps are also kept there (``<case>.npz``, float16 s),
-    so later analyses (a threshold, a confidence part) need no second round of sampling."""
+    so later analyses (a threshold, a confidence part) need no second round of sampling. ``condition_on``:
+    "truth" or a name in ``core_methods``, the core the model and the calls are given (module docstring)."""
+    if condition_on != "truth" and condition_on not in (core_methods or {}):
+        raise ValueError(f"condition_on must be 'truth' or one of the core methods {sorted(core_methods or {})}, "
+                         f"got {condition_on!r}")
     case = load_case(case_dir)
     im = case.images
     brain = case.brain
-    core = (im["core"] > 0.5) & brain
+    true_core = (im["core"] > 0.5) & brain
+    voxel_ml = float(np.prod(case.spacing_zyx)) / 1000.0
+    segmented = {name: np.asarray(fn(case_dir, im, case.spacing_zyx), dtype=bool) & brain
+                 for name, fn in (core_methods or {}).items()}
+    core = true_core if condition_on == "truth" else segmented[condition_on]
     truth = np.clip(np.nan_to_num(im["tmax"]), 0, 20) * brain
     res = synth.synthesize(
-        im["dwi"], im.get("flair"), im.get("core"), brain, adc=im.get("adc"),
+        im["dwi"], im.get("flair"), core.astype(np.float32), brain, adc=im.get("adc"),
         spacing_zyx=case.spacing_zyx, steps=steps, samples=samples, seed=seed, sample_cuts_s=SAMPLE_CUTS_S,
     )
     if maps_dir is not None:
         np.savez_compressed(maps_dir / f"{case.case_id}.npz", mean=res.mean.astype(np.float16),
                             sd=res.sd.astype(np.float16), spacing_zyx=np.asarray(case.spacing_zyx))
-    voxel_ml = float(np.prod(case.spacing_zyx)) / 1000.0
     t6, t10 = (truth > 6) & brain, (truth > 10) & brain
     p6, p10 = (res.mean > 6) & brain, (res.mean > 10) & brain
-    core_ml = volume_ml(core, voxel_ml)
+    true_core_ml = volume_ml(true_core, voxel_ml)
+    core_ml = volume_ml(core, voxel_ml)  # the core the calls use: the truth's, or the given method's
     true6_ml = volume_ml(t6, voxel_ml)
     row: dict = {
         "case": case.case_id,
@@ -108,7 +120,9 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
         "vendor": case.truth.get("vendor") or case.truth.get("vendor_style") or "",
         "case_type": case.truth.get("case_type") or case.truth.get("occlusion") or "",
         "seconds": round(res.seconds, 2),
-        "core_ml": core_ml,
+        "core_ml": true_core_ml,
+        "condition_on": condition_on,
+        "given_core_ml": core_ml,
         "true_tmax6_ml": true6_ml,
         "true_tmax10_ml": volume_ml(t10, voxel_ml),
         "mae_s": mae(res.mean, truth, brain),
@@ -116,8 +130,8 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
         "ssim": ssim(res.mean, truth),
         "mean_sd_in_hypo_s": float(res.sd[t6].mean()) if t6.any() else float("nan"),
     }
-    ref = defuse3(core_ml, true6_ml)
-    row["no_stroke"] = true6_ml == 0 and core_ml == 0
+    ref = defuse3(true_core_ml, true6_ml)
+    row["no_stroke"] = true6_ml == 0 and true_core_ml == 0
     row["true_mismatch_ml"] = ref["mismatch_ml"]
     row["true_defuse3"] = ref["target"]
     terr = territory_baseline(im.get("territory"), core)
@@ -149,11 +163,10 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     row.update({f"confidence_{k}": v for k, v in conf.parts.items()})
     row["confidence_reasons"] = "; ".join(conf.reasons)
     row["bad"] = is_bad(row)
-    for name, fn in (core_methods or {}).items():
-        m = np.asarray(fn(case_dir, im, case.spacing_zyx), dtype=bool) & brain
+    for name, m in segmented.items():
         row[f"coreseg_{name}_ml"] = volume_ml(m, voxel_ml)
-        if core.any():
-            row[f"coreseg_{name}_dice"] = dice(m, core)
+        if true_core.any():
+            row[f"coreseg_{name}_dice"] = dice(m, true_core)
     return row
 
 
@@ -320,11 +333,16 @@ def evaluate(
     progress: bool = True,
     core_methods: Mapping[str, CoreMethod] | None = None,
     save_maps: bool = False,
+    condition_on: str = "truth",
 ) -> dict:
     """Run the evaluation; writes per_case.csv, summary.json and bland_altman.png into out_dir.
 
     ``core_methods``: core segmentations to score against the truth core (module docstring).
-    ``save_maps``: also keep every case's mean and SD maps in out_dir/maps (evaluate_case)."""
+    ``save_maps``: also keep every case's mean and SD maps in out_dir/maps (evaluate_case).
+    ``condition_on``: "truth" or a name in ``core_methods``: the core the model is given (module docstring)."""
+    if condition_on != "truth" and condition_on not in (core_methods or {}):
+        raise ValueError(f"condition_on must be 'truth' or one of the core methods {sorted(core_methods or {})}, "
+                         f"got {condition_on!r}")
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -344,7 +362,7 @@ def evaluate(
     maps_dir = out / "maps" if save_maps else None
     if maps_dir is not None:
         maps_dir.mkdir(exist_ok=True)
-    rows = [evaluate_case(synth, c, steps, samples, seed, reference, core_methods, maps_dir) for c in it]
+    rows = [evaluate_case(synth, c, steps, samples, seed, reference, core_methods, maps_dir, condition_on) for c in it]
     summary = summarise(rows)
     summary.update(
         {
@@ -355,6 +373,7 @@ def evaluate(
             "samples": samples or synth.cfg.sample.samples,
             "seconds_total": round(time.perf_counter() - t0, 1),
             "input_reference": bool(reference),
+            "condition_on": condition_on,
             "confidence_threshold": ConfidenceParams().threshold,
         }
     )
@@ -399,7 +418,8 @@ def format_summary(s: dict) -> str:
     """The printed table: overall and per-family rows for every method, then the no-stroke studies."""
     groups = [("all", s)] + sorted((s.get("per_family") or {}).items())
     lines = [
-        f"cases {s['cases']}, steps {s['steps']}, samples {s['samples']}, {s.get('seconds') or 0:.1f} s/case",
+        f"cases {s['cases']}, steps {s['steps']}, samples {s['samples']}, {s.get('seconds') or 0:.1f} s/case, "
+        f"core given: {s.get('condition_on', 'truth')}",
         f"model: MAE {s['mae_s']:.2f} s, PSNR {s['psnr_db']:.1f} dB, SSIM {s['ssim']:.3f}, Dice>10 {s['model_dice10']:.3f}",
         f"{'family':<10} {'cases':>5}  {'method':<10} {'Dice>6 (median)':<15}  {'Dice>10':>7}  {'|vol6 err|':>10}  "
         f"{'vol6 bias':>9}  DEFUSE-3 agreement   (volumes in mL)",

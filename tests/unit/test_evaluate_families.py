@@ -93,3 +93,50 @@ def test_evaluate_reports_per_family_and_no_stroke(mixed: tuple[Path, dict[str, 
     table = format_summary(s)
     assert any(line.startswith("template") for line in table.splitlines())
     assert any(line.startswith("geometric") and "model" in line for line in table.splitlines())
+
+
+def _grown_core(case_dir: Path, im: dict, spacing: tuple[float, float, float]) -> np.ndarray:
+    """A core method that over-calls: the truth core grown by one voxel in-plane."""
+    from scipy import ndimage as ndi
+
+    return ndi.binary_dilation(im["core"] > 0.5, structure=np.ones((1, 3, 3), bool))
+
+
+def test_evaluate_conditioned_on_a_core_method(mixed: tuple[Path, dict[str, str]], tmp_path: Path):
+    """--condition-on: the model, the calls and the baselines get the method's core; the truth call keeps the
+    truth core (the end-to-end figure of the service's own core rule)."""
+    root, _ = mixed
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    export_weights(build_network(cfg.model).state_dict(), cfg, tmp_path / "w")
+    methods = {"grown": _grown_core}
+    with pytest.raises(ValueError, match="condition_on"):
+        evaluate(str(tmp_path / "w"), root, tmp_path / "bad", steps=1, samples=1, device="cpu", progress=False,
+                 core_methods=methods, condition_on="rule")
+    s = evaluate(str(tmp_path / "w"), root, tmp_path / "eval", steps=1, samples=1, device="cpu", progress=False,
+                 core_methods=methods, condition_on="grown")
+    assert s["condition_on"] == "grown"
+    with open(tmp_path / "eval" / "per_case.csv") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    stroke = "case_000001"
+    case = load_case(root / stroke)
+    im, brain = case.images, case.brain
+    voxel_ml = float(np.prod(case.spacing_zyx)) / 1000.0
+    grown = _grown_core(root / stroke, im, case.spacing_zyx) & brain
+    true_core = (im["core"] > 0.5) & brain
+    assert grown.sum() > true_core.sum() > 0
+    r = rows[stroke]
+    assert r["condition_on"] == "grown"
+    assert float(r["core_ml"]) == pytest.approx(true_core.sum() * voxel_ml)
+    assert float(r["given_core_ml"]) == pytest.approx(grown.sum() * voxel_ml)
+    # the core baseline is the given core itself, and the model saw the given core
+    assert float(r["core_tmax6_ml"]) == pytest.approx(grown.sum() * voxel_ml)
+    res = TmaxSynthesizer.load(str(tmp_path / "w"), device="cpu").synthesize(
+        im["dwi"], im["flair"], grown.astype(np.float32), brain, adc=im["adc"], spacing_zyx=case.spacing_zyx,
+        steps=1, samples=1, seed=0)
+    model6 = float(((res.mean > 6) & brain).sum()) * voxel_ml
+    assert float(r["model_tmax6_ml"]) == pytest.approx(model6)
+    assert (r["model_defuse3"] == "True") == defuse3(grown.sum() * voxel_ml, model6)["target"]
+    truth6 = float(((np.nan_to_num(im["tmax"]) > 6) & brain).sum()) * voxel_ml
+    assert (r["true_defuse3"] == "True") == defuse3(true_core.sum() * voxel_ml, truth6)["target"]
+    assert float(r["coreseg_grown_dice"]) < 1.0
