@@ -33,7 +33,7 @@ import numpy as np
 from models.confidence import ConfidenceParams, auroc
 from models.evaluate import read_rows
 from models.tmax_ddpm.config import ModelConfig
-from models.tmax_ddpm.data import load_case
+from models.tmax_ddpm.data import Case, load_case
 from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
 from models.tmax_ddpm.preprocess import Geometry, normalise_image, to_grid
 
@@ -44,9 +44,17 @@ class OracleCall(NamedTuple):
     called_ml: float  # the oracle's Tmax>6 s volume
 
 
-def fvh_territory_oracle(case_dir: Path) -> OracleCall:
+#: every image the tables here read, loaded once per case (each function also takes a case folder)
+CASE_IMAGES = ("tmax", "brain", "territory", "fvh", "flair")
+
+
+def _loaded(case: Path | Case, names: tuple[str, ...]) -> Case:
+    return case if isinstance(case, Case) else load_case(case, names)
+
+
+def fvh_territory_oracle(case: Path | Case) -> OracleCall:
     """'The territories holding the true vessel signs' as a Tmax>6 s call, scored against the truth."""
-    c = load_case(case_dir, ("tmax", "brain", "territory", "fvh"))
+    c = _loaded(case, ("tmax", "brain", "territory", "fvh"))
     brain = c.images["brain"] > 0
     truth = (c.images["tmax"] > 6) & brain
     fvh = c.images["fvh"] > 0
@@ -61,12 +69,12 @@ class SignContrast(NamedTuple):
     brain_p99: float  # the brain's 99th FLAIR percentile, over the brain median
 
 
-def sign_contrast(case_dir: Path, grid: int | None = None) -> SignContrast | None:
+def sign_contrast(case: Path | Case, grid: int | None = None) -> SignContrast | None:
     """How bright the drawn vessel signs are against the brain's own bright tail (None without a sign): a sign
     no brighter than the top 1 % of the brain is hard to tell from the brain's own bright voxels (look-alikes,
     noise) by its intensity alone. At full resolution, or on the model's in-plane ``grid`` (the images
     area-averaged as the model gets them; a sign voxel is one at least half covered by the drawn sign)."""
-    c = load_case(case_dir, ("flair", "brain", "fvh"))
+    c = _loaded(case, ("flair", "brain", "fvh"))
     brain, fvh = c.images["brain"] > 0, c.images["fvh"] > 0
     if not fvh.any():
         return None
@@ -87,9 +95,9 @@ class SignReach(NamedTuple):
     found_voxels: int  # ... that the model's map calls too
 
 
-def sign_reach(case_dir: Path, mean_map: np.ndarray, k: int) -> SignReach:
+def sign_reach(case: Path | Case, mean_map: np.ndarray, k: int) -> SignReach:
     """Whether the vessel signs lie within the model's reach of the hypoperfused slices, and what it found there."""
-    c = load_case(case_dir, ("tmax", "brain", "fvh"))
+    c = _loaded(case, ("tmax", "brain", "fvh"))
     brain = c.images["brain"] > 0
     truth = (c.images["tmax"] > 6) & brain
     nz, half = truth.shape[0], k // 2
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             every.append(r)
             data_of[r["case"]], eval_of[r["case"]] = data, ev
     rows = [r for r in every if not r.get("no_stroke")]
-    oracle_of = {r["case"]: fvh_territory_oracle(data_of[r["case"]] / r["case"]) for r in no_core_strokes(rows, visible)}
+    cases = {r["case"]: load_case(data_of[r["case"]] / r["case"], CASE_IMAGES) for r in no_core_strokes(rows, visible)}
+    oracle_of = {name: fvh_territory_oracle(c) for name, c in cases.items()}
     print(f"{' + '.join(str(e) for e in args.pairs[::2])}: stroke studies without a visible core (< {visible} mL); oracle = the territories "
           "of the true FLAIR vessel signs")
     print("| family | stroke | no core | ... with signs | model | oracle | best of both | needed for the target |")
@@ -171,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in no_core_strokes(rows, visible):
             if not r["true_defuse3"]:
                 continue
-            case_dir = data_of[r["case"]] / r["case"]
-            sc, sc_grid = sign_contrast(case_dir), sign_contrast(case_dir, args.grid)
+            case = cases[r["case"]]
+            sc, sc_grid = sign_contrast(case), sign_contrast(case, args.grid)
             cells = ("-", "-", "no sign drawn") if sc is None else (
                 f"{sc.sign_median:.2f}", f"{sc.brain_p99:.2f}", "yes" if sc.sign_median > sc.brain_p99 else "no")
             print(f"| {r['case']} | {r['true_tmax6_ml']:.0f} | {r['model_tmax6_ml']:.0f} | "
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             maps = eval_of[r["case"]] / "maps" / f"{r['case']}.npz"
             if maps.exists():
                 reach.setdefault(_sign_kind(sc), []).append(
-                    sign_reach(case_dir, np.load(maps)["mean"].astype(np.float32), args.slices))
+                    sign_reach(case, np.load(maps)["mean"].astype(np.float32), args.slices))
         print(f"\nThe same studies by sign, at full resolution and on the {args.grid} grid")
         print("| signs | on the model grid | studies | model 'yes' (15 mL or more) |")
         print("|---|---|---|---|")
