@@ -471,11 +471,15 @@ def _drop_artefacts(
 def _drop_symmetric_pairs(
     lab: np.ndarray, n: int, keep: np.ndarray, brain: np.ndarray, direction: Any | None, min_overlap: float
 ) -> int:
-    """Mark as dropped the pairs of components that are mirror images across the midline.
+    """Mark as dropped the components that are mirror images of another one across the midline.
 
     Susceptibility artefacts (petrous bone, sinuses) and coil artefacts come in left-right pairs;
-    an infarct almost never has a mirror twin. A component mirrored onto *another* component with
-    overlap >= ``min_overlap`` (of the smaller one) drops both. Midline = the brain's centroid.
+    an infarct almost never has a mirror twin. A component is dropped when at least ``min_overlap`` of
+    its *own* voxels, mirrored, land on another component: both halves of an artefact pair go, but a
+    large infarct whose mirror image happens to cover a noise speck on the other side stays (the speck
+    goes). Measuring the overlap against the smaller of the two, as this did until 2026-12-06, dropped
+    a 55 mL core with a 9-voxel speck at its mirror position (randomised phantom seed 270013).
+    Midline = the brain's centroid.
     """
     if n < 2 or min_overlap >= 1.0:
         return 0
@@ -493,14 +497,11 @@ def _drop_symmetric_pairs(
     src = labels[ok]
     sizes = np.bincount(labels, minlength=n + 1)
     cross = (hits > 0) & (hits != src)  # mirrored onto a different component
-    keys, counts = np.unique(src[cross].astype(np.int64) * (n + 1) + hits[cross], return_counts=True)
-    dropped = 0
-    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
-        a, b = divmod(key, n + 1)
-        if count >= min_overlap * min(sizes[a], sizes[b]) and keep[a]:
-            keep[a] = False
-            dropped += 1
-    return dropped
+    onto_other = np.bincount(src[cross], minlength=n + 1)
+    twin = keep & (onto_other >= min_overlap * np.maximum(sizes, 1))
+    twin[0] = False
+    keep[twin] = False
+    return int(twin.sum())
 
 
 # ------------------------------------------------------------------------------------------- learned
