@@ -84,15 +84,20 @@ def territory_baseline(territory: np.ndarray | None, core: np.ndarray) -> np.nda
     return (lab == label) | core
 
 
+def _check_condition_on(condition_on: str, core_methods: Mapping[str, CoreMethod] | None) -> None:
+    """The conditioning core must be the truth or one of the core methods scored in the same run."""
+    if condition_on != "truth" and condition_on not in (core_methods or {}):
+        raise ValueError(f"condition_on must be 'truth' or one of the core methods {sorted(core_methods or {})}, "
+                         f"got {condition_on!r}")
+
+
 def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, samples: int | None, seed: int,
                   reference: Mapping | None = None, core_methods: Mapping[str, CoreMethod] | None = None,
                   maps_dir: Path | None = None, condition_on: str = "truth") -> dict:
     """One case's row; with ``maps_dir`` its mean and SD maps are also kept there (``<case>.npz``, float16 s),
     so later analyses (a threshold, a confidence part) need no second round of sampling. ``condition_on``:
     "truth" or a name in ``core_methods``, the core the model and the calls are given (module docstring)."""
-    if condition_on != "truth" and condition_on not in (core_methods or {}):
-        raise ValueError(f"condition_on must be 'truth' or one of the core methods {sorted(core_methods or {})}, "
-                         f"got {condition_on!r}")
+    _check_condition_on(condition_on, core_methods)
     case = load_case(case_dir)
     im = case.images
     brain = case.brain
@@ -340,9 +345,7 @@ def evaluate(
     ``core_methods``: core segmentations to score against the truth core (module docstring).
     ``save_maps``: also keep every case's mean and SD maps in out_dir/maps (evaluate_case).
     ``condition_on``: "truth" or a name in ``core_methods``: the core the model is given (module docstring)."""
-    if condition_on != "truth" and condition_on not in (core_methods or {}):
-        raise ValueError(f"condition_on must be 'truth' or one of the core methods {sorted(core_methods or {})}, "
-                         f"got {condition_on!r}")
+    _check_condition_on(condition_on, core_methods)
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
