@@ -104,6 +104,10 @@ def score(study: Path, result: dict, seconds: float) -> dict:
     return row
 
 
+def _mean(values: list) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
     """The pooled figures, overall and per family."""
     lines = []
@@ -115,17 +119,16 @@ def summary_lines(rows: list[dict]) -> list[str]:
         no_core = [r["dice6"] for r in stroke if not core_visible(r["core_ml"])]
         healthy = [r for r in ok if r["no_stroke"]]
         served = [r for r in ok if r["served_defuse3"] != "withheld"]
-        cores = [r["core_dice"] for r in ok if np.isfinite(r["core_dice"])]
+        false_ml = [r["service_tmax6_ml"] for r in healthy]
         lines.append(
             f"{label}: {len(rs)} studies, {len(rs) - len(ok)} failed | Dice>6 stroke "
-            f"{np.mean([r['dice6'] for r in stroke]):.3f} (core {np.mean(with_core) if with_core else float('nan'):.3f} "
-            f"n={len(with_core)} / no core {np.mean(no_core) if no_core else float('nan'):.3f} n={len(no_core)}) | "
-            f"core Dice {np.mean(cores) if cores else float('nan'):.3f} | DEFUSE-3 raw "
-            f"{np.mean([r['raw_defuse3'] == r['true_defuse3'] for r in ok]):.3f}, served "
-            f"{np.mean([r['served_defuse3'] == r['true_defuse3'] for r in served]) if served else float('nan'):.3f} "
-            f"on {len(served)} | healthy {len(healthy)}: median false "
-            f"{np.median([r['service_tmax6_ml'] for r in healthy]) if healthy else float('nan'):.1f} mL, "
-            f"over {BAD_FALSE_ML:.0f} mL {sum(r['service_tmax6_ml'] > BAD_FALSE_ML for r in healthy)}, yes raw "
+            f"{_mean([r['dice6'] for r in stroke]):.3f} (core {_mean(with_core):.3f} n={len(with_core)} / no core "
+            f"{_mean(no_core):.3f} n={len(no_core)}) | core Dice "
+            f"{_mean([r['core_dice'] for r in ok if np.isfinite(r['core_dice'])]):.3f} | DEFUSE-3 raw "
+            f"{_mean([r['raw_defuse3'] == r['true_defuse3'] for r in ok]):.3f}, served "
+            f"{_mean([r['served_defuse3'] == r['true_defuse3'] for r in served]):.3f} on {len(served)} | healthy "
+            f"{len(healthy)}: median false {np.median(false_ml) if false_ml else float('nan'):.1f} mL, over "
+            f"{BAD_FALSE_ML:.0f} mL {sum(v > BAD_FALSE_ML for v in false_ml)}, yes raw "
             f"{sum(r['raw_defuse3'] for r in healthy)} served {sum(r['served_defuse3'] is True for r in healthy)}")
     return lines
 
