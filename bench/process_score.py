@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,17 +54,17 @@ def process(study: Path, out: Path, extra: list[str]) -> tuple[dict, float]:
     return json.loads(result_file.read_text()), seconds
 
 
-def truth_on_grid(study: Path, grid_file: Path) -> dict[str, np.ndarray]:
-    """The truth Tmax (linear), core and brain (nearest) resampled onto the grid of ``grid_file``."""
+def truth_on_grid(study: Path, reference: Any) -> dict[str, np.ndarray]:
+    """The truth Tmax (linear), core and brain (nearest) resampled onto the grid of the SimpleITK image
+    ``reference`` (the service's map)."""
     import SimpleITK as sitk
 
-    ref = sitk.ReadImage(str(grid_file))
-    out = {}
-    for name, interp in (("tmax", sitk.sitkLinear), ("core", sitk.sitkNearestNeighbor),
-                         ("brain", sitk.sitkNearestNeighbor)):
-        img = sitk.Cast(sitk.ReadImage(str(study / f"{name}.nii.gz")), sitk.sitkFloat32)
-        out[name] = sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), interp, 0.0))
-    return out
+    from worker.pipeline.load import resample_to
+
+    return {name: sitk.GetArrayFromImage(resample_to(sitk.ReadImage(str(study / f"{name}.nii.gz")), reference,
+                                                     interpolator=interp))
+            for name, interp in (("tmax", sitk.sitkLinear), ("core", sitk.sitkNearestNeighbor),
+                                 ("brain", sitk.sitkNearestNeighbor))}
 
 
 def score(study: Path, result: dict, seconds: float) -> dict:
@@ -77,14 +78,13 @@ def score(study: Path, result: dict, seconds: float) -> dict:
     if not row["ok"]:
         row["error"] = str(result.get("error"))
         return row
-    grid = Path(result["nifti"]["tmax6"])
-    t = truth_on_grid(study, grid)
-    spacing = sitk.ReadImage(str(grid)).GetSpacing()
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    called = sitk.ReadImage(result["nifti"]["tmax6"])  # the service's Tmax>6 s map: its grid is the reference
+    t = truth_on_grid(study, called)
+    voxel_ml = float(np.prod(called.GetSpacing())) / 1000.0
     brain = t["brain"] > 0.5
     true6 = (np.nan_to_num(t["tmax"]) > 6) & brain
     true_core = (t["core"] > 0.5) & brain
-    called6 = sitk.GetArrayFromImage(sitk.ReadImage(str(grid))) > 0
+    called6 = sitk.GetArrayFromImage(called) > 0
     core = sitk.GetArrayFromImage(sitk.ReadImage(result["nifti"]["core"])) > 0
     m = result["measures"]
     true_core_ml, true6_ml = float(true_core.sum()) * voxel_ml, float(true6.sum()) * voxel_ml

@@ -34,7 +34,7 @@ def _service_copy(src: Path, dst: Path, fn) -> Path:
 
 def test_truth_on_a_flipped_grid_lands_on_the_same_world_positions(study: Path, tmp_path: Path):
     grid = _service_copy(study / "tmax.nii.gz", tmp_path / "tmax6.nii.gz", lambda a: a > 6)
-    t = truth_on_grid(study, grid)
+    t = truth_on_grid(study, sitk.ReadImage(str(grid)))
     called = sitk.GetArrayFromImage(sitk.ReadImage(str(grid))) > 0
     assert not np.array_equal(called, sitk.GetArrayFromImage(sitk.ReadImage(str(study / "tmax.nii.gz"))) > 6)
     np.testing.assert_array_equal(t["tmax"] > 6, called)
