@@ -4,18 +4,22 @@ with a QC report that excludes bad cases with their reason. Resumable: re-run to
 
 ``synthperf dataset pack DATA... --out FILE.npz``: those cases on the model grid, 8-bit, in one file
 (models/tmax_ddpm/pack.py; about 80 KB a phantom case instead of 5 MB), for training on a machine
-that can neither generate nor hold the NIfTI folders. ``synthperf train FILE.npz`` reads it."""
+that can neither generate nor hold the NIfTI folders. ``synthperf train FILE.npz`` reads it.
+
+``synthperf dataset served-masks DATA...``: beside each case, the brain mask the service itself makes
+from the case's b0 (worker/served_masks.py), for ``train.input_mask: brain_served``: training as served."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("dataset", help="build a training set from studies with DSC (research)",
+    p = subparsers.add_parser("dataset", help="training sets: build from DSC studies, pack, service masks (research)",
                               description=__doc__)
     sub = p.add_subparsers(dest="dataset_command", required=True)
     b = sub.add_parser("build", help="studies with DWI, FLAIR and DSC -> training cases + QC report")
@@ -35,6 +39,37 @@ def register(subparsers: Any) -> None:
     k.add_argument("--grid", type=int, default=None, help="model grid (default: the default model's, 64)")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(func=run_pack)
+    m = sub.add_parser("served-masks", help="write the service's own brain mask (from b0) beside each case")
+    m.add_argument("data", nargs="+", type=Path, help="folders of training cases with b0.nii.gz")
+    m.add_argument("--overwrite", action="store_true", help="remake masks that exist (default: skip them)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=run_served_masks)
+
+
+def run_served_masks(args: argparse.Namespace) -> int:
+    from worker.served_masks import summary_line, write_served_masks
+
+    progress = None if args.no_progress else _progress("case")
+    try:
+        report = write_served_masks(args.data, args.overwrite, progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_line(report))
+    if report.no_b0:
+        print(f"  without b0.nii.gz (phantom cases written before b0 was kept?): {', '.join(report.no_b0[:10])}"
+              + (" ..." if len(report.no_b0) > 10 else ""), file=sys.stderr)
+    return 0 if report.written or report.already_done else 2
+
+
+def _progress(unit: str) -> Callable[[Iterable[Any], int], Iterable[Any]]:
+    """A tqdm progress bar over ``unit``s, in the form the dataset builders take."""
+    from tqdm import tqdm
+
+    def progress(it: Iterable[Any], n: int) -> Iterable[Any]:
+        return tqdm(it, total=n, desc=unit + "s" if unit != "study" else "studies", unit=unit)
+
+    return progress
 
 
 def run_pack(args: argparse.Namespace) -> int:
@@ -63,13 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        def progress(it, n):  # type: ignore[no-untyped-def]
-            return tqdm(it, total=n, desc="studies", unit="study")
-
+    progress = None if args.no_progress else _progress("study")
     try:
         report = build_dataset(args.studies, args.out, load_settings(args.config), args.jobs, limits, progress)
     except FileNotFoundError as exc:

@@ -319,7 +319,9 @@ def _train(dist: _Dist, data_dir, run: Path, cfg, device, max_minutes, progress,
 
     if not dist.main:
         dist.barrier()  # rank 0 builds the slice cache; the others then load it
-    cache = build_cache(data_dir, mc.grid, run / "cache" / f"grid{mc.grid}", progress=progress and dist.main)
+    cache_name = f"grid{mc.grid}" if tc.input_mask == "brain" else f"grid{mc.grid}-{tc.input_mask}"
+    cache = build_cache(data_dir, mc.grid, run / "cache" / cache_name, progress=progress and dist.main,
+                        input_mask=tc.input_mask)
     if dist.main:
         dist.barrier()
     bank = SliceBank(cache, mc.inputs, mc.slices, tc)

@@ -70,6 +70,10 @@ class ModelConfig:
         return len(self.inputs) * self.slices + 1
 
 
+# The masks a model's inputs can be normalised in (TrainConfig.input_mask), by the case file's name.
+INPUT_MASKS = ("brain", "brain_served")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, loss weighting, augmentation and checkpointing."""
@@ -93,6 +97,11 @@ class TrainConfig:
     # (1 = uniform, today's recipe): the studies whose hypoperfusion rests on FLAIR alone are few, and
     # the model paints too little of it there (issue 15)
     no_core_hypo_draw: float = 1.0
+    # the mask the inputs are normalised in and cut to: "brain" (the data's brain.nii.gz; for the phantom
+    # its true brain) or "brain_served" (the service's own mask from the b0, written beside it by
+    # `synthperf dataset served-masks`), so the model learns the rim of CSF and skull the service's
+    # mask adds (issue 15: train as served)
+    input_mask: str = "brain"
     # augmentation
     aug_flip: float = 0.5
     aug_intensity: float = 0.15  # +- relative scale of DWI/FLAIR/ADC
@@ -124,6 +133,10 @@ class TrainConfig:
     bf16_cpu: bool = True
     channels_last: bool = True
     val_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.input_mask not in INPUT_MASKS:
+            raise ValueError(f"input_mask: unknown {self.input_mask!r}; choose from {INPUT_MASKS}")
 
 
 @dataclass

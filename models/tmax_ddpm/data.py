@@ -1,7 +1,8 @@
 """Training data: a folder of cases as NIfTI on one grid, cached on the model grid, 2.5D batches.
 
 Layout per case (what the phantom's fast path writes and a site can export from its DSC-PWI data):
-``<root>/<case_id>/{dwi,adc,flair,core,tmax,brain}.nii.gz`` (+ optional b0, territory, truth.json).
+``<root>/<case_id>/{dwi,adc,flair,core,tmax,brain}.nii.gz`` (+ optional b0, territory, truth.json, and
+brain_served: the service's own brain mask made from the b0 by ``synthperf dataset served-masks``).
 Arrays are handled as (z, y, x): the transpose of nibabel's (x, y, z), which equals what
 SimpleITK's GetArrayFromImage returns for the same file.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import KNOWN_INPUTS, TrainConfig
+from .config import INPUT_MASKS, KNOWN_INPUTS, TrainConfig
 from .pack import is_pack, packs_in, read_pack, read_packs
 from .preprocess import Geometry, normalise_image, stack_neighbours, tmax_to_model, to_grid
 
@@ -75,37 +76,54 @@ def load_case(case_dir: str | Path, names: tuple[str, ...] | None = None) -> Cas
     return Case(case_dir.name, images, spacing, truth)
 
 
-def case_to_grid(case: Case, grid: int) -> dict[str, torch.Tensor]:
-    """All known conditioning images (missing ones NaN-filled), Tmax and brain on the model grid (fp16)."""
+def case_to_grid(case: Case, grid: int, input_mask: str = "brain") -> dict[str, torch.Tensor]:
+    """All known conditioning images (missing ones NaN-filled), Tmax and brain on the model grid (fp16).
+
+    ``input_mask``: the mask the inputs are normalised in and set to background outside of. The
+    service makes its mask from the b0 (a median 1.1x the phantom's true brain, up to 1.7x), so a model
+    trained inside the true brain sees at inference a rim of CSF and skull it never saw, and calls
+    hypoperfusion there. With ``"brain_served"`` it learns that rim with the truth it has: no Tmax
+    outside the true brain. The target is the truth Tmax inside the true brain and 0 s elsewhere
+    either way (the phantom writes 0 s there already)."""
+    if input_mask not in INPUT_MASKS:
+        raise ValueError(f"input_mask: unknown {input_mask!r}; choose from {INPUT_MASKS}")
+    if input_mask not in case.images:
+        raise ValueError(f"{case.case_id}: no {input_mask}.nii.gz; write it with `synthperf dataset served-masks`")
     brain = case.brain
+    mask = case.images[input_mask] > 0
     geo = Geometry.for_shape(brain.shape[1], brain.shape[2], grid)
     chans = []
     for name in KNOWN_INPUTS:
         if name in case.images:
-            chans.append(normalise_image(case.images[name], brain, name))
+            chans.append(normalise_image(case.images[name], mask, name))
         else:
             chans.append(np.full(brain.shape, np.nan, np.float32))
     cond = to_grid(np.stack(chans), geo, background=-1.0)
     ci = KNOWN_INPUTS.index("core")
     cond[ci] = torch.where(cond[ci] > 0, 1.0, -1.0)
-    tmax = to_grid(tmax_to_model(case.images["tmax"]), geo, background=-1.0)
+    tmax = to_grid(tmax_to_model(np.where(brain, np.nan_to_num(case.images["tmax"]), 0.0)), geo, background=-1.0)
     brain_g = to_grid(brain.astype(np.float32), geo, background=0.0) > 0.5
     return {"cond": cond.half(), "tmax": tmax.half(), "brain": brain_g}
 
 
-def build_cache(root: str | Path, grid: int, cache_dir: str | Path | None, progress: bool = True) -> dict:
+def build_cache(root: str | Path, grid: int, cache_dir: str | Path | None, progress: bool = True,
+                input_mask: str = "brain") -> dict:
     """Preprocess every case once (normalise + resample), one file per case, reused on resume and
     when cases are added to the data folder (``cache_dir`` None: kept in memory only, as packing
     does). ``root`` may also be a training pack (pack.py), or a folder of packs: their cases are
-    already on the grid, so nothing is cached."""
-    if is_pack(root):
-        return read_pack(root, grid)
-    if packs := packs_in(root):
-        return read_packs(packs, grid)
+    already on the grid, so nothing is cached, and they were made inside the true brain.
+    ``input_mask``: see ``case_to_grid``."""
+    if input_mask not in INPUT_MASKS:
+        raise ValueError(f"input_mask: unknown {input_mask!r}; choose from {INPUT_MASKS}")
+    if is_pack(root) or packs_in(root):
+        if input_mask != "brain":
+            raise ValueError(f"{root}: training packs hold the inputs inside the true brain; "
+                             f"input_mask {input_mask!r} needs the case folders")
+        return read_pack(root, grid) if is_pack(root) else read_packs(packs_in(root), grid)
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
-    cases = list_cases(root)
+    cases = list_cases(root, REQUIRED + ((input_mask,) if input_mask != "brain" else ()))
     it = cases
     if progress:
         from tqdm import tqdm
@@ -117,8 +135,8 @@ def build_cache(root: str | Path, grid: int, cache_dir: str | Path | None, progr
         if f is not None and f.exists():
             items.append(torch.load(f, weights_only=False))
             continue
-        names = REQUIRED + tuple(n for n in ("adc",) if (d / f"{n}.nii.gz").exists())
-        item = case_to_grid(load_case(d, names), grid)
+        names = REQUIRED + tuple(n for n in ("adc", input_mask) if n not in REQUIRED and (d / f"{n}.nii.gz").exists())
+        item = case_to_grid(load_case(d, names), grid, input_mask)
         if f is not None:
             tmp = f.with_suffix(".tmp")
             torch.save(item, tmp)

@@ -1,0 +1,98 @@
+"""Training as served: the service's own brain mask beside each phantom case, and training inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli.main import main
+from models.tmax_ddpm.config import Config, TrainConfig
+from models.tmax_ddpm.data import build_cache, case_to_grid, load_case
+from models.tmax_ddpm.pack import write_pack
+from phantom.api import make_case, write_training_case
+from worker.served_masks import write_served_masks
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+NAMES = ("dwi", "adc", "flair", "core", "tmax", "brain", "brain_served")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two randomised phantom cases (a stroke and a healthy brain), b0 included, with their service masks."""
+    root = tmp_path_factory.mktemp("served")
+    write_training_case(make_case(11, matrix=64, family="geometric", randomise=True), root)
+    write_training_case(make_case(4, matrix=64, family="template", randomise=True, scenario={"occlusion": "none"}),
+                        root)
+    report = write_served_masks([root])
+    assert len(report.written) == 2 and not report.no_b0
+    return root
+
+
+def test_the_served_mask_is_the_service_mask_on_the_case_grid(data: Path) -> None:
+    for case_dir in sorted(data.iterdir()):
+        case = load_case(case_dir, ("brain", "brain_served"))
+        served, truth = case.images["brain_served"] > 0, case.brain
+        assert served.shape == truth.shape
+        assert (served & truth).sum() > 0.97 * truth.sum()  # the true brain lies inside it
+        assert served.sum() > truth.sum()  # and it adds a rim, the point of training with it
+
+
+def test_a_second_run_skips_done_cases_and_names_cases_without_a_b0(data: Path, tmp_path: Path) -> None:
+    again = write_served_masks([data])
+    assert again.written == [] and len(again.already_done) == 2
+    bare = tmp_path / "bare"
+    write_training_case(make_case(5, matrix=64, family="geometric"), bare)
+    (next(bare.iterdir()) / "b0.nii.gz").unlink()
+    report = write_served_masks([bare])
+    assert report.no_b0 == [next(bare.iterdir()).name] and report.written == []
+    assert main(["dataset", "served-masks", str(bare), "--no-progress"]) == 2  # nothing could be made
+    assert main(["dataset", "served-masks", str(tmp_path / "missing"), "--no-progress"]) == 2
+
+
+def test_inputs_are_normalised_in_the_served_mask_and_the_target_is_unchanged(data: Path) -> None:
+    case = load_case(next(data.iterdir()), NAMES)
+    truth_g, served_g = case_to_grid(case, 32), case_to_grid(case, 32, "brain_served")
+    assert torch.equal(truth_g["tmax"], served_g["tmax"])  # no Tmax outside the true brain either way
+    assert torch.equal(truth_g["brain"], served_g["brain"])
+    dwi = 0  # KNOWN_INPUTS[0]
+    inside_truth = (truth_g["cond"][dwi] > -0.999).sum()
+    inside_served = (served_g["cond"][dwi] > -0.999).sum()
+    assert inside_served > inside_truth  # the rim is now shown to the model
+
+
+def test_bad_input_mask_settings_name_the_problem(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="input_mask"):
+        TrainConfig(input_mask="skull")
+    with pytest.raises(ValueError, match="input_mask"):
+        Config.from_dict({"train": {"input_mask": "head"}})
+    bare = tmp_path / "bare"
+    write_training_case(make_case(6, matrix=64, family="geometric"), bare)
+    with pytest.raises(FileNotFoundError, match="brain_served"):
+        build_cache(bare, 32, None, progress=False, input_mask="brain_served")
+    pack = tmp_path / "p.npz"
+    write_pack([data], 32, pack, progress=False)
+    with pytest.raises(ValueError, match="packs hold the inputs inside the true brain"):
+        build_cache(pack, 32, None, progress=False, input_mask="brain_served")
+
+
+def test_training_with_the_served_mask_caches_it_apart(data: Path, tmp_path: Path) -> None:
+    from models.train import train
+    from tests.unit.test_model import TINY
+
+    cfg = Config.from_dict({
+        "model": TINY,
+        "train": {"steps": 2, "batch_size": 4, "log_every": 1, "lr_warmup": 1, "seed": 1, "num_threads": 1,
+                  "bf16_cpu": False, "input_mask": "brain_served"},
+        "sample": {"steps": 1, "samples": 1},
+    })
+    run = tmp_path / "run"
+    train(data, run, cfg, progress=False)
+    assert sorted(p.name for p in (run / "cache").iterdir()) == ["grid32-brain_served"]
+    for cached_file in sorted((run / "cache" / "grid32-brain_served").iterdir()):
+        cached = torch.load(cached_file, weights_only=False)
+        case = load_case(data / cached_file.stem, NAMES)
+        torch.testing.assert_close(cached["cond"], case_to_grid(case, 32, "brain_served")["cond"], rtol=0, atol=0,
+                                   equal_nan=True)
