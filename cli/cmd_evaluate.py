@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the core the model is conditioned on and the DEFUSE-3 calls use: the phantom's truth core "
                    "(default, the paper's protocol) or the service's core rule (rule: with its partial-volume step, "
                    "as `synthperf process` runs it; the end-to-end figure)")
+    p.add_argument("--input-mask", choices=("brain", "brain_served"), default="brain",
+                   help="the brain mask the model is given and its calls are counted in: the phantom's true brain "
+                   "(default) or the mask the service makes from the b0 (brain_served.nii.gz, written by `synthperf "
+                   "dataset served-masks`), as `synthperf process` does")
     p.add_argument("--save-maps", action="store_true", help="also keep each case's mean and SD Tmax maps "
                    "(OUT/maps/<case>.npz, float16 seconds) for analyses that should not sample again")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="instead of evaluating: one markdown table "
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         s = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, limit=args.limit,
                      seed=args.seed, device=args.device, core_methods=None if args.no_core else core_methods(),
-                     save_maps=args.save_maps, condition_on=args.condition_on)
+                     save_maps=args.save_maps, condition_on=args.condition_on, input_mask=args.input_mask)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

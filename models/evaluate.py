@@ -16,6 +16,9 @@ mismatch volumes themselves). ``condition_on`` names one of the ``core_methods``
 then conditioned on that core, and the methods' DEFUSE-3 calls, the baselines and the confidence use it,
 as the service does with its own core rule - the end-to-end figure that an independent generator
 scoring ``synthperf process`` sees. The truth call always uses the truth core.
+``input_mask`` "brain_served" likewise gives the model the brain mask the service makes from the b0
+(``synthperf dataset served-masks``) instead of the true brain, and counts its calls and confidence
+inside that mask, as the service does; the truth stays inside the true brain.
 The family is read from the JSON, not from phantom/, which models must not import.
 
 Knowing when it does not know (issue 15 item 4): every case also gets the per-study confidence the
@@ -42,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from models.confidence import ConfidenceParams, assess, auroc, load_reference
+from models.tmax_ddpm.config import INPUT_MASKS
 from models.tmax_ddpm.data import list_cases, load_case
 from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.metrics import defuse3, dice, mae, psnr, ssim, volume_ml
@@ -93,14 +97,18 @@ def _check_condition_on(condition_on: str, core_methods: Mapping[str, CoreMethod
 
 def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, samples: int | None, seed: int,
                   reference: Mapping | None = None, core_methods: Mapping[str, CoreMethod] | None = None,
-                  maps_dir: Path | None = None, condition_on: str = "truth") -> dict:
+                  maps_dir: Path | None = None, condition_on: str = "truth", input_mask: str = "brain") -> dict:
     """One case's row; with ``maps_dir`` its mean and SD maps are also kept there (``<case>.npz``, float16 s),
     so later analyses (a threshold, a confidence part) need no second round of sampling. ``condition_on``:
-    "truth" or a name in ``core_methods``, the core the model and the calls are given (module docstring)."""
+    "truth" or a name in ``core_methods``, the core the model and the calls are given; ``input_mask``: the
+    brain mask it is given, the true brain or the service's "brain_served" (module docstring)."""
     _check_condition_on(condition_on, core_methods)
     case = load_case(case_dir)
     im = case.images
     brain = case.brain
+    if input_mask not in INPUT_MASKS or input_mask not in im:
+        raise ValueError(f"input_mask: {input_mask!r} is not one of {INPUT_MASKS} present in {case_dir}")
+    given = im[input_mask] > 0  # the mask the model gets and the calls are counted in
     true_core = (im["core"] > 0.5) & brain
     voxel_ml = float(np.prod(case.spacing_zyx)) / 1000.0
     segmented = {name: np.asarray(fn(case_dir, im, case.spacing_zyx), dtype=bool) & brain
@@ -108,14 +116,14 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     core = true_core if condition_on == "truth" else segmented[condition_on]
     truth = np.clip(np.nan_to_num(im["tmax"]), 0, 20) * brain
     res = synth.synthesize(
-        im["dwi"], im.get("flair"), core.astype(np.float32), brain, adc=im.get("adc"),
+        im["dwi"], im.get("flair"), core.astype(np.float32), given, adc=im.get("adc"),
         spacing_zyx=case.spacing_zyx, steps=steps, samples=samples, seed=seed, sample_cuts_s=SAMPLE_CUTS_S,
     )
     if maps_dir is not None:
         np.savez_compressed(maps_dir / f"{case.case_id}.npz", mean=res.mean.astype(np.float16),
                             sd=res.sd.astype(np.float16), spacing_zyx=np.asarray(case.spacing_zyx))
     t6, t10 = (truth > 6) & brain, (truth > 10) & brain
-    p6, p10 = (res.mean > 6) & brain, (res.mean > 10) & brain
+    p6, p10 = (res.mean > 6) & given, (res.mean > 10) & given
     true_core_ml = volume_ml(true_core, voxel_ml)
     core_ml = volume_ml(core, voxel_ml)  # the core the calls use: the truth's, or the given method's
     true6_ml = volume_ml(t6, voxel_ml)
@@ -127,6 +135,7 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
         "seconds": round(res.seconds, 2),
         "core_ml": true_core_ml,
         "condition_on": condition_on,
+        "input_mask": input_mask,
         "given_core_ml": core_ml,
         "true_tmax6_ml": true6_ml,
         "true_tmax10_ml": volume_ml(t10, voxel_ml),
@@ -144,7 +153,7 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     for name, m6 in preds6.items():
         if m6 is None:
             continue
-        m6 = m6 & brain
+        m6 = m6 & given
         v = volume_ml(m6, voxel_ml)
         d = defuse3(core_ml, v)
         row[f"{name}_dice6"] = dice(m6, t6)
@@ -161,7 +170,7 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     row["model_dice10"] = dice(p10, t10)
     row["model_tmax10_ml"] = volume_ml(p10, voxel_ml)
     row["model_vol10_err_ml"] = row["model_tmax10_ml"] - row["true_tmax10_ml"]
-    conf = assess(res.mean, res.sd, core, brain, case.spacing_zyx, dwi=im["dwi"], flair=im.get("flair"),
+    conf = assess(res.mean, res.sd, core, given, case.spacing_zyx, dwi=im["dwi"], flair=im.get("flair"),
                   adc=im.get("adc"), reference=reference, params=ConfidenceParams())
     row["confidence"] = round(conf.score, 4)
     row["confidence_low"] = conf.low
@@ -339,18 +348,22 @@ def evaluate(
     core_methods: Mapping[str, CoreMethod] | None = None,
     save_maps: bool = False,
     condition_on: str = "truth",
+    input_mask: str = "brain",
 ) -> dict:
     """Run the evaluation; writes per_case.csv, summary.json and bland_altman.png into out_dir.
 
     ``core_methods``: core segmentations to score against the truth core (module docstring).
     ``save_maps``: also keep every case's mean and SD maps in out_dir/maps (evaluate_case).
-    ``condition_on``: "truth" or a name in ``core_methods``: the core the model is given (module docstring)."""
+    ``condition_on``: "truth" or a name in ``core_methods``: the core the model is given; ``input_mask``:
+    "brain" or "brain_served", the brain mask it is given (module docstring)."""
     _check_condition_on(condition_on, core_methods)
+    if input_mask not in INPUT_MASKS:
+        raise ValueError(f"input_mask: unknown {input_mask!r}; choose from {INPUT_MASKS}")
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     synth = TmaxSynthesizer.load(model, device=device)
-    cases = list_cases(data_dir, require=("dwi", "flair", "core", "tmax", "brain"))
+    cases = list_cases(data_dir, require=tuple(dict.fromkeys(("dwi", "flair", "core", "tmax", "brain", input_mask))))
     if limit:
         cases = cases[:limit]
     out = Path(out_dir) if out_dir else Path(synth.source).parent / "eval" / Path(data_dir).name
@@ -365,7 +378,8 @@ def evaluate(
     maps_dir = out / "maps" if save_maps else None
     if maps_dir is not None:
         maps_dir.mkdir(exist_ok=True)
-    rows = [evaluate_case(synth, c, steps, samples, seed, reference, core_methods, maps_dir, condition_on) for c in it]
+    rows = [evaluate_case(synth, c, steps, samples, seed, reference, core_methods, maps_dir, condition_on, input_mask)
+            for c in it]
     summary = summarise(rows)
     summary.update(
         {
@@ -377,6 +391,7 @@ def evaluate(
             "seconds_total": round(time.perf_counter() - t0, 1),
             "input_reference": bool(reference),
             "condition_on": condition_on,
+            "input_mask": input_mask,
             "confidence_threshold": ConfidenceParams().threshold,
         }
     )
@@ -422,7 +437,7 @@ def format_summary(s: dict) -> str:
     groups = [("all", s)] + sorted((s.get("per_family") or {}).items())
     lines = [
         f"cases {s['cases']}, steps {s['steps']}, samples {s['samples']}, {s.get('seconds') or 0:.1f} s/case, "
-        f"core given: {s.get('condition_on', 'truth')}",
+        f"core given: {s.get('condition_on', 'truth')}, brain mask given: {s.get('input_mask', 'brain')}",
         f"model: MAE {s['mae_s']:.2f} s, PSNR {s['psnr_db']:.1f} dB, SSIM {s['ssim']:.3f}, Dice>10 {s['model_dice10']:.3f}",
         f"{'family':<10} {'cases':>5}  {'method':<10} {'Dice>6 (median)':<15}  {'Dice>10':>7}  {'|vol6 err|':>10}  "
         f"{'vol6 bias':>9}  DEFUSE-3 agreement   (volumes in mL)",

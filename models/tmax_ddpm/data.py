@@ -66,7 +66,8 @@ class Case:
 def load_case(case_dir: str | Path, names: tuple[str, ...] | None = None) -> Case:
     case_dir = Path(case_dir)
     names = names or tuple(
-        n for n in ("dwi", "adc", "flair", "core", "tmax", "brain", "territory") if (case_dir / f"{n}.nii.gz").exists()
+        n for n in ("dwi", "adc", "flair", "core", "tmax", "brain", "brain_served", "territory")
+        if (case_dir / f"{n}.nii.gz").exists()
     )
     images, spacing = {}, (1.0, 1.0, 1.0)
     for n in names:

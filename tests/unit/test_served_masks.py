@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ NAMES = ("dwi", "adc", "flair", "core", "tmax", "brain", "brain_served")
 def data(tmp_path_factory) -> Path:
     """Two randomised phantom cases (a stroke and a healthy brain), b0 included, with their service masks."""
     root = tmp_path_factory.mktemp("served")
-    write_training_case(make_case(11, matrix=64, family="geometric", randomise=True), root)
+    write_training_case(make_case(14, matrix=64, family="geometric", randomise=True), root)  # M1, small core
     write_training_case(make_case(4, matrix=64, family="template", randomise=True, scenario={"occlusion": "none"}),
                         root)
     report = write_served_masks([root])
@@ -96,3 +98,43 @@ def test_training_with_the_served_mask_caches_it_apart(data: Path, tmp_path: Pat
         case = load_case(data / cached_file.stem, NAMES)
         torch.testing.assert_close(cached["cond"], case_to_grid(case, 32, "brain_served")["cond"], rtol=0, atol=0,
                                    equal_nan=True)
+
+
+def test_evaluate_gives_the_model_the_served_mask_and_counts_inside_it(data: Path, tmp_path: Path) -> None:
+    """--input-mask brain_served: the model sees the service's mask and its calls are counted inside it, as
+    `synthperf process` counts them; the truth stays inside the true brain."""
+    from models.evaluate import evaluate
+    from models.tmax_ddpm.checkpoint import export_weights
+    from models.tmax_ddpm.inference import TmaxSynthesizer
+    from models.tmax_ddpm.metrics import dice
+    from models.tmax_ddpm.network import build_network
+    from tests.unit.test_model import tiny_config
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    export_weights(build_network(cfg.model).state_dict(), cfg, tmp_path / "w")
+    s = evaluate(str(tmp_path / "w"), data, tmp_path / "eval", steps=1, samples=2, device="cpu", progress=False,
+                 input_mask="brain_served")
+    assert s["input_mask"] == "brain_served"
+    with open(tmp_path / "eval" / "per_case.csv") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    synth = TmaxSynthesizer.load(str(tmp_path / "w"), device="cpu")
+    for case_dir in sorted(data.iterdir()):
+        case = load_case(case_dir)
+        im, served = case.images, case.images["brain_served"] > 0
+        voxel_ml = float(np.prod(case.spacing_zyx)) / 1000.0
+        res = synth.synthesize(im["dwi"], im["flair"], (im["core"] > 0.5).astype(np.float32), served, adc=im["adc"],
+                               spacing_zyx=case.spacing_zyx, steps=1, samples=2, seed=0)
+        called = (res.mean > 6) & served
+        r = rows[case.case_id]
+        assert r["input_mask"] == "brain_served"
+        assert float(r["model_tmax6_ml"]) == pytest.approx(called.sum() * voxel_ml)
+        truth6 = (np.nan_to_num(im["tmax"]) > 6) & case.brain
+        assert float(r["true_tmax6_ml"]) == pytest.approx(truth6.sum() * voxel_ml)
+        assert float(r["model_dice6"]) == pytest.approx(dice(called, truth6))
+    assert sum(float(r["true_tmax6_ml"]) > 0 for r in rows.values()) == 1  # a stroke and a healthy brain
+    bare = tmp_path / "bare"
+    write_training_case(make_case(6, matrix=64, family="geometric"), bare)
+    with pytest.raises(FileNotFoundError, match="brain_served"):
+        evaluate(str(tmp_path / "w"), bare, tmp_path / "e2", steps=1, samples=1, device="cpu", progress=False,
+                 input_mask="brain_served")
