@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", type=Path, help="where to write the JSON")
     dest.add_argument("--model", type=Path, help="an exported weights folder: writes <model>/input_reference.json")
+    p.add_argument("--input-mask", choices=("brain", "brain_served"), default="brain",
+                   help="the mask the statistics are taken in: the one the model was trained in (train.input_mask)")
     p.add_argument("--limit", type=int, help="use only the first N cases (sorted by name)")
     p.add_argument("--note", default="", help="a line recorded as the reference's source (default: the folder)")
     p.set_defaults(func=run)
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.model} holds no model.safetensors; pass an exported weights folder", file=sys.stderr)
         return 2
     try:
-        ref = reference_from_folder(args.data, limit=args.limit, progress=True)
+        ref = reference_from_folder(args.data, limit=args.limit, progress=True, input_mask=args.input_mask)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

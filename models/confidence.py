@@ -203,11 +203,14 @@ def reference_from_features(rows: Sequence[Mapping[str, float]], source: str = "
     return {"version": REFERENCE_VERSION, "cases": len(rows), "source": source, "features": feats}
 
 
-def reference_from_folder(data_dir: str | Path, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """The input reference of a training folder (``<case>/{dwi,flair,adc,brain}.nii.gz``)."""
+def reference_from_folder(data_dir: str | Path, limit: int | None = None, progress: bool = False,
+                          input_mask: str = "brain") -> dict[str, Any]:
+    """The input reference of a training folder (``<case>/{dwi,flair,adc,brain}.nii.gz``), its statistics
+    taken inside ``input_mask``: the mask the model was trained in (``train.input_mask``), which for
+    "brain_served" is the one the service will compute them in."""
     from models.tmax_ddpm.data import list_cases, load_case
 
-    cases = list_cases(data_dir, require=("dwi", "brain"))
+    cases = list_cases(data_dir, require=tuple(dict.fromkeys(("dwi", "brain", input_mask))))
     if limit:
         cases = cases[:limit]
     it: Any = cases
@@ -217,12 +220,15 @@ def reference_from_folder(data_dir: str | Path, limit: int | None = None, progre
         it = tqdm(cases, desc="input statistics", unit="case")
     rows = []
     for d in it:
-        names = tuple(n for n in ("dwi", "flair", "adc", "brain", "core") if (d / f"{n}.nii.gz").exists())
-        c = load_case(d, names)
+        names = tuple(dict.fromkeys(("dwi", "flair", "adc", "brain", input_mask, "core")))
+        c = load_case(d, tuple(n for n in names if (d / f"{n}.nii.gz").exists()))
         core = c.images["core"] > 0.5 if "core" in c.images else None
-        rows.append(input_features(c.images["dwi"], c.images.get("flair"), c.images.get("adc"), c.brain,
-                                   c.spacing_zyx, lesion=core))
-    return reference_from_features(rows, source=str(data_dir))
+        rows.append(input_features(c.images["dwi"], c.images.get("flair"), c.images.get("adc"),
+                                   c.images[input_mask] > 0, c.spacing_zyx, lesion=core))
+    ref = reference_from_features(rows, source=str(data_dir))
+    if input_mask != "brain":
+        ref["input_mask"] = input_mask
+    return ref
 
 
 def load_reference(weights_dir: str | Path | None) -> dict[str, Any] | None:

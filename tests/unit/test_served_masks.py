@@ -138,3 +138,18 @@ def test_evaluate_gives_the_model_the_served_mask_and_counts_inside_it(data: Pat
     with pytest.raises(FileNotFoundError, match="brain_served"):
         evaluate(str(tmp_path / "w"), bare, tmp_path / "e2", steps=1, samples=1, device="cpu", progress=False,
                  input_mask="brain_served")
+
+
+def test_the_input_reference_is_taken_in_the_mask_the_model_was_trained_in(data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from models.confidence import reference_from_folder
+
+    cases = sorted(data.iterdir())
+    for i in range(5):  # a reference needs five cases: the two, repeated
+        shutil.copytree(cases[i % 2], tmp_path / f"case_{i}")
+    truth = reference_from_folder(tmp_path, input_mask="brain")
+    served = reference_from_folder(tmp_path, input_mask="brain_served")
+    assert served["input_mask"] == "brain_served" and "input_mask" not in truth
+    # the served mask is larger, and its volume is what the service will measure
+    assert served["features"]["brain_ml"]["q50"] > truth["features"]["brain_ml"]["q50"]
