@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from models.confidence import ConfidenceParams, assess, auroc, load_reference
-from models.tmax_ddpm.config import INPUT_MASKS
+from models.tmax_ddpm.config import check_input_mask
 from models.tmax_ddpm.data import list_cases, load_case
 from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.metrics import defuse3, dice, mae, psnr, ssim, volume_ml
@@ -106,8 +106,8 @@ def evaluate_case(synth: TmaxSynthesizer, case_dir: Path, steps: int | None, sam
     case = load_case(case_dir)
     im = case.images
     brain = case.brain
-    if input_mask not in INPUT_MASKS or input_mask not in im:
-        raise ValueError(f"input_mask: {input_mask!r} is not one of {INPUT_MASKS} present in {case_dir}")
+    if check_input_mask(input_mask) not in im:
+        raise FileNotFoundError(f"{case_dir}: no {input_mask}.nii.gz; write it with `synthperf dataset served-masks`")
     given = im[input_mask] > 0  # the mask the model gets and the calls are counted in
     true_core = (im["core"] > 0.5) & brain
     voxel_ml = float(np.prod(case.spacing_zyx)) / 1000.0
@@ -357,8 +357,7 @@ def evaluate(
     ``condition_on``: "truth" or a name in ``core_methods``: the core the model is given; ``input_mask``:
     "brain" or "brain_served", the brain mask it is given (module docstring)."""
     _check_condition_on(condition_on, core_methods)
-    if input_mask not in INPUT_MASKS:
-        raise ValueError(f"input_mask: unknown {input_mask!r}; choose from {INPUT_MASKS}")
+    check_input_mask(input_mask)
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,9 +1,10 @@
 """The service's own brain mask beside each training case: ``brain_served.nii.gz`` from ``b0.nii.gz``.
 
 Why: the phantom writes its true brain, and a model trained inside it sees at inference, inside the
-mask the service makes from the b0 (``worker.pipeline.load.brain_mask``, a median 1.1x the true brain
-and up to 1.7x), a rim of CSF and skull it never saw; on healthy phantom brains that rim carries half
-of the false hypoperfusion the service calls (docs/benchmarks.md, "The service's brain mask"). With
+mask the service makes from the b0 (``worker.pipeline.load.brain_mask``, a median 1.1x the true brain,
+up to 2.3x on the training mix), a rim of CSF and skull it never saw. That rim carries about half of
+the false hypoperfusion the service called on 18 healthy phantom DICOM studies, a fifth on the 39
+healthy brains of sets A-F (docs/benchmarks.md, "Training as served"). With
 this mask beside each case, ``train.input_mask: brain_served`` trains the model as it is served. A
 site's own cases (worker/dataset_build.py) already hold the service's mask as their brain and need
 nothing. Resumable: a case that has the file is skipped unless ``overwrite``.

@@ -74,6 +74,13 @@ class ModelConfig:
 INPUT_MASKS = ("brain", "brain_served")
 
 
+def check_input_mask(name: str) -> str:
+    """``name`` if it is one of INPUT_MASKS; else ValueError naming the argument and the choices."""
+    if name not in INPUT_MASKS:
+        raise ValueError(f"input_mask: unknown {name!r}; choose from {INPUT_MASKS}")
+    return name
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, loss weighting, augmentation and checkpointing."""
@@ -135,8 +142,7 @@ class TrainConfig:
     val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.input_mask not in INPUT_MASKS:
-            raise ValueError(f"input_mask: unknown {self.input_mask!r}; choose from {INPUT_MASKS}")
+        check_input_mask(self.input_mask)
 
 
 @dataclass

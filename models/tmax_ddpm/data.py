@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import INPUT_MASKS, KNOWN_INPUTS, TrainConfig
+from .config import KNOWN_INPUTS, TrainConfig, check_input_mask
 from .pack import is_pack, packs_in, read_pack, read_packs
 from .preprocess import Geometry, normalise_image, stack_neighbours, tmax_to_model, to_grid
 
@@ -81,13 +81,12 @@ def case_to_grid(case: Case, grid: int, input_mask: str = "brain") -> dict[str, 
     """All known conditioning images (missing ones NaN-filled), Tmax and brain on the model grid (fp16).
 
     ``input_mask``: the mask the inputs are normalised in and set to background outside of. The
-    service makes its mask from the b0 (a median 1.1x the phantom's true brain, up to 1.7x), so a model
-    trained inside the true brain sees at inference a rim of CSF and skull it never saw, and calls
-    hypoperfusion there. With ``"brain_served"`` it learns that rim with the truth it has: no Tmax
-    outside the true brain. The target is the truth Tmax inside the true brain and 0 s elsewhere
-    either way (the phantom writes 0 s there already)."""
-    if input_mask not in INPUT_MASKS:
-        raise ValueError(f"input_mask: unknown {input_mask!r}; choose from {INPUT_MASKS}")
+    service makes its mask from the b0 (a median 1.1x the phantom's true brain; up to 2.3x on the
+    training mix), so a model trained inside the true brain sees at inference a rim of CSF and skull
+    it never saw, and calls hypoperfusion there. With ``"brain_served"`` it learns that rim with the
+    truth it has: no Tmax outside the true brain. The target is the truth Tmax inside the true brain
+    and 0 s elsewhere either way (the phantom writes 0 s there already)."""
+    check_input_mask(input_mask)
     if input_mask not in case.images:
         raise ValueError(f"{case.case_id}: no {input_mask}.nii.gz; write it with `synthperf dataset served-masks`")
     brain = case.brain
@@ -114,8 +113,7 @@ def build_cache(root: str | Path, grid: int, cache_dir: str | Path | None, progr
     does). ``root`` may also be a training pack (pack.py), or a folder of packs: their cases are
     already on the grid, so nothing is cached, and they were made inside the true brain.
     ``input_mask``: see ``case_to_grid``."""
-    if input_mask not in INPUT_MASKS:
-        raise ValueError(f"input_mask: unknown {input_mask!r}; choose from {INPUT_MASKS}")
+    check_input_mask(input_mask)
     if is_pack(root) or packs_in(root):
         if input_mask != "brain":
             raise ValueError(f"{root}: training packs hold the inputs inside the true brain; "
