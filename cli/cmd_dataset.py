@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
 def run_served_masks(args: argparse.Namespace) -> int:
     from worker.served_masks import summary_line, write_served_masks
 
-    progress = None if args.no_progress else _progress("case")
+    progress = None if args.no_progress else _progress("cases", "case")
     try:
         report = write_served_masks(args.data, args.overwrite, progress)
     except (FileNotFoundError, ValueError) as exc:
@@ -62,12 +62,12 @@ def run_served_masks(args: argparse.Namespace) -> int:
     return 0 if report.written or report.already_done else 2
 
 
-def _progress(unit: str) -> Callable[[Iterable[Any], int], Iterable[Any]]:
-    """A tqdm progress bar over ``unit``s, in the form the dataset builders take."""
+def _progress(desc: str, unit: str) -> Callable[[Iterable[Any], int], Iterable[Any]]:
+    """A tqdm progress bar, in the form the dataset builders take."""
     from tqdm import tqdm
 
     def progress(it: Iterable[Any], n: int) -> Iterable[Any]:
-        return tqdm(it, total=n, desc=unit + "s" if unit != "study" else "studies", unit=unit)
+        return tqdm(it, total=n, desc=desc, unit=unit)
 
     return progress
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    progress = None if args.no_progress else _progress("study")
+    progress = None if args.no_progress else _progress("studies", "study")
     try:
         report = build_dataset(args.studies, args.out, load_settings(args.config), args.jobs, limits, progress)
     except FileNotFoundError as exc:

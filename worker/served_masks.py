@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from models.tmax_ddpm.data import list_cases
 from worker.pipeline.load import brain_mask
 
 SERVED_MASK = "brain_served.nii.gz"
@@ -33,16 +34,6 @@ class ServedMaskReport:
     no_b0: list[str] = field(default_factory=list)
     # per written case: the served mask's size over the true brain's, so a run shows how far apart they are
     size_ratio: dict[str, float] = field(default_factory=dict)
-
-
-def case_folders(roots: Iterable[Path]) -> list[Path]:
-    """Every case folder (one with a brain.nii.gz) under the given data folders, which must exist."""
-    out = []
-    for root in roots:
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: data folder not found")
-        out.extend(sorted(p for p in root.iterdir() if (p / "brain.nii.gz").exists()))
-    return out
 
 
 def write_served_mask(case_dir: Path) -> float:
@@ -66,7 +57,7 @@ def write_served_mask(case_dir: Path) -> float:
 def write_served_masks(roots: Iterable[Path], overwrite: bool = False,
                        progress: Callable[[Iterable[Path], int], Iterable[Path]] | None = None) -> ServedMaskReport:
     """``write_served_mask`` for every case under ``roots``; cases without a b0 are listed, not fatal."""
-    cases = case_folders(roots)
+    cases = [case for root in roots for case in list_cases(root, require=("brain",))]
     report = ServedMaskReport()
     for case_dir in progress(cases, len(cases)) if progress else cases:
         if (case_dir / SERVED_MASK).exists() and not overwrite:

@@ -114,11 +114,12 @@ def build_cache(root: str | Path, grid: int, cache_dir: str | Path | None, progr
     already on the grid, so nothing is cached, and they were made inside the true brain.
     ``input_mask``: see ``case_to_grid``."""
     check_input_mask(input_mask)
-    if is_pack(root) or packs_in(root):
+    packs = [Path(root)] if is_pack(root) else packs_in(root)
+    if packs:
         if input_mask != "brain":
             raise ValueError(f"{root}: training packs hold the inputs inside the true brain; "
                              f"input_mask {input_mask!r} needs the case folders")
-        return read_pack(root, grid) if is_pack(root) else read_packs(packs_in(root), grid)
+        return read_pack(root, grid) if is_pack(root) else read_packs(packs, grid)
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
