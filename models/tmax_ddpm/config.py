@@ -127,6 +127,11 @@ class TrainConfig:
     aug_blur_px: float = 1.0
     aug_lowres: float = 2.0
     aug_noise: float = 0.08
+    # a random monotone intensity curve (issue 15's "intensity curves"): piecewise linear over knots at
+    # CURVE_KNOTS (multiples of the brain median), each segment's slope exp(U(-c, c)), rescaled so the
+    # median stays where it was. Unlike one gamma for the whole image it moves the grey-white contrast
+    # apart from the CSF and lesion contrasts. 0 switches it off (the shipped weights never saw it).
+    aug_curve: float = 0.0
     # runtime
     checkpoint_minutes: float = 5.0
     log_every: int = 25

@@ -312,6 +312,28 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return t[:, 0]
 
 
+#: knots of the random intensity curve, in multiples of the brain median (v = normalised + 1): CSF and
+#: dark tissue, white matter, the grey-white range, bright cortex and lesions, the clipping end
+CURVE_KNOTS = (0.0, 0.5, 0.8, 0.95, 1.05, 1.2, 1.5, 2.5, 5.0)
+
+
+def random_intensity_curve(v: torch.Tensor, spread: float, g: torch.Generator) -> torch.Tensor:
+    """v (>= 0, brain median about 1, background 0) through a random monotone piecewise-linear curve.
+
+    Each segment between CURVE_KNOTS gets the slope exp(U(-spread, spread)); the curve starts at 0 (the
+    background stays 0) and is divided by its value at 1, so the brain median stays at 1 (a monotone map
+    keeps ranks, and the median with them) and the normalisation the network expects still holds.
+    """
+    knots = torch.tensor(CURVE_KNOTS, dtype=v.dtype)
+    slopes = torch.exp((2 * torch.rand(len(CURVE_KNOTS) - 1, generator=g) - 1) * spread).to(v.dtype)
+    values = torch.cat([torch.zeros(1, dtype=v.dtype), torch.cumsum(slopes * knots.diff(), 0)])
+    at_one = float(torch.from_numpy(np.interp([1.0], knots.numpy(), values.numpy()))[0])
+    x = v.clamp(0, float(knots[-1]))
+    seg = (torch.bucketize(x, knots, right=True) - 1).clamp(0, len(CURVE_KNOTS) - 2)
+    out = values[seg] + (x - knots[seg]) * slopes[seg]
+    return out / at_one
+
+
 def randomise_appearance(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
     """On-the-fly appearance randomisation of one normalised grey-level image (b, k, h, w).
 
@@ -332,6 +354,8 @@ def randomise_appearance(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) 
         if cfg.aug_gamma > 0:
             gamma = math.exp((2 * float(u[0]) - 1) * cfg.aug_gamma)
             v = v.clamp_min(0) ** gamma
+        if cfg.aug_curve > 0:
+            v = random_intensity_curve(v, cfg.aug_curve, g)
         if cfg.aug_bias > 0:
             coarse = (2 * torch.rand(1, 1, 4, 4, generator=g) - 1) * cfg.aug_bias * float(u[1])
             field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0, 0]

@@ -311,6 +311,8 @@ def test_appearance_randomisation_changes_the_brain_and_keeps_the_background(tmp
     assert float(medians.std()) > 0.01
     # the median stays near the normalised median (0): gamma and bias keep the scale
     assert float(medians.abs().max()) < 0.6
+    curved = randomise_appearance(dwi, dataclasses.replace(cfg, aug_curve=0.7), torch.Generator().manual_seed(1))
+    assert torch.all(curved[~brain] == -1.0) and not torch.equal(curved, out)
     off = dataclasses.replace(cfg, aug_prob_appearance=0.0)
     assert torch.equal(randomise_appearance(dwi, off, torch.Generator().manual_seed(1)), dwi)
 
@@ -344,3 +346,26 @@ def test_hypoperfused_slices_without_a_core_are_drawn_as_often_as_asked():
     assert share == pytest.approx(2 * 4 / (6 + 2 * 4), abs=0.03)  # 2 slices at weight 4 against 6 at 1
     with pytest.raises(ValueError, match="no_core_hypo_draw"):
         _bank_of_two_cases(0.0)
+
+
+def test_random_intensity_curve_moves_grey_white_contrast_and_keeps_median_and_background():
+    """The random intensity curve (train.aug_curve): monotone, background 0 stays 0, the brain median
+    stays at 1, and the grey-white ratio (cortex 1.2 over white matter 0.9 of the median) varies across
+    seeds independently of the CSF-to-median ratio - what one gamma for the whole image cannot do."""
+    from models.tmax_ddpm.data import random_intensity_curve
+
+    v = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0, 1.2, 2.0, 4.9])
+    gw, csf = [], []
+    for seed in range(40):
+        out = random_intensity_curve(v, 0.7, torch.Generator().manual_seed(seed))
+        assert out[0] == 0.0
+        assert torch.all(out.diff() > 0)
+        assert abs(float(out[4]) - 1.0) < 1e-5
+        gw.append(float(out[5] / out[3]))
+        csf.append(float(out[1]))
+    gw_a, csf_a = np.array(gw), np.array(csf)
+    assert gw_a.max() > 1.5 and gw_a.min() < 1.25  # plain ratio 1.33
+    # grey-white contrast is not a function of the dark end (a single gamma ties them together)
+    assert abs(np.corrcoef(gw_a, csf_a)[0, 1]) < 0.6
+    again = random_intensity_curve(v, 0.7, torch.Generator().manual_seed(3))
+    assert torch.equal(again, random_intensity_curve(v, 0.7, torch.Generator().manual_seed(3)))
