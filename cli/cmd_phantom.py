@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--randomise", action="store_true",
                    help="domain randomisation (contrasts, noise, resolution, pose, confounders, FVH and "
                    "look-alikes) and the balanced case mix; see docs/phantom.md")
+    p.add_argument("--penumbral-cue", type=float, default=None, metavar="SCALE",
+                   help="with --randomise: strength of the penumbral ADC decline and its slight DWI rise for "
+                        "every case (0 = absent, 1 = the unrandomised phantom's; default: drawn per case). "
+                        "All other draws stay as they were: a set with 0 shows what a model takes from that cue")
     p.add_argument("--with-dsc", action="store_true", help="also simulate a DSC-PWI series")
     p.add_argument("--preview", action="store_true", help="write a montage PNG per case")
     p.add_argument("--training-only", action="store_true",
@@ -47,7 +51,7 @@ def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
 
     t0 = time.perf_counter()
     case = make_case(seed, matrix=opts["matrix"], with_dsc=opts["with_dsc"], family=opts["family"],
-                     randomise=opts["randomise"])
+                     randomise=opts["randomise"], penumbral_scale=opts["penumbral_cue"])
     if opts["vendor"] != "mixed":
         case.vendor = opts["vendor"]
         case.truth["vendor"] = opts["vendor"]
@@ -72,10 +76,13 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         print("error: --seed must be non-negative", file=sys.stderr)
         return 2
+    if args.penumbral_cue is not None and (not args.randomise or not 0.0 <= args.penumbral_cue <= 3.0):
+        print("error: --penumbral-cue needs --randomise and a scale in 0..3", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     opts = {"matrix": args.matrix, "with_dsc": args.with_dsc, "vendor": args.vendor, "out": str(args.out),
             "training_only": args.training_only, "preview": args.preview, "family": args.family,
-            "randomise": args.randomise}
+            "randomise": args.randomise, "penumbral_cue": args.penumbral_cue}
     jobs = [(args.seed + i, opts) for i in range(args.cases)]
     workers = args.workers or min(os.cpu_count() or 1, args.cases)
     t0 = time.perf_counter()

@@ -19,8 +19,10 @@ from phantom.anatomy import TERRITORY_NAMES
 from phantom.geometry import Grid, RigidPose, centred_grid, rotation_matrix
 from phantom.render import HeadModel
 
-#: 1.1 added the template family and domain randomisation; geometric unrandomised arrays equal 1.0's
-PHANTOM_VERSION = "1.1"
+#: 1.1 added the template family and domain randomisation; geometric unrandomised arrays equal 1.0's.
+#: 1.2 draws the penumbral cue's strength per randomised case (phantom.randomise.penumbral_scale_draw):
+#: randomised cases differ from 1.1's only in b0, DWI and ADC of hypoperfused tissue; unrandomised equal
+PHANTOM_VERSION = "1.2"
 VENDORS = ("siemens", "ge", "philips")
 FAMILIES = ("geometric", "template")
 
@@ -169,7 +171,8 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
 
 def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
               scenario: dict[str, Any] | None = None, family: str = "geometric",
-              randomise: bool = False, dsc_acquisition: Any = None) -> PhantomCase:
+              randomise: bool = False, dsc_acquisition: Any = None,
+              penumbral_scale: float | None = None) -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
@@ -183,9 +186,14 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     geometric family every array equals the v1.0 phantom's. ``dsc_acquisition`` (a
     ``phantom.dsc.DscAcquisition``) pins how the DSC series is acquired; by default it is the fixed
     v1.0 acquisition, or with ``randomise`` a draw of TR, TE, length, SNR and bolus arrival.
+    ``penumbral_scale`` (with ``randomise`` only) pins the strength of the penumbral ADC decline and its
+    DWI rise instead of drawing it: 0 removes that cue, 1 is the unrandomised phantom's; every other draw
+    of the case stays as it was, so a set made with 0 tests what a model takes from that cue alone.
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if penumbral_scale is not None and (not randomise or not 0.0 <= float(penumbral_scale) <= 3.0):
+        raise ValueError(f"penumbral_scale: needs randomise=True and a value in 0..3, got {penumbral_scale!r}")
     if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
         raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
     streams = np.random.SeedSequence(int(seed)).spawn(10)
@@ -198,6 +206,8 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         from phantom.randomise import DomainParams, case_scenario
 
         dr = DomainParams.sample(int(seed))
+        if penumbral_scale is not None:
+            dr.penumbral_scale = float(penumbral_scale)
         mix = case_scenario(int(seed))
         scenario = mix if scenario is None else {"case_type": "pinned", **scenario}
     if fam == "template":

@@ -71,6 +71,14 @@ def _contrast_tables(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return tb
 
 
+def penumbral_scale_draw(seed: int) -> float:
+    """The penumbral cue's strength of one randomised case: full (0.7-1.4), weak (0.15-0.6) or absent,
+    from its own stream so every other draw of the case stays as it was (phantom 1.1)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 8102]))
+    kind = rng.choice(["full", "weak", "absent"], p=[0.4, 0.3, 0.3])
+    return {"full": float(rng.uniform(0.7, 1.4)), "weak": float(rng.uniform(0.15, 0.6)), "absent": 0.0}[kind]
+
+
 @dataclass
 class DomainParams:
     """Every randomised property of one case (see ``to_dict`` for the names recorded in truth.json)."""
@@ -89,6 +97,10 @@ class DomainParams:
     flow_artefact: float  # FLAIR gain of flow artefacts in sulcal vessels (0: none)
     bright_sulci: float  # FLAIR gain of incompletely suppressed sulcal CSF in a region (0: none)
     acq: dict[str, Any] = field(default_factory=dict)
+    # strength of the penumbral ADC decline (and its slight DWI rise) over the unrandomised phantom's:
+    # the shipped model leaned on that ~5 % DWI rise to find hypoperfusion (docs/benchmarks.md, session
+    # 18), a cue whose size in patients is uncertain, so it must not decide alone
+    penumbral_scale: float = 1.0
 
     @classmethod
     def sample(cls, seed: int) -> DomainParams:
@@ -118,7 +130,7 @@ class DomainParams:
             tables=_contrast_tables(rng), fvh_gain=float(fvh_gain),
             flow_artefact=float(rng.uniform(0.15, 0.6)) if rng.random() < 0.5 else 0.0,
             bright_sulci=float(rng.uniform(0.1, 0.5)) if rng.random() < 0.4 else 0.0,
-            acq=acq,
+            acq=acq, penumbral_scale=penumbral_scale_draw(seed),
         )
 
     def apply_anatomy(self, anat) -> None:
@@ -180,6 +192,7 @@ class DomainParams:
             "fvh_gain": round(self.fvh_gain, 3),
             "fvh": "absent" if self.fvh_gain <= 0 else ("weak" if self.fvh_gain < 0.7 else "strong"),
             "flow_artefact": round(self.flow_artefact, 3), "bright_sulci": round(self.bright_sulci, 3),
+            "penumbral_scale": round(self.penumbral_scale, 3),
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.acq.items()},
         }
 

@@ -67,7 +67,8 @@ class HeadModel:
         s = self.stroke
         core_adc = np.clip(s.core_adc + 28.0 * f["lesion"], 360, 575).astype(np.float32)
         vessel, fvh = fvh_strength(t["extra_axial_csf"], f["vessel"], tmax, s.collaterals, self.dr)
-        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh}
+        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh,
+               "penumbral_scale": 1.0 if self.dr is None else self.dr.penumbral_scale}
         tables = None if self.dr is None else self.dr.tables
         maps = signal.tissue_maps(t, les, s.onset_h, tables=tables)
         if self.dr is not None:

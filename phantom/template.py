@@ -304,7 +304,8 @@ class TemplateHead:
         from phantom.render import fvh_strength
 
         vessel, fvh = fvh_strength(extra_axial, f["vessel"], tmax, s.collaterals, self.dr)
-        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh}
+        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh,
+               "penumbral_scale": 1.0 if self.dr is None else self.dr.penumbral_scale}
         tables = self.dr.tables if self.dr is not None else None
         base = signal.mixture_maps(fr, tables)
         maps = signal.tissue_maps(t, les, s.onset_h, tables=tables, base=base)

@@ -155,3 +155,21 @@ def test_confounders_are_flair_bright_but_not_core():
         assert np.median(c.adc[m]) > 900  # raised, not restricted
         assert (c.adc[m] < 620).mean() < 0.02
     assert not (c.core & (c.confounders >= 2)).any()
+
+
+def test_penumbral_cue_pinned_changes_only_hypoperfused_dwi_and_adc():
+    """``penumbral_scale`` (``synthperf phantom --penumbral-cue``) removes the penumbral ADC decline and
+    its DWI rise and nothing else: the set that shows what a model takes from that cue (session 18)."""
+    kw = {"matrix": 64, "randomise": True, "scenario": {**M1, "onset_h": 2.0}}
+    off, full = make_case(21, penumbral_scale=0.0, **kw), make_case(21, penumbral_scale=1.0, **kw)
+    for name in ("flair_on_dwi", "tmax", "core", "brain"):
+        assert np.array_equal(getattr(off, name), getattr(full, name)), name
+    wm = (full.tissue == WM) & ~full.core
+    pen, normal = wm & (full.tmax > 8), wm & (full.tmax < 3) & (full.tmax > 0)
+    assert pen.sum() > 50 and normal.sum() > 50
+    rise = np.median(full.dwi[pen] / np.maximum(off.dwi[pen], 1e-3))
+    assert 1.03 < rise < 1.09  # the ~5 % DWI rise a model could key on
+    assert abs(np.median(full.dwi[normal] / np.maximum(off.dwi[normal], 1e-3)) - 1) < 0.002
+    assert off.truth["domain"]["penumbral_scale"] == 0.0
+    with pytest.raises(ValueError, match="penumbral_scale"):
+        make_case(21, matrix=64, penumbral_scale=0.0)  # only with randomise

@@ -80,6 +80,7 @@ def _measured(case) -> dict:
         "wmh grade": dom["wmh_grade"], "old infarct": t["anatomy"]["old_infarct"] is not None,
         "fvh": dom["fvh"], "flow artefact": dom["flow_artefact"] > 0, "bright sulci": dom["bright_sulci"] > 0,
         "flair gamma": dom["flair_gamma"], "flair csf suppression": dom["flair_csf"],
+        "penumbral cue": dom["penumbral_scale"],
     }
 
 
@@ -97,6 +98,7 @@ def test_every_randomised_property_varies_across_seeds(batch):
     assert np.ptp(table["flair GM/WM (image)"]) > 0.15 and np.ptp(table["flair CSF/WM (image)"]) > 0.2
     assert max(table["b0 WM level"]) > 2 * min(table["b0 WM level"])
     assert {"geometric", "template"} <= set(table["family"])
+    assert min(table["penumbral cue"]) == 0.0 and max(table["penumbral cue"]) > 0.7  # absent .. full
     assert {"strong", "weak", "absent"} <= set(table["fvh"]) or len(set(table["fvh"])) >= 2
     # an absent-FVH case carries no FVH truth at all
     for case in batch:
