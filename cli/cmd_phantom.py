@@ -76,8 +76,12 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         print("error: --seed must be non-negative", file=sys.stderr)
         return 2
-    if args.penumbral_cue is not None and (not args.randomise or not 0.0 <= args.penumbral_cue <= 3.0):
-        print("error: --penumbral-cue needs --randomise and a scale in 0..3", file=sys.stderr)
+    from phantom.api import check_penumbral_scale
+
+    try:
+        check_penumbral_scale(args.penumbral_cue, args.randomise)
+    except ValueError as e:
+        print(f"error: --penumbral-cue: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     opts = {"matrix": args.matrix, "with_dsc": args.with_dsc, "vendor": args.vendor, "out": str(args.out),

@@ -169,6 +169,12 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
     }
 
 
+def check_penumbral_scale(penumbral_scale: float | None, randomise: bool) -> None:
+    """Raise ValueError naming ``penumbral_scale`` unless it is None, or a scale in 0..3 with randomise."""
+    if penumbral_scale is not None and (not randomise or not 0.0 <= float(penumbral_scale) <= 3.0):
+        raise ValueError(f"penumbral_scale: needs randomise and a value in 0..3, got {penumbral_scale!r}")
+
+
 def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
               scenario: dict[str, Any] | None = None, family: str = "geometric",
               randomise: bool = False, dsc_acquisition: Any = None,
@@ -192,8 +198,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if penumbral_scale is not None and (not randomise or not 0.0 <= float(penumbral_scale) <= 3.0):
-        raise ValueError(f"penumbral_scale: needs randomise=True and a value in 0..3, got {penumbral_scale!r}")
+    check_penumbral_scale(penumbral_scale, randomise)
     if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
         raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
     streams = np.random.SeedSequence(int(seed)).spawn(10)

@@ -133,3 +133,10 @@ def test_cli_family_and_randomise_on_the_fast_path(tmp_path, capsys):
     assert all(t["randomised"] and "domain" in t and t["family"] in ("geometric", "template") for t in truths)
     assert [t["family"] for t in truths] == [family_for(s, "mixed") for s in (41, 42)]
     assert "[2/2]" in capsys.readouterr().out
+    # --penumbral-cue pins the cue for the set; without --randomise it is refused, naming the option
+    rc = main(["phantom", "--out", str(tmp_path / "off"), "--seed", "41", "--randomise", "--training-only",
+               "--workers", "1", "--penumbral-cue", "0"])
+    assert rc == 0
+    assert json.loads((tmp_path / "off" / "case_000041" / "truth.json").read_text())["domain"]["penumbral_scale"] == 0
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--penumbral-cue", "0"]) == 2
+    assert "--penumbral-cue" in capsys.readouterr().err
