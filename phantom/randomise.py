@@ -74,7 +74,7 @@ def _contrast_tables(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def penumbral_scale_draw(seed: int) -> float:
     """The penumbral cue's strength of one randomised case: full (0.7-1.4), weak (0.15-0.6) or absent,
     from its own stream so every other draw of the case stays as it was (phantom 1.1)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 8102]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 8103]))
     kind = rng.choice(["full", "weak", "absent"], p=[0.4, 0.3, 0.3])
     return {"full": float(rng.uniform(0.7, 1.4)), "weak": float(rng.uniform(0.15, 0.6)), "absent": 0.0}[kind]
 

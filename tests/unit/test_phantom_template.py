@@ -140,3 +140,18 @@ def test_cli_family_and_randomise_on_the_fast_path(tmp_path, capsys):
     assert json.loads((tmp_path / "off" / "case_000041" / "truth.json").read_text())["domain"]["penumbral_scale"] == 0
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--penumbral-cue", "0"]) == 2
     assert "--penumbral-cue" in capsys.readouterr().err
+
+
+def test_penumbral_cue_is_drawn_apart_from_the_case_type():
+    """Every cue strength occurs with every kind of stroke: a draw that shared its seed stream with the
+    case mix once gave the full cue only to no-stroke, lacunar and TIA-like cases (caught in session 18)."""
+    from phantom.randomise import penumbral_scale_draw
+
+    seen: dict[str, set[str]] = {}
+    for seed in range(400):
+        sc = penumbral_scale_draw(seed)
+        cue = "absent" if sc == 0 else ("weak" if sc < 0.65 else "full")
+        seen.setdefault(case_scenario(seed)["case_type"], set()).add(cue)
+    assert set(seen) == set(CASE_TYPES)
+    for kind, cues in seen.items():
+        assert cues == {"absent", "weak", "full"}, (kind, cues)
