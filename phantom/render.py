@@ -31,6 +31,13 @@ def fvh_strength(extra_axial: np.ndarray, vessel_field: np.ndarray, tmax: np.nda
     return vessel, strength
 
 
+def lesion_maps(tmax: np.ndarray, core: np.ndarray, core_adc: np.ndarray, fvh: np.ndarray, dr=None) -> dict:
+    """The lesion inputs of ``signal.tissue_maps`` for either family; the penumbral cue's strength comes
+    from the domain draw (phantom.randomise.penumbral_scale_draw), 1 in the unrandomised phantom."""
+    return {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh,
+            "penumbral_scale": 1.0 if dr is None else dr.penumbral_scale}
+
+
 class HeadModel:
     """Anatomy parameters, random fields and the lesion fields of one case."""
 
@@ -67,8 +74,7 @@ class HeadModel:
         s = self.stroke
         core_adc = np.clip(s.core_adc + 28.0 * f["lesion"], 360, 575).astype(np.float32)
         vessel, fvh = fvh_strength(t["extra_axial_csf"], f["vessel"], tmax, s.collaterals, self.dr)
-        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh,
-               "penumbral_scale": 1.0 if self.dr is None else self.dr.penumbral_scale}
+        les = lesion_maps(tmax, core, core_adc, fvh, self.dr)
         tables = None if self.dr is None else self.dr.tables
         maps = signal.tissue_maps(t, les, s.onset_h, tables=tables)
         if self.dr is not None:

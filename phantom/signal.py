@@ -111,9 +111,7 @@ def tissue_maps(t: dict[str, np.ndarray], lesion: dict[str, np.ndarray], onset_h
     par = t["parenchyma"] & ~rim
     # (~6 % across the Tmax 6 s threshold, up to ~8.5 % in severely delayed tissue)
     drop = 0.06 / (1.0 + np.exp(-(tmax - 6.0) / 0.8)) + 0.025 * np.clip((tmax - 6.0) / 8.0, 0, 1)
-    scale = float(lesion.get("penumbral_scale", 1.0))  # domain randomisation: strong, weak or absent
-    if scale != 1.0:
-        drop = drop * scale
+    drop = drop * float(lesion.get("penumbral_scale", 1.0))  # randomised: full, weak or absent (x 1.0 is exact)
     adc = np.where(par, adc * (1 - drop), adc)
     s0 = np.where(par, s0 * (1 + 0.25 * drop), s0)
 

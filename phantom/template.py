@@ -301,11 +301,10 @@ class TemplateHead:
         core = (Sampler(q)(self.perf["core_score"]) > 0) & parenchyma & ~old_rim & ~old_cavity & (tmax > 6.0)
         s = self.stroke
         core_adc = np.clip(s.core_adc + 28.0 * f["lesion"], 360, 575).astype(np.float32)
-        from phantom.render import fvh_strength
+        from phantom.render import fvh_strength, lesion_maps
 
         vessel, fvh = fvh_strength(extra_axial, f["vessel"], tmax, s.collaterals, self.dr)
-        les = {"tmax": tmax, "core": core, "core_adc": core_adc, "fvh_strength": fvh,
-               "penumbral_scale": 1.0 if self.dr is None else self.dr.penumbral_scale}
+        les = lesion_maps(tmax, core, core_adc, fvh, self.dr)
         tables = self.dr.tables if self.dr is not None else None
         base = signal.mixture_maps(fr, tables)
         maps = signal.tissue_maps(t, les, s.onset_h, tables=tables, base=base)

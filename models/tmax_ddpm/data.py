@@ -327,11 +327,13 @@ def random_intensity_curve(v: torch.Tensor, spread: float, g: torch.Generator) -
     knots = torch.tensor(CURVE_KNOTS, dtype=v.dtype)
     slopes = torch.exp((2 * torch.rand(len(CURVE_KNOTS) - 1, generator=g) - 1) * spread).to(v.dtype)
     values = torch.cat([torch.zeros(1, dtype=v.dtype), torch.cumsum(slopes * knots.diff(), 0)])
-    at_one = float(torch.from_numpy(np.interp([1.0], knots.numpy(), values.numpy()))[0])
-    x = v.clamp(0, float(knots[-1]))
-    seg = (torch.bucketize(x, knots, right=True) - 1).clamp(0, len(CURVE_KNOTS) - 2)
-    out = values[seg] + (x - knots[seg]) * slopes[seg]
-    return out / at_one
+
+    def curve(x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(0, float(knots[-1]))
+        seg = (torch.bucketize(x, knots, right=True) - 1).clamp(0, len(CURVE_KNOTS) - 2)
+        return values[seg] + (x - knots[seg]) * slopes[seg]
+
+    return curve(v) / curve(torch.ones((), dtype=v.dtype))
 
 
 def randomise_appearance(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
