@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.confidence import auroc
-from models.evaluate import core_visible, read_rows
+from models.evaluate import core_visible, read_rows, summarise
 
 #: the strata of the penumbral cue's drawn strength (phantom.randomise.penumbral_scale_draw: absent 0,
 #: weak U(0.15, 0.6), full U(0.7, 1.4); unrandomised cases have 1)
@@ -98,31 +97,26 @@ def _is_stroke(r: Mapping) -> bool:
 
 
 def model_figures(rows: Mapping[str, dict]) -> dict[str, float | int | None]:
-    """The headline figures of one model over the pooled cases."""
+    """The headline figures of one model over the pooled cases, read from ``synthperf evaluate``'s own
+    summary (models.evaluate.summarise) so both report the same numbers; only the volume bias is taken
+    over stroke studies (the summary's counts a healthy brain's false volume too)."""
     vals = list(rows.values())
-    stroke = [r for r in vals if _is_stroke(r)]
-    healthy = [r for r in vals if not _is_stroke(r)]
-
-    def mean(rs: list[dict], key: str) -> float | None:
-        v = [float(r[key]) for r in rs if key in r]
-        return float(np.mean(v)) if v else None
-
-    served = [r for r in vals if not r.get("confidence_low", False)]
-    with_conf = [r for r in vals if "confidence" in r]
+    s = summarise(vals)
+    m, ns, conf = s.get("model", {}), (s["no_stroke"].get("model") or {}), s["confidence"]
+    bias = [float(r["model_vol6_err_ml"]) for r in vals if _is_stroke(r) and "model_vol6_err_ml" in r]
     return {
         "cases": len(vals),
-        "stroke": len(stroke),
-        "dice6_stroke": mean(stroke, "model_dice6"),
-        "dice6_core": mean([r for r in stroke if core_visible(r.get("core_ml", 0.0))], "model_dice6"),
-        "dice6_no_core": mean([r for r in stroke if not core_visible(r.get("core_ml", 0.0))], "model_dice6"),
-        "vol6_bias_ml": mean(stroke, "model_vol6_err_ml"),
-        "defuse3_raw": mean(vals, "model_defuse3_agree"),
-        "defuse3_served": mean(served, "model_defuse3_agree"),
-        "served": len(served),
-        "healthy_false_ml_mean": mean(healthy, "model_tmax6_ml"),
-        "healthy_yes_raw": int(sum(bool(r.get("model_defuse3")) for r in healthy)),
-        "auroc": (auroc([-float(r["confidence"]) for r in with_conf], [bool(r["bad"]) for r in with_conf])
-                  if with_conf else None),
+        "stroke": m.get("stroke_cases", 0),
+        "dice6_stroke": m.get("dice6_mean_stroke"),
+        "dice6_core": m.get("dice6_mean_core_visible"),
+        "dice6_no_core": m.get("dice6_mean_no_core"),
+        "vol6_bias_ml": float(np.mean(bias)) if bias else None,
+        "defuse3_raw": m.get("defuse3_agreement"),
+        "defuse3_served": conf.get("high_confidence_defuse3_agreement"),
+        "served": len(vals) - conf.get("low", 0),
+        "healthy_false_ml_mean": ns.get("false_tmax6_ml_mean"),
+        "healthy_yes_raw": ns.get("defuse3_yes", 0),
+        "auroc": conf.get("auroc"),
     }
 
 

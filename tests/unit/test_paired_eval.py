@@ -12,7 +12,7 @@ import pytest
 from bench.paired_eval import case_strata, cue_class, model_figures, paired, pooled_rows, report
 
 COLUMNS = ("case", "no_stroke", "core_ml", "model_dice6", "model_vol6_err_ml", "model_tmax6_ml",
-           "model_defuse3", "model_defuse3_agree", "confidence", "confidence_low", "bad")
+           "model_defuse3", "model_defuse3_agree", "true_defuse3", "confidence", "confidence_low", "bad")
 
 
 def _eval(d: Path, rows: list[dict]) -> Path:
@@ -28,7 +28,7 @@ def _eval(d: Path, rows: list[dict]) -> Path:
 def _row(case: str, dice: float, core_ml: float = 20.0, no_stroke: bool = False, conf: float = 0.9) -> dict:
     return {"case": case, "no_stroke": no_stroke, "core_ml": core_ml, "model_dice6": dice, "model_vol6_err_ml": -5.0,
             "model_tmax6_ml": 3.0 if no_stroke else 80.0, "model_defuse3": not no_stroke,
-            "model_defuse3_agree": True, "confidence": conf, "confidence_low": conf < 0.5,
+            "model_defuse3_agree": True, "true_defuse3": not no_stroke, "confidence": conf, "confidence_low": conf < 0.5,
             "bad": (not no_stroke) and dice < 0.5}
 
 
