@@ -22,7 +22,9 @@ from phantom.render import HeadModel
 #: 1.1 added the template family and domain randomisation; geometric unrandomised arrays equal 1.0's.
 #: 1.2 draws the penumbral cue's strength per randomised case (phantom.randomise.penumbral_scale_draw):
 #: randomised cases differ from 1.1's only in b0, DWI and ADC of hypoperfused tissue; unrandomised equal
-PHANTOM_VERSION = "1.2"
+#: 1.3 draws a mixed set's randomised DSC acquisition from its own stream (dsc_acquisition_rng); only
+#: ``--family mixed --randomise --with-dsc`` cases differ from 1.2's, and in them only the DSC series
+PHANTOM_VERSION = "1.3"
 VENDORS = ("siemens", "ge", "philips")
 FAMILIES = ("geometric", "template")
 
@@ -44,6 +46,14 @@ def family_for(seed: int, family: str) -> str:
         raise ValueError(f"family must be one of {FAMILIES + ('mixed',)}, got {family!r}")
     return "template" if np.random.default_rng(np.random.SeedSequence([int(seed), 8200])).random() < 0.5 \
         else "geometric"
+
+
+def dsc_acquisition_rng(seed: int, family: str) -> np.random.Generator:
+    """The stream a randomised DSC acquisition is drawn from: ``[seed, 8200]``, or ``[seed, 8201]`` in
+    a ``"mixed"`` set, whose pick of family (``family_for``) already reads ``[seed, 8200]``; sharing it
+    made the family decide the TR (template under 1.4 s, geometric above; phantom 1.2 and before).
+    Single-family sets keep the stream, so their DSC studies stay what they were."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), 8201 if family == "mixed" else 8200]))
 
 
 @dataclass
@@ -343,7 +353,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
 
         acq = dsc_acquisition
         if acq is None and randomise:  # its own stream: the case's other draws stay as they were
-            acq = DscAcquisition.sample(np.random.default_rng(np.random.SeedSequence([int(seed), 8200])))
+            acq = DscAcquisition.sample(dsc_acquisition_rng(int(seed), family))
         dsc, times, dsc_info = simulate_dsc(r_dsc, m, grid, acq)
         case.dsc, case.dsc_times_s = dsc, times
         truth["acquisition"]["dsc"] = dsc_info

@@ -104,6 +104,10 @@ class TrainConfig:
     # (1 = uniform, today's recipe): the studies whose hypoperfusion rests on FLAIR alone are few, and
     # the model paints too little of it there (issue 15)
     no_core_hypo_draw: float = 1.0
+    # how much more often a slice of a study with neither core nor hypoperfusion (a healthy brain) is
+    # drawn (1 = uniform): the guard for no_core_hypo_draw, whose extra hypoperfusion without a core
+    # taught the model false hypoperfusion on healthy brains (sessions 15 and 19, issue 15)
+    no_stroke_draw: float = 1.0
     # the mask the inputs are normalised in and cut to: "brain" (the data's brain.nii.gz; for the phantom
     # its true brain) or "brain_served" (the service's own mask from the b0, written beside it by
     # `synthperf dataset served-masks`), so the model learns the rim of CSF and skull the service's

@@ -165,21 +165,26 @@ class SliceBank:
         if not index:
             raise ValueError("no slices with brain found in the training data")
         self.index = index
-        self.draw_weights = self._draw_weights(cfg.no_core_hypo_draw)
+        self.draw_weights = self._draw_weights(cfg.no_core_hypo_draw, cfg.no_stroke_draw)
 
-    def _draw_weights(self, no_core_hypo: float) -> torch.Tensor | None:
-        """Per-slice draw weights, ``no_core_hypo`` on the hypoperfused slices of cases without a core
-        (None when that is 1: the uniform draw, whose random stream stays what it always was)."""
-        if no_core_hypo <= 0:
-            raise ValueError(f"no_core_hypo_draw must be positive, got {no_core_hypo}")
-        if no_core_hypo == 1.0:
+    def _draw_weights(self, no_core_hypo: float, no_stroke: float) -> torch.Tensor | None:
+        """Per-slice draw weights: ``no_core_hypo`` on the hypoperfused slices of cases without a core,
+        ``no_stroke`` on every slice of cases with neither core nor hypoperfusion (None when both are 1:
+        the uniform draw, whose random stream stays what it always was)."""
+        for name, value in (("no_core_hypo_draw", no_core_hypo), ("no_stroke_draw", no_stroke)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if no_core_hypo == 1.0 and no_stroke == 1.0:
             return None
         ci, cut = KNOWN_INPUTS.index("core"), float(tmax_to_model(np.float32(self.cfg.hypo_threshold_s)))
         no_core = [not bool((it["cond"][ci] > 0).any()) for it in self.items]
+        hypo_slices = [(it["tmax"].float() > cut).flatten(1).any(dim=1) for it in self.items]
         w = torch.ones(len(self.index), dtype=torch.float64)
         for i, (c, z) in enumerate(self.index):
-            if no_core[c] and bool((self.items[c]["tmax"][z].float() > cut).any()):
+            if no_core[c] and bool(hypo_slices[c][z]):
                 w[i] = no_core_hypo
+            elif no_core[c] and not bool(hypo_slices[c].any()):
+                w[i] = no_stroke
         return w
 
     def draw(self, n: int, g: torch.Generator) -> list[int]:

@@ -317,35 +317,55 @@ def test_appearance_randomisation_changes_the_brain_and_keeps_the_background(tmp
     assert torch.equal(randomise_appearance(dwi, off, torch.Generator().manual_seed(1)), dwi)
 
 
-def _bank_of_two_cases(no_core_hypo_draw: float) -> SliceBank:
-    """Two 4-slice cases on a 16 grid: one with a core, one without; slices 0-1 of each hypoperfused."""
+def _bank_of_cases(no_core_hypo_draw: float, no_stroke_draw: float = 1.0, healthy: bool = False) -> SliceBank:
+    """4-slice cases on a 16 grid: one with a core, one without; slices 0-1 of each hypoperfused; with
+    ``healthy`` a third case with neither core nor hypoperfusion."""
     from models.tmax_ddpm.config import KNOWN_INPUTS, TrainConfig
     from models.tmax_ddpm.preprocess import tmax_to_model
 
     items = []
-    for has_core in (True, False):
+    kinds = ("core", "no_core", "healthy") if healthy else ("core", "no_core")
+    for kind in kinds:
         cond = torch.full((len(KNOWN_INPUTS), 4, 16, 16), -1.0, dtype=torch.float16)
-        if has_core:
+        if kind == "core":
             cond[KNOWN_INPUTS.index("core"), 1, 4:8, 4:8] = 1.0
         tmax = torch.full((4, 16, 16), float(tmax_to_model(np.float32(2.0))), dtype=torch.float16)
-        tmax[:2, 8:, 8:] = float(tmax_to_model(np.float32(9.0)))
+        if kind != "healthy":
+            tmax[:2, 8:, 8:] = float(tmax_to_model(np.float32(9.0)))
         items.append({"cond": cond, "tmax": tmax, "brain": torch.ones((4, 16, 16), dtype=torch.bool)})
-    return SliceBank({"grid": 16, "ids": ["core", "no_core"], "items": items}, ("dwi", "flair", "core"), 3,
-                     TrainConfig(no_core_hypo_draw=no_core_hypo_draw))
+    return SliceBank({"grid": 16, "ids": list(kinds), "items": items}, ("dwi", "flair", "core"), 3,
+                     TrainConfig(no_core_hypo_draw=no_core_hypo_draw, no_stroke_draw=no_stroke_draw))
 
 
 def test_hypoperfused_slices_without_a_core_are_drawn_as_often_as_asked():
-    uniform = _bank_of_two_cases(1.0)
+    uniform = _bank_of_cases(1.0)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert uniform.draw(64, g1) == torch.randint(0, 8, (64,), generator=g2).tolist()  # today's stream, unchanged
-    weighted = _bank_of_two_cases(4.0)
+    weighted = _bank_of_cases(4.0)
     favoured = {i for i, (c, z) in enumerate(weighted.index) if c == 1 and z < 2}  # the no-core case's slices 0-1
     assert len(favoured) == 2
     ids = weighted.draw(7000, torch.Generator().manual_seed(0))
     share = sum(i in favoured for i in ids) / len(ids)
     assert share == pytest.approx(2 * 4 / (6 + 2 * 4), abs=0.03)  # 2 slices at weight 4 against 6 at 1
     with pytest.raises(ValueError, match="no_core_hypo_draw"):
-        _bank_of_two_cases(0.0)
+        _bank_of_cases(0.0)
+
+
+def test_healthy_brain_slices_are_drawn_as_often_as_asked_beside_the_no_core_draw():
+    """The guard (train.no_stroke_draw) weights every slice of the case with neither core nor
+    hypoperfusion, and only those; the no-core hypoperfused slices keep their own weight."""
+    bank = _bank_of_cases(4.0, no_stroke_draw=3.0, healthy=True)
+    healthy = {i for i, (c, _) in enumerate(bank.index) if c == 2}
+    no_core_hypo = {i for i, (c, z) in enumerate(bank.index) if c == 1 and z < 2}
+    assert len(healthy) == 4 and len(no_core_hypo) == 2
+    ids = bank.draw(12000, torch.Generator().manual_seed(0))
+    total = 6 * 1 + 2 * 4 + 4 * 3  # core case and no-core slices 2-3 at 1, no-core hypo at 4, healthy at 3
+    assert sum(i in healthy for i in ids) / len(ids) == pytest.approx(12 / total, abs=0.03)
+    assert sum(i in no_core_hypo for i in ids) / len(ids) == pytest.approx(8 / total, abs=0.03)
+    unguarded = _bank_of_cases(4.0, healthy=True).draw(12000, torch.Generator().manual_seed(0))
+    assert sum(i in healthy for i in unguarded) / len(unguarded) == pytest.approx(4 / 18, abs=0.03)
+    with pytest.raises(ValueError, match="no_stroke_draw"):
+        _bank_of_cases(4.0, no_stroke_draw=-1.0)
 
 
 def test_random_intensity_curve_moves_grey_white_contrast_and_keeps_median_and_background():

@@ -286,6 +286,25 @@ def test_randomised_dsc_acquisitions_vary_and_reach_the_dicom_headers(tmp_path: 
     assert np.allclose(np.diff(series.times_s), info["tr_s"], atol=1e-3)
 
 
+def test_a_mixed_sets_dsc_acquisition_does_not_follow_the_family():
+    """Phantom 1.2 drew a mixed set's family and its DSC acquisition from one stream, so the family
+    decided the TR (template under 1.4 s, geometric above). Since 1.3 both families span the TR range in
+    a mixed set, single-family sets keep their draws, and make_case reads the stream it names."""
+    seeds = range(80)
+    fams = [phantom_api.family_for(s, "mixed") for s in seeds]
+    trs = [DscAcquisition.sample(phantom_api.dsc_acquisition_rng(s, "mixed")).tr_s for s in seeds]
+    for fam in ("template", "geometric"):
+        own = [tr for tr, f in zip(trs, fams, strict=True) if f == fam]
+        assert min(own) < 1.3 and max(own) > 1.5, (fam, own)
+    for fam in ("template", "geometric"):
+        same = phantom_api.dsc_acquisition_rng(7, fam).random()
+        assert same == np.random.default_rng(np.random.SeedSequence([7, 8200])).random()
+    case = phantom_api.make_case(11, matrix=32, with_dsc=True, randomise=True, family="mixed")
+    want = DscAcquisition.sample(phantom_api.dsc_acquisition_rng(11, "mixed"))
+    assert case.truth["acquisition"]["dsc"]["tr_s"] == want.tr_s
+    assert case.truth["phantom_version"] == phantom_api.PHANTOM_VERSION
+
+
 def test_dsc_acquisition_names_the_bad_argument():
     for kwargs, name in (({"tr_s": 5.0}, "tr_s"), ({"te_s": 0.0}, "te_s"), ({"n_frames": 5}, "n_frames"),
                          ({"snr": (50.0, 20.0)}, "snr"), ({"arrival_s": (5.0, 60.0)}, "arrival_s")):
