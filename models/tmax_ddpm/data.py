@@ -179,12 +179,13 @@ class SliceBank:
         ci, cut = KNOWN_INPUTS.index("core"), float(tmax_to_model(np.float32(self.cfg.hypo_threshold_s)))
         no_core = [not bool((it["cond"][ci] > 0).any()) for it in self.items]
         hypo_slices = [(it["tmax"].float() > cut).flatten(1).any(dim=1) for it in self.items]
+        healthy = [nc and not bool(h.any()) for nc, h in zip(no_core, hypo_slices, strict=True)]
         w = torch.ones(len(self.index), dtype=torch.float64)
         for i, (c, z) in enumerate(self.index):
-            if no_core[c] and bool(hypo_slices[c][z]):
-                w[i] = no_core_hypo
-            elif no_core[c] and not bool(hypo_slices[c].any()):
+            if healthy[c]:
                 w[i] = no_stroke
+            elif no_core[c] and bool(hypo_slices[c][z]):
+                w[i] = no_core_hypo
         return w
 
     def draw(self, n: int, g: torch.Generator) -> list[int]:
