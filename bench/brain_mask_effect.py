@@ -21,6 +21,9 @@ from models.tmax_ddpm.data import Case, list_cases, load_case
 from models.tmax_ddpm.inference import TmaxSynthesizer
 from models.tmax_ddpm.metrics import dice, volume_ml
 
+#: what it reads: `python -m bench` skips it and says so (it has nothing to run on by itself)
+NEEDS_DATA = "held-out phantom case folders with b0.nii.gz (synthperf phantom --training-only)"
+
 
 def service_mask(case: Case) -> np.ndarray:
     """The service's brain mask made from the case's b0 (z, y, x), on the case's own grid."""

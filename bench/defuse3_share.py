@@ -22,6 +22,9 @@ from pathlib import Path
 
 from models.evaluate import core_visible, read_rows
 
+#: what it reads: `python -m bench` skips it and says so (it has nothing to run on by itself)
+NEEDS_DATA = "synthperf evaluate output folders"
+
 Call = Callable[[Mapping], bool]
 
 

@@ -37,6 +37,9 @@ from models.tmax_ddpm.data import Case, load_case
 from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
 from models.tmax_ddpm.preprocess import Geometry, normalise_image, to_grid
 
+#: what it reads: `python -m bench` skips it and says so (it has nothing to run on by itself)
+NEEDS_DATA = "synthperf evaluate output folders and the cases they scored"
+
 
 class OracleCall(NamedTuple):
     dice: float  # evaluate's Dice (metrics.dice) against the true Tmax>6 s

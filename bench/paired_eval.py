@@ -28,6 +28,9 @@ import numpy as np
 
 from models.evaluate import core_visible, read_rows, summarise
 
+#: what it reads: `python -m bench` skips it and says so (it has nothing to run on by itself)
+NEEDS_DATA = "synthperf evaluate output folders of two or more models on the same cases"
+
 #: the strata of the penumbral cue's drawn strength (phantom.randomise.penumbral_scale_draw: absent 0,
 #: weak U(0.15, 0.6), full U(0.7, 1.4); unrandomised cases have 1)
 WEAK_CUE_BELOW = 0.65

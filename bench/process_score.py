@@ -32,6 +32,9 @@ import numpy as np
 from models.evaluate import BAD_FALSE_ML, core_visible
 from models.tmax_ddpm.metrics import defuse3, dice
 
+#: what it reads: `python -m bench` skips it and says so (it has nothing to run on by itself)
+NEEDS_DATA = "a phantom folder written with DICOM and an --out folder"
+
 #: the console script installed beside this interpreter (bench does not import cli)
 SYNTHPERF = Path(sys.executable).with_name("synthperf")
 

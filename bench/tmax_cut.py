@@ -28,6 +28,9 @@ from models.evaluate import core_visible, read_rows
 from models.tmax_ddpm.data import load_case
 from models.tmax_ddpm.metrics import defuse3, dice, volume_ml
 
+#: what it reads: `python -m bench` skips it and says so (it has nothing to run on by itself)
+NEEDS_DATA = "synthperf evaluate --save-maps output folders and the cases they scored"
+
 CUTS_6 = tuple(np.round(np.arange(4.0, 7.01, 0.25), 2))
 CUTS_10 = tuple(np.round(np.arange(7.0, 11.01, 0.5), 2))
 

@@ -46,22 +46,17 @@ def core_methods() -> dict:
     the NIfTI affine (RAS) turned into SimpleITK's LPS convention."""
     from pathlib import Path
 
-    import nibabel as nib
     import numpy as np
 
+    from models.tmax_ddpm.data import lps_direction
     from worker.pipeline.core import CoreParams, segment_core
-
-    def direction(case_dir: Path) -> tuple[float, ...]:
-        aff = nib.load(str(case_dir / "dwi.nii.gz")).affine[:3, :3]
-        d = np.diag([-1.0, -1.0, 1.0]) @ aff / np.linalg.norm(aff, axis=0)
-        return tuple(float(v) for v in d.ravel())
 
     def make(params: CoreParams):
         def fn(case_dir: Path, im: dict, spacing: tuple[float, float, float]) -> np.ndarray:
             if "adc" not in im:
                 raise ValueError(f"{case_dir}: no adc.nii.gz for the core rule; pass --no-core")
             return segment_core(im["adc"], im["dwi"], im["brain"] > 0, spacing, params,
-                                direction=direction(case_dir)).mask
+                                direction=lps_direction(case_dir / "dwi.nii.gz")).mask
         return fn
 
     return {"rule": make(CoreParams()), "rule_strict": make(CoreParams(pv_iterations=0))}

@@ -38,6 +38,14 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(arr.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
 
 
+def lps_direction(path: Path) -> tuple[float, ...]:
+    """The NIfTI's voxel axes as a SimpleITK direction matrix (LPS, unit columns, row-major): what the
+    core rule needs to tell left from right and the skull base from the vertex on a NIfTI case."""
+    aff = nib.load(str(path)).affine[:3, :3]
+    d = np.diag([-1.0, -1.0, 1.0]) @ aff / np.linalg.norm(aff, axis=0)
+    return tuple(float(v) for v in d.ravel())
+
+
 def list_cases(root: str | Path, require: tuple[str, ...] = REQUIRED) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
