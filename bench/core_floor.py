@@ -27,27 +27,29 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from bench.core_rule import REALDATA
 from models.evaluate import case_family
 from models.tmax_ddpm.data import list_cases, load_case, lps_direction
+from models.tmax_ddpm.metrics import dice, volume_ml
 from worker.pipeline.core import CoreParams, segment_core
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 SUB_ML = 1.0  # a core under this is "sub-millilitre"
+CASE_FILES = ("dwi", "adc", "core", "tmax", "brain")  # what a case needs to be scored
 
 
 def score_case(case_dir: Path, floors: tuple[float, ...]) -> dict:
     """Truth core volume, family, whether the study has hypoperfusion, and each floor's core volume and Dice."""
-    case = load_case(case_dir, ("dwi", "adc", "core", "tmax", "brain"))
+    case = load_case(case_dir, CASE_FILES)
     im, spacing = case.images, case.spacing_zyx
     ml = float(np.prod(spacing)) / 1000.0
     truth = im["core"] > 0
-    row: dict = {"case": case.case_id, "family": case_family(case.truth), "core_ml": float(truth.sum()) * ml,
+    row: dict = {"case": case.case_id, "family": case_family(case.truth), "core_ml": volume_ml(truth, ml),
                  "hypo": bool((im["tmax"] > 6.0).any())}
     direction = lps_direction(case_dir / "dwi.nii.gz")
     for f in floors:
         mask = segment_core(im["adc"], im["dwi"], case.brain, spacing, CoreParams(min_component_ml=f),
                             direction=direction).mask
-        row[f] = (float(mask.sum()) * ml, 2.0 * float((mask & truth).sum()) / max(int(mask.sum() + truth.sum()), 1))
+        row[f] = (volume_ml(mask, ml), dice(mask, truth))  # Dice is read only where there is a truth core
     return row
 
 
@@ -91,7 +93,7 @@ def isles_components(floors: tuple[float, ...]) -> dict[float, tuple[float, int]
     for f in floors:
         mask = segment_core(d["adc"], d["dwi"], d["brain"], d["spacing"], CoreParams(min_component_ml=f),
                             direction=d["direction"]).mask
-        out[f] = (float(mask.sum()) * ml, int(ndi.label(mask, np.ones((3, 3, 3), bool))[1]))
+        out[f] = (volume_ml(mask, ml), int(ndi.label(mask, np.ones((3, 3, 3), bool))[1]))
     return out
 
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(data: list[str], floors: tuple[float, ...], ref: float, workers: int) -> int:
     """Score every floor on the cases under ``data`` and print the table against the reference floor."""
-    cases = [c for d in data for c in list_cases(d, ("dwi", "adc", "core", "tmax", "brain"))]
+    cases = [c for d in data for c in list_cases(d, CASE_FILES)]
     with ProcessPoolExecutor(max(1, workers)) as pool:
         rows = list(pool.map(score_case, cases, [floors] * len(cases)))
     n_core = sum(r["core_ml"] > 0 for r in rows)
