@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --randomise: strength of the penumbral ADC decline and its slight DWI rise for "
                         "every case (0 = absent, 1 = the unrandomised phantom's; default: drawn per case). "
                         "All other draws stay as they were: a set with 0 shows what a model takes from that cue")
+    p.add_argument("--grey-contrast", type=float, default=None, metavar="K",
+                   help="with --randomise: multiply the grey-minus-white signal of b0 (so DWI) and FLAIR by K "
+                        "in every case (1 = as drawn; the draws reach about 1.4x the default ratio). A stress "
+                        "set: a cortex more contrasted than training saw (bench.contrast_stress)")
     p.add_argument("--with-dsc", action="store_true", help="also simulate a DSC-PWI series")
     p.add_argument("--preview", action="store_true", help="write a montage PNG per case")
     p.add_argument("--training-only", action="store_true",
@@ -51,7 +55,8 @@ def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
 
     t0 = time.perf_counter()
     case = make_case(seed, matrix=opts["matrix"], with_dsc=opts["with_dsc"], family=opts["family"],
-                     randomise=opts["randomise"], penumbral_scale=opts["penumbral_cue"])
+                     randomise=opts["randomise"], penumbral_scale=opts["penumbral_cue"],
+                     grey_contrast=opts["grey_contrast"])
     if opts["vendor"] != "mixed":
         case.vendor = opts["vendor"]
         case.truth["vendor"] = opts["vendor"]
@@ -76,17 +81,20 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         print("error: --seed must be non-negative", file=sys.stderr)
         return 2
-    from phantom.api import check_penumbral_scale
+    from phantom.api import check_pins
 
-    try:
-        check_penumbral_scale(args.penumbral_cue, args.randomise)
-    except ValueError as e:
-        print(f"error: --penumbral-cue: {e}", file=sys.stderr)
-        return 2
+    for option, pin in (("--penumbral-cue", {"penumbral_scale": args.penumbral_cue}),
+                        ("--grey-contrast", {"grey_contrast": args.grey_contrast})):
+        try:
+            check_pins(args.randomise, **pin)
+        except ValueError as e:
+            print(f"error: {option}: {e}", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     opts = {"matrix": args.matrix, "with_dsc": args.with_dsc, "vendor": args.vendor, "out": str(args.out),
             "training_only": args.training_only, "preview": args.preview, "family": args.family,
-            "randomise": args.randomise, "penumbral_cue": args.penumbral_cue}
+            "randomise": args.randomise, "penumbral_cue": args.penumbral_cue,
+            "grey_contrast": args.grey_contrast}
     jobs = [(args.seed + i, opts) for i in range(args.cases)]
     workers = args.workers or min(os.cpu_count() or 1, args.cases)
     t0 = time.perf_counter()

@@ -179,16 +179,21 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
     }
 
 
-def check_penumbral_scale(penumbral_scale: float | None, randomise: bool) -> None:
-    """Raise ValueError naming ``penumbral_scale`` unless it is None, or a scale in 0..3 with randomise."""
-    if penumbral_scale is not None and (not randomise or not 0.0 <= float(penumbral_scale) <= 3.0):
-        raise ValueError(f"penumbral_scale: needs randomise and a value in 0..3, got {penumbral_scale!r}")
+def check_pins(randomise: bool, penumbral_scale: float | None = None, grey_contrast: float | None = None) -> None:
+    """Raise ValueError naming the bad argument unless each pin is None, or within its range with randomise.
+
+    Both pin a property that randomisation draws (or that a stress test overrides), so both need it.
+    """
+    for name, value, lo, hi in (("penumbral_scale", penumbral_scale, 0.0, 3.0),
+                                ("grey_contrast", grey_contrast, 0.25, 4.0)):
+        if value is not None and (not randomise or not lo <= float(value) <= hi):
+            raise ValueError(f"{name}: needs randomise and a value in {lo:g}..{hi:g}, got {value!r}")
 
 
 def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
               scenario: dict[str, Any] | None = None, family: str = "geometric",
               randomise: bool = False, dsc_acquisition: Any = None,
-              penumbral_scale: float | None = None) -> PhantomCase:
+              penumbral_scale: float | None = None, grey_contrast: float | None = None) -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
@@ -205,10 +210,12 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     ``penumbral_scale`` (with ``randomise`` only) pins the strength of the penumbral ADC decline and its
     DWI rise instead of drawing it: 0 removes that cue, 1 is the unrandomised phantom's; every other draw
     of the case stays as it was, so a set made with 0 tests what a model takes from that cue alone.
+    ``grey_contrast`` (with ``randomise`` only) scales the grey-minus-white signal of b0 and FLAIR over the
+    drawn one (``DomainParams.stretch_grey_contrast``): beyond about 1.4 no training case looked like it.
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    check_penumbral_scale(penumbral_scale, randomise)
+    check_pins(randomise, penumbral_scale, grey_contrast)
     if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
         raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
     streams = np.random.SeedSequence(int(seed)).spawn(10)
@@ -223,6 +230,8 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         dr = DomainParams.sample(int(seed))
         if penumbral_scale is not None:
             dr.penumbral_scale = float(penumbral_scale)
+        if grey_contrast is not None:
+            dr.stretch_grey_contrast(float(grey_contrast))
         mix = case_scenario(int(seed))
         scenario = mix if scenario is None else {"case_type": "pinned", **scenario}
     if fam == "template":

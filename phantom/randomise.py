@@ -101,6 +101,9 @@ class DomainParams:
     # the shipped model leaned on that ~5 % DWI rise to find hypoperfusion (docs/benchmarks.md, session
     # 18), a cue whose size in patients is uncertain, so it must not decide alone
     penumbral_scale: float = 1.0
+    # grey-white contrast of DWI's b0 and FLAIR over the drawn one (1: as drawn); only pinned by
+    # stretch_grey_contrast, never drawn: a stress test, not part of the training distribution
+    grey_contrast: float = 1.0
 
     @classmethod
     def sample(cls, seed: int) -> DomainParams:
@@ -132,6 +135,20 @@ class DomainParams:
             bright_sulci=float(rng.uniform(0.1, 0.5)) if rng.random() < 0.4 else 0.0,
             acq=acq, penumbral_scale=penumbral_scale_draw(seed),
         )
+
+    def stretch_grey_contrast(self, k: float) -> None:
+        """Scale the grey-minus-white signal of cortex and deep grey in b0 (so DWI) and FLAIR by ``k``.
+
+        Why: a cortex more contrasted than training ever drew was read as hypoperfusion on healthy brains
+        (issue 15: the independent generator's frontal ribbon; 2 of 39 healthy brains of A-F at the top of
+        the drawn range). Pinning ``k`` beyond the draw's range (its GM and WM factors give 0.69-1.44x the
+        default ratio) measures that failure on purpose. ADC is physical and stays as drawn.
+        """
+        for name in ("s0", "flair"):
+            tb = self.tables[name]
+            for cls in (GM, DEEP_GM):
+                tb[cls] = tb[WM] + k * (tb[cls] - tb[WM])
+        self.grey_contrast = float(k)
 
     def apply_anatomy(self, anat) -> None:
         """Overwrite the anatomy's size, pose, shells, atrophy and confounders with wider draws."""
@@ -192,7 +209,7 @@ class DomainParams:
             "fvh_gain": round(self.fvh_gain, 3),
             "fvh": "absent" if self.fvh_gain <= 0 else ("weak" if self.fvh_gain < 0.7 else "strong"),
             "flow_artefact": round(self.flow_artefact, 3), "bright_sulci": round(self.bright_sulci, 3),
-            "penumbral_scale": round(self.penumbral_scale, 3),
+            "penumbral_scale": round(self.penumbral_scale, 3), "grey_contrast": round(self.grey_contrast, 3),
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.acq.items()},
         }
 

@@ -173,3 +173,30 @@ def test_penumbral_cue_pinned_changes_only_hypoperfused_dwi_and_adc():
     assert off.truth["domain"]["penumbral_scale"] == 0.0
     with pytest.raises(ValueError, match="penumbral_scale"):
         make_case(21, matrix=64, penumbral_scale=0.0)  # only with randomise
+
+
+def test_grey_contrast_pinned_stretches_cortex_in_dwi_and_flair_only():
+    """``grey_contrast`` (``synthperf phantom --grey-contrast``) scales the grey-minus-white signal of b0
+    and FLAIR and leaves anatomy, lesion and ADC alone: the stress set for the healthy-cortex failure."""
+    kw = {"matrix": 64, "randomise": True, "scenario": {"occlusion": "none"}}
+    base, pinned1, hi = make_case(33, **kw), make_case(33, grey_contrast=1.0, **kw), make_case(33, grey_contrast=1.8, **kw)
+    assert np.array_equal(base.dwi, pinned1.dwi) and np.array_equal(base.flair_on_dwi, pinned1.flair_on_dwi)
+    for name in ("tissue", "tmax", "core", "brain"):
+        assert np.array_equal(getattr(base, name), getattr(hi, name)), name
+    gm, wm = (base.tissue == GM) & base.brain, (base.tissue == WM) & base.brain
+    # ADC is measured from the noisy b0 and DWI, so it moves with them, but not its level
+    assert abs(np.median(hi.adc[gm]) / np.median(base.adc[gm]) - 1) < 0.02
+    d0, d1 = base.truth["domain"], hi.truth["domain"]
+    assert d0["grey_contrast"] == 1.0 and d1["grey_contrast"] == 1.8
+    for seq in ("s0", "flair"):  # recorded ratio: 1 + k (r - 1)
+        assert d1["gm_wm_ratio"][seq] - 1 == pytest.approx(1.8 * (d0["gm_wm_ratio"][seq] - 1), abs=1e-3)
+    assert d1["gm_wm_ratio"]["t1"] == d0["gm_wm_ratio"]["t1"]
+    for img, seq in (("dwi", "s0"), ("flair_on_dwi", "flair")):
+        a, b = getattr(base, img), getattr(hi, img)
+        # white matter keeps its signal; cortex moves by (k - 1)(1 - 1/r) of it, less partial volume
+        expected = 0.8 * (1 - 1 / d0["gm_wm_ratio"][seq])
+        change = np.median(b[gm] / np.maximum(a[gm], 1e-3)) - 1
+        assert abs(np.median(b[wm] / np.maximum(a[wm], 1e-3)) - 1) < 0.01, img
+        assert np.sign(change) == np.sign(expected) and abs(change) >= 0.4 * abs(expected), img
+    with pytest.raises(ValueError, match="grey_contrast"):
+        make_case(33, matrix=64, grey_contrast=1.5)  # only with randomise

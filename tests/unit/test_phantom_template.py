@@ -140,6 +140,8 @@ def test_cli_family_and_randomise_on_the_fast_path(tmp_path, capsys):
     assert json.loads((tmp_path / "off" / "case_000041" / "truth.json").read_text())["domain"]["penumbral_scale"] == 0
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--penumbral-cue", "0"]) == 2
     assert "--penumbral-cue" in capsys.readouterr().err
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--grey-contrast", "1.5"]) == 2
+    assert "--grey-contrast" in capsys.readouterr().err
 
 
 def test_penumbral_cue_is_drawn_apart_from_the_case_type():

@@ -1,0 +1,39 @@
+"""bench.contrast_stress: the seeds it picks are the kinds it says, and its table pairs the same cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.contrast_stress import pick_seeds, table
+from phantom.randomise import case_scenario
+
+
+def test_pick_seeds_gives_healthy_and_stroke_cases_of_the_randomised_mix():
+    seeds = pick_seeds(3, 2, base=1000)
+    assert len(seeds["healthy"]) == 3 and len(seeds["stroke"]) == 2
+    assert all(case_scenario(s)["case_type"] == "no-stroke" for s in seeds["healthy"])
+    assert all(case_scenario(s)["case_type"] != "no-stroke" for s in seeds["stroke"])
+    assert min(seeds["healthy"] + seeds["stroke"]) == 1000  # starts at the base, no gaps of its own kind
+
+
+def _row(model: str, case: str, k: float, stroke: bool, ml: float, dice: float, low: bool) -> dict:
+    return {"model": model, "family_set": "geometric", "case": case, "contrast": k, "no_stroke": not stroke,
+            "model_tmax6_ml": ml, "model_dice6": dice, "model_defuse3": (not stroke) and ml >= 15,
+            "confidence_low": low, "flair_gm_wm": 1.3 * k}
+
+
+def test_table_pairs_each_case_with_itself_at_k1_and_withholds_low_confidence_calls():
+    rows = [_row("a", "h1", 1.0, False, 0.0, 0.0, False), _row("a", "h1", 3.0, False, 40.0, 0.0, True),
+            _row("a", "h2", 1.0, False, 2.0, 0.0, False), _row("a", "h2", 3.0, False, 20.0, 0.0, False),
+            _row("a", "s1", 1.0, True, 50.0, 0.8, False), _row("a", "s1", 3.0, True, 60.0, 0.6, False),
+            _row("a", "s2", 1.0, True, 50.0, 0.7, False), _row("a", "s2", 3.0, True, 60.0, 0.6, False)]
+    lines = table(rows, ["a"], [1.0, 3.0])
+    k3 = next(ln for ln in lines if ln.startswith("| a | 3 |"))
+    cells = [c.strip() for c in k3.split("|")[1:-1]]
+    assert cells[3] == "30.0 / 30.0 / 40.0 (2)"
+    assert cells[4] == "2" and cells[5] == "1"  # both called "yes", the low-confidence one withheld
+    assert cells[7] == "0.600 (2)"
+    assert cells[8].startswith("-0.150 (SE 0.050)")
+    assert cells[9].startswith("+29.000")
+    with pytest.raises(KeyError):  # a case without its K = 1 twin cannot be paired
+        table(rows[1:], ["a"], [1.0, 3.0])
