@@ -79,10 +79,21 @@ def write_sets(out: Path, seeds: list[int], contrasts: list[float], workers: int
         return [Path(p) for p in pool.map(_write_case, jobs, chunksize=1)]
 
 
-def score(model: str, case_dirs: list[Path]) -> list[dict]:
-    """One row per case, as ``synthperf evaluate --no-core`` scores it, plus its K and drawn ratios."""
+def rows_file(out: Path, model: str) -> Path:
+    """Where one model's rows are kept, so a later run with another model reuses them."""
+    return out / f"rows_{model.strip('/').replace('/', '_')}.json"
+
+
+def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[dict]:
+    """One row per case, as ``synthperf evaluate --no-core`` scores it, plus its K and drawn ratios.
+
+    With ``out``, rows already scored for ``model`` on these cases are read back instead of sampled
+    again (the cases are kept too), and new ones written there."""
     import json
 
+    cached = {}
+    if out is not None and rows_file(out, model).is_file():
+        cached = {(r["family_set"], r["case"], r["contrast"]): r for r in json.loads(rows_file(out, model).read_text())}
     from models.confidence import load_reference
     from models.evaluate import evaluate_case
     from models.tmax_ddpm.inference import TmaxSynthesizer
@@ -91,8 +102,12 @@ def score(model: str, case_dirs: list[Path]) -> list[dict]:
     reference = load_reference(synth.source)
     rows = []
     for i, d in enumerate(case_dirs):
-        row = evaluate_case(synth, d, None, None, 0, reference=reference)
         dom = json.loads((d / "truth.json").read_text())["domain"]
+        if (d.parent.name, d.name, dom["grey_contrast"]) in cached:
+            rows.append(cached[(d.parent.name, d.name, dom["grey_contrast"])])
+            continue
+        row = evaluate_case(synth, d, None, None, 0, reference=reference)
+        row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}  # JSON-safe
         row.update(model=model, family_set=d.parent.name, contrast=dom["grey_contrast"],
                    flair_gm_wm=dom["gm_wm_ratio"]["flair"], s0_gm_wm=dom["gm_wm_ratio"]["s0"])
         rows.append(row)
@@ -100,6 +115,8 @@ def score(model: str, case_dirs: list[Path]) -> list[dict]:
         print(f"  [{i + 1}/{len(case_dirs)}] {model} K {row['contrast']:.2f} {row['family_set']} {row['case']} "
               f"{what}: Tmax>6 {row['model_tmax6_ml']:.1f} mL{', low confidence' if row['confidence_low'] else ''}",
               flush=True)
+    if out is not None:
+        rows_file(out, model).write_text(json.dumps(rows))
     return rows
 
 
@@ -175,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = pick_seeds(args.healthy, args.strokes, args.seed_base)
         print(f"seeds: healthy {seeds['healthy']}, strokes {seeds['stroke']}; K {args.contrast}; -> {out}", flush=True)
         dirs = write_sets(out, seeds["healthy"] + seeds["stroke"], args.contrast, args.workers)
-        rows = [r for m in args.models for r in score(m, dirs)]
+        rows = [r for m in args.models for r in score(m, dirs, args.out)]
         with open(out / "rows.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
             w.writeheader()
