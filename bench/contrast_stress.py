@@ -79,6 +79,36 @@ def write_sets(out: Path, seeds: list[int], contrasts: list[float], workers: int
         return [Path(p) for p in pool.map(_write_case, jobs, chunksize=1)]
 
 
+STANDARDISE = "+std"  # model spec suffix: the same weights, inputs standardised to the training landmarks
+
+
+def standardising(synth, reference: dict) -> None:
+    """Make ``synth`` standardise DWI and FLAIR to the median training study's landmarks before sampling.
+
+    The landmarks are the input reference's medians (over the training cases) of the 5th, 25th, 75th
+    and 95th percentiles of normal-appearing brain (the core grown by two voxels left out, as the
+    confidence's input part takes them). Experimental, bench only: the service does not do it."""
+    from scipy import ndimage as ndi
+
+    from models.tmax_ddpm.preprocess import standardise_landmarks
+
+    feats = reference["features"]
+    targets = {name: {q: feats[f"{name}_p{q:02d}"]["q50"] + 1.0 for q in (5, 25, 75, 95)} for name in ("dwi", "flair")}
+    sample = synth.synthesize
+
+    def synthesize(dwi, flair, core, brain, **kw):
+        brain_b = np.asarray(brain) > 0
+        normal = brain_b
+        if core is not None and (np.asarray(core) > 0.5).any():
+            grown = ndi.binary_dilation(np.asarray(core) > 0.5, ndi.generate_binary_structure(3, 1), iterations=2)
+            normal = brain_b & ~grown
+        dwi = standardise_landmarks(dwi, brain_b, normal, targets["dwi"])
+        flair = None if flair is None else standardise_landmarks(flair, brain_b, normal, targets["flair"])
+        return sample(dwi, flair, core, brain, **kw)
+
+    synth.synthesize = synthesize
+
+
 def rows_file(out: Path, model: str) -> Path:
     """Where one model's rows are kept, so a later run with another model reuses them."""
     return out / f"rows_{model.strip('/').replace('/', '_')}.json"
@@ -98,8 +128,13 @@ def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[di
     from models.evaluate import evaluate_case
     from models.tmax_ddpm.inference import TmaxSynthesizer
 
-    synth = TmaxSynthesizer.load(model, device="cpu")
+    weights = model.removesuffix(STANDARDISE)
+    synth = TmaxSynthesizer.load(weights, device="cpu")
     reference = load_reference(synth.source)
+    if model.endswith(STANDARDISE):
+        if reference is None:
+            raise ValueError(f"{weights}: no input reference beside the weights to standardise to")
+        standardising(synth, reference)
     rows = []
     for i, d in enumerate(case_dirs):
         dom = json.loads((d / "truth.json").read_text())["domain"]
@@ -177,7 +212,9 @@ def table(rows: list[dict], models: list[str], contrasts: list[float]) -> list[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["demo"], help="registry names or weights folders; first = reference")
+    ap.add_argument("--models", nargs="+", default=["demo"],
+                    help="registry names or weights folders, first = reference; NAME+std: the same weights with "
+                         "DWI and FLAIR standardised to the training landmarks (experimental)")
     ap.add_argument("--healthy", type=int, default=2, help="healthy brains per family")
     ap.add_argument("--strokes", type=int, default=1, help="strokes per family")
     ap.add_argument("--contrast", type=float, nargs="+", default=[1.0, 3.0], help="K values; the first is the reference")

@@ -47,6 +47,34 @@ def normalise_image(img: np.ndarray, brain: np.ndarray, kind: str) -> np.ndarray
     return out.astype(np.float32)
 
 
+def standardise_landmarks(img: np.ndarray, brain: np.ndarray, normal: np.ndarray,
+                          targets: dict[int, float]) -> np.ndarray:
+    """Map a raw DWI or FLAIR so its percentiles over ``normal`` (in units of the brain median) land on
+    ``targets`` ({percentile: value}): piecewise linear between them, proportional beyond (0 stays 0, and a
+    lesion brighter than the top landmark keeps its ratio to it). Returns the image on its own raw scale.
+
+    Why: a model that reads the spread of normal tissue (a bright cortex) as hypoperfusion can be shown
+    every study with the spread of a median training study (Nyul and Udupa's landmark standardisation,
+    IEEE TMI 1999), on the inputs alone, no retraining. Experimental: bench.contrast_stress measures it;
+    the service does not use it. A study whose landmarks do not increase is returned unchanged.
+    """
+    img = np.nan_to_num(np.asarray(img, dtype=np.float32))
+    brain, normal = np.asarray(brain) > 0, np.asarray(normal) > 0
+    if not normal.any():
+        return img
+    med = _masked_median(img, brain)
+    r = img / med
+    qs = sorted(targets)
+    src = np.percentile(r[normal], qs)
+    dst = np.asarray([targets[q] for q in qs], dtype=np.float64)
+    if np.any(np.diff(src) <= 1e-6) or np.any(np.diff(dst) <= 0) or src[0] <= 0:
+        return img
+    out = np.interp(r, src, dst)
+    out = np.where(r < src[0], r * dst[0] / src[0], out)
+    out = np.where(r > src[-1], r * dst[-1] / src[-1], out)
+    return (out * med).astype(np.float32)
+
+
 def tmax_to_model(tmax_s: np.ndarray | torch.Tensor):
     """Seconds -> [-1, 1]."""
     if isinstance(tmax_s, torch.Tensor):
