@@ -150,8 +150,9 @@ def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[di
         print(f"  [{i + 1}/{len(case_dirs)}] {model} K {row['contrast']:.2f} {row['family_set']} {row['case']} "
               f"{what}: Tmax>6 {row['model_tmax6_ml']:.1f} mL{', low confidence' if row['confidence_low'] else ''}",
               flush=True)
-    if out is not None:
-        rows_file(out, model).write_text(json.dumps(rows))
+    if out is not None:  # keep what earlier runs scored on other K too
+        cached.update({(r["family_set"], r["case"], r["contrast"]): r for r in rows})
+        rows_file(out, model).write_text(json.dumps(list(cached.values())))
     return rows
 
 

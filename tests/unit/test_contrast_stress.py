@@ -37,3 +37,24 @@ def test_table_pairs_each_case_with_itself_at_k1_and_withholds_low_confidence_ca
     assert cells[9].startswith("+29.000")
     with pytest.raises(KeyError):  # a case without its K = 1 twin cannot be paired
         table(rows[1:], ["a"], [1.0, 3.0])
+
+
+def test_score_reads_back_rows_of_earlier_runs_and_keeps_the_other_k(tmp_path):
+    """A second run (another model list or fewer K) reuses what was scored and loses none of it."""
+    import json
+
+    from bench.contrast_stress import rows_file, score
+
+    dirs = []
+    for k in (1.0, 3.0):
+        d = tmp_path / f"k{k:.2f}" / "geometric" / "case_700008"
+        d.mkdir(parents=True)
+        (d / "truth.json").write_text(json.dumps({"domain": {"grey_contrast": k}}))
+        dirs.append(d)
+    rows = [_row("demo", "case_700008", k, False, 2.0 * k, 0.0, True) for k in (1.0, 3.0)]
+    rows_file(tmp_path, "demo").write_text(json.dumps(rows))
+    got = score("demo", dirs[:1], tmp_path)  # only K = 1 asked for: read back, nothing sampled
+    assert [r["model_tmax6_ml"] for r in got] == [2.0]
+    kept = json.loads(rows_file(tmp_path, "demo").read_text())
+    assert sorted(r["contrast"] for r in kept) == [1.0, 3.0]
+    assert rows_file(tmp_path, "runs/ft/x/export/").name == "rows_runs_ft_x_export.json"
