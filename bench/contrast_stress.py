@@ -211,6 +211,58 @@ def table(rows: list[dict], models: list[str], contrasts: list[float]) -> list[s
     return lines
 
 
+def picture(models: list[str], rows: list[dict], out: Path, contrasts: list[float], png: Path) -> Path:
+    """The healthy brain whose false Tmax>6 s grew most from the first K to the last under the first model:
+    FLAIR and each model's Tmax at both K, on the slice with the most false Tmax>6 s at the last K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from models.tmax_ddpm.data import load_case
+    from models.tmax_ddpm.inference import TmaxSynthesizer
+
+    k0, k1 = round(contrasts[0], 3), round(contrasts[-1], 3)
+    first = {(r["family_set"], r["case"], r["contrast"]): r["model_tmax6_ml"] for r in rows
+             if r["model"] == models[0] and r["no_stroke"]}
+    fam, case = max(((f, c) for f, c, k in first if k == k1 and (f, c, k0) in first),
+                    key=lambda fc: first[(*fc, k1)] - first[(*fc, k0)])
+    cases = {k: load_case(set_dir(out, k, fam) / case) for k in (k0, k1)}
+    maps: dict[tuple[str, float], np.ndarray] = {}
+    for m in models:
+        synth = TmaxSynthesizer.load(m.removesuffix(STANDARDISE), device="cpu")
+        if m.endswith(STANDARDISE):
+            from models.confidence import load_reference
+
+            standardising(synth, load_reference(synth.source))
+        for k, c in cases.items():
+            im = c.images
+            maps[(m, k)] = synth.synthesize(im["dwi"], im["flair"], (im["core"] > 0.5).astype(np.float32), c.brain,
+                                            adc=im["adc"], spacing_zyx=c.spacing_zyx, seed=0).mean
+    z = int(np.argmax(((maps[(models[0], k1)] > 6) & cases[k1].brain).sum(axis=(1, 2))))
+    cols = 1 + len(models)
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.6))
+    for i, k in enumerate((k0, k1)):
+        fl = cases[k].images["flair"][z]
+        axes[i, 0].imshow(np.flipud(fl), cmap="gray", vmin=0, vmax=np.percentile(fl[cases[k].brain[z]], 99.5))
+        axes[i, 0].set_title(f"FLAIR, grey contrast x{k:g}", fontsize=8)
+        for j, m in enumerate(models):
+            t = maps[(m, k)][z]
+            ax = axes[i, 1 + j]
+            ax.imshow(np.flipud(t), cmap="magma", vmin=0, vmax=12)
+            ax.contour(np.flipud(t > 6), levels=[0.5], colors="cyan", linewidths=0.7)
+            vol = ((maps[(m, k)] > 6) & cases[k].brain).sum() * float(np.prod(cases[k].spacing_zyx)) / 1000
+            ax.set_title(f"Tmax, {m}: {vol:.0f} mL > 6 s", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"SYNTHETIC PHANTOM, not for diagnosis.\nHealthy brain {fam} {case}, its grey-white contrast "
+                 f"as drawn and x{k1:g};\nTmax 0-12 s, false Tmax>6 s outlined in cyan", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["demo"],
@@ -222,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-base", type=int, default=SEED_BASE)
     ap.add_argument("--out", type=Path, help="where the cases and rows.csv go (default: a temporary folder)")
     ap.add_argument("--workers", type=int, default=2, help="processes writing the cases")
+    ap.add_argument("--picture", type=Path, help="also draw the healthy brain that changed most (PNG)")
     args = ap.parse_args(argv)
     if args.healthy < 1 or args.strokes < 1:
         ap.error("--healthy and --strokes must be at least 1")
@@ -236,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
         print("\n".join(table(rows, args.models, args.contrast)))
+        if args.picture:
+            print(f"picture: {picture(args.models, rows, out, args.contrast, args.picture)}")
     return 0
 
 
