@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -54,6 +55,7 @@ def pick_seeds(n_healthy: int, n_strokes: int, base: int = SEED_BASE) -> dict[st
 
 
 def set_dir(out: Path, k: float, family: str) -> Path:
+    """One family's cases at one K: separate folders, since a seed's case id is the same in both."""
     return out / f"k{k:.2f}" / family
 
 
@@ -119,7 +121,6 @@ def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[di
 
     With ``out``, rows already scored for ``model`` on these cases are read back instead of sampled
     again (the cases are kept too), and new ones written there."""
-    import json
 
     cached = {}
     if out is not None and rows_file(out, model).is_file():

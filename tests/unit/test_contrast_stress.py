@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench.contrast_stress import pick_seeds, table
@@ -41,8 +43,6 @@ def test_table_pairs_each_case_with_itself_at_k1_and_withholds_low_confidence_ca
 
 def test_score_reads_back_rows_of_earlier_runs_and_keeps_the_other_k(tmp_path):
     """A second run (another model list or fewer K) reuses what was scored and loses none of it."""
-    import json
-
     from bench.contrast_stress import rows_file, score
 
     dirs = []
