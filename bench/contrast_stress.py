@@ -111,6 +111,21 @@ def standardising(synth, reference: dict) -> None:
     synth.synthesize = synthesize
 
 
+def load_model(spec: str):
+    """The synthesizer and its input reference for a model spec (a name or folder, ``+std`` suffix allowed)."""
+    from models.confidence import load_reference
+    from models.tmax_ddpm.inference import TmaxSynthesizer
+
+    weights = spec.removesuffix(STANDARDISE)
+    synth = TmaxSynthesizer.load(weights, device="cpu")
+    reference = load_reference(synth.source)
+    if spec.endswith(STANDARDISE):
+        if reference is None:
+            raise ValueError(f"{weights}: no input reference beside the weights to standardise to")
+        standardising(synth, reference)
+    return synth, reference
+
+
 def rows_file(out: Path, model: str) -> Path:
     """Where one model's rows are kept, so a later run with another model reuses them."""
     return out / f"rows_{model.strip('/').replace('/', '_')}.json"
@@ -125,23 +140,18 @@ def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[di
     cached = {}
     if out is not None and rows_file(out, model).is_file():
         cached = {(r["family_set"], r["case"], r["contrast"]): r for r in json.loads(rows_file(out, model).read_text())}
-    from models.confidence import load_reference
     from models.evaluate import evaluate_case
-    from models.tmax_ddpm.inference import TmaxSynthesizer
 
-    weights = model.removesuffix(STANDARDISE)
-    synth = TmaxSynthesizer.load(weights, device="cpu")
-    reference = load_reference(synth.source)
-    if model.endswith(STANDARDISE):
-        if reference is None:
-            raise ValueError(f"{weights}: no input reference beside the weights to standardise to")
-        standardising(synth, reference)
+    loaded = None  # the weights are loaded only when a case is not read back
     rows = []
     for i, d in enumerate(case_dirs):
         dom = json.loads((d / "truth.json").read_text())["domain"]
         if (d.parent.name, d.name, dom["grey_contrast"]) in cached:
             rows.append(cached[(d.parent.name, d.name, dom["grey_contrast"])])
             continue
+        if loaded is None:
+            loaded = load_model(model)
+        synth, reference = loaded
         row = evaluate_case(synth, d, None, None, 0, reference=reference)
         row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}  # JSON-safe
         row.update(model=model, family_set=d.parent.name, contrast=dom["grey_contrast"],
@@ -221,7 +231,6 @@ def picture(models: list[str], rows: list[dict], out: Path, contrasts: list[floa
     import matplotlib.pyplot as plt
 
     from models.tmax_ddpm.data import load_case
-    from models.tmax_ddpm.inference import TmaxSynthesizer
 
     k0, k1 = round(contrasts[0], 3), round(contrasts[-1], 3)
     first = {(r["family_set"], r["case"], r["contrast"]): r["model_tmax6_ml"] for r in rows
@@ -231,11 +240,7 @@ def picture(models: list[str], rows: list[dict], out: Path, contrasts: list[floa
     cases = {k: load_case(set_dir(out, k, fam) / case) for k in (k0, k1)}
     maps: dict[tuple[str, float], np.ndarray] = {}
     for m in models:
-        synth = TmaxSynthesizer.load(m.removesuffix(STANDARDISE), device="cpu")
-        if m.endswith(STANDARDISE):
-            from models.confidence import load_reference
-
-            standardising(synth, load_reference(synth.source))
+        synth, _ = load_model(m)
         for k, c in cases.items():
             im = c.images
             maps[(m, k)] = synth.synthesize(im["dwi"], im["flair"], (im["core"] > 0.5).astype(np.float32), c.brain,
