@@ -134,14 +134,15 @@ def _assess_phantom(seed: int, **kw):
 
 @pytest.mark.slow
 def test_demo_model_healthy_brain_with_false_hypoperfusion_gets_low_confidence() -> None:
-    """Seed 270004 (geometric family, randomised, held out) has no stroke; the demo model (fine-tuned on
-    the randomised mix) calls 37 mL of Tmax>6 s on it, all false, mirrored in both hemispheres: its worst
-    healthy brain of the 14 in the three held-out sets (docs/model-card.md)."""
+    """Seed 270004 (geometric family, randomised, held out) has no stroke; the demo model calls 22 mL of
+    Tmax>6 s on it (the weights served until session 23: 37 mL, their worst healthy brain of the 14 in
+    the three held-out sets, docs/model-card.md), all false, partly mirrored in both hemispheres. Over
+    15 mL of it lies far from any core with no FLAIR vessel sign, so the support part falls below 1."""
     case, conf, t6_ml = _assess_phantom(270004, family="geometric", randomise=True)
     assert not case.core.any() and not (case.tmax > 6).any()
     assert t6_ml > 15, f"the demo model called only {t6_ml:.1f} mL here; pick another healthy case"
     assert conf.low and conf.score < ConfidenceParams().threshold
-    assert conf.parts["support"] < 0.5 and conf.parts["inputs"] < 1.0
+    assert conf.parts["support"] < 1.0 and conf.parts["inputs"] < 1.0
     assert any("no FLAIR vessel sign" in r for r in conf.reasons)
 
 
