@@ -12,6 +12,10 @@ and scores each model on the same cases at each K: on healthy brains the false T
 DEFUSE-3 "yes" (15 mL or more with no core) and what the service says (a low-confidence call is
 withheld); on strokes the Tmax>6 s Dice (truth core, true brain, as ``synthperf evaluate --no-core``).
 
+``--visibility`` also asks whether the service could see the stretch: per run-time grey-white statistic
+(percentile ratios and an Otsu two-tissue ratio over normal-appearing brain), how many stretched cases
+leave the range of the cases as drawn.
+
 References, side by side in one run: K = 1 (the cases as drawn) for each model, and the first model
 for the others. In-family: these are our own phantom's families. Quality, not speed: no timing.
 
@@ -186,6 +190,74 @@ def drawn_ratios(n: int = 1000) -> str:
     return f"grey/white ratio drawn over {n} randomised cases: " + "; ".join(parts)
 
 
+def otsu_ratio(values: np.ndarray, bins: int = 128) -> float:
+    """Mean of the upper class over the lower one, split where Otsu's between-class variance peaks.
+
+    A two-tissue estimate of grey over white without a segmentation: what a run-time check could use."""
+    v = np.asarray(values, dtype=float).ravel()
+    if v.size < 2 or v.min() == v.max():
+        raise ValueError("values: need at least two distinct values")
+    h, edges = np.histogram(v, bins)
+    c = (edges[:-1] + edges[1:]) / 2
+    w0, s0 = np.cumsum(h)[:-1], np.cumsum(h * c)[:-1]
+    w1, s1 = h.sum() - w0, (h * c).sum() - s0
+    ok = (w0 > 0) & (w1 > 0)
+    m0, m1 = np.where(ok, s0 / np.maximum(w0, 1), 0), np.where(ok, s1 / np.maximum(w1, 1), 0)
+    i = int(np.argmax(np.where(ok, w0 * w1 * (m1 - m0) ** 2, -1)))
+    return float(m1[i] / m0[i])
+
+
+def contrast_statistics(case_dir: Path) -> dict[str, float]:
+    """Grey-white contrast as the service could estimate it, per sequence, from a case folder.
+
+    Over normal-appearing brain (the core grown by two voxels left out, as the confidence's input part
+    takes it), the image over its brain median: 75th over 25th percentile, their difference, 90th over
+    50th, and the Otsu ratio of the voxels between 0.5 and 2.5 times the median (CSF and the brightest
+    vessels left out). Session 23 asked whether any of them could flag a stretched cortex."""
+    from scipy import ndimage as ndi
+
+    from models.tmax_ddpm.data import load_case
+    from models.tmax_ddpm.preprocess import normalise_image
+
+    c = load_case(case_dir)
+    brain = c.brain
+    core = c.images["core"] > 0.5
+    normal = brain & ~ndi.binary_dilation(core, iterations=2) if core.any() else brain
+    out = {}
+    for name in ("dwi", "flair"):
+        v = normalise_image(c.images[name], brain, name)[normal] + 1.0
+        p25, p50, p75, p90 = np.percentile(v, [25, 50, 75, 90])
+        out[f"{name}_p75_over_p25"] = float(p75 / p25)
+        out[f"{name}_p75_minus_p25"] = float(p75 - p25)
+        out[f"{name}_p90_over_p50"] = float(p90 / p50)
+        out[f"{name}_otsu_ratio"] = otsu_ratio(v[(v > 0.5) & (v < 2.5)])
+    return out
+
+
+def visibility(case_dirs: list[Path], contrasts: list[float]) -> list[str]:
+    """Markdown: for each run-time contrast statistic, how many cases at the last K lie beyond the range
+    of the cases as drawn (the first K), and in how many the same case's statistic rose."""
+    stats, truth = {}, {}
+    for d in case_dirs:
+        k = json.loads((d / "truth.json").read_text())["domain"]["grey_contrast"]
+        stats[(d.parent.name, d.name, k)] = contrast_statistics(d)
+        truth[(d.parent.name, d.name, k)] = json.loads((d / "truth.json").read_text())["domain"]["gm_wm_ratio"]
+    k0, k1 = round(contrasts[0], 3), round(contrasts[-1], 3)
+    pairs = [(key, (key[0], key[1], k1)) for key in stats if key[2] == k0 and (key[0], key[1], k1) in stats]
+    lines = [f"Run-time contrast statistics, the same {len(pairs)} case(s) at K = {k0:g} and {k1:g}:", "",
+             f"| statistic | range at K = {k0:g} | median at K = {k1:g} | K = {k1:g} cases beyond the K = {k0:g} range "
+             "| same case rose |", "|---|---|---|---|---|"]
+    truth_rows = [("drawn FLAIR grey/white ratio (truth, not visible)", "flair"), ("drawn b0 grey/white ratio (truth)", "s0")]
+    table_rows = [(label, [truth[a][seq] for a, _ in pairs], [truth[b][seq] for _, b in pairs]) for label, seq in truth_rows]
+    table_rows += [(name, [stats[a][name] for a, _ in pairs], [stats[b][name] for _, b in pairs])
+                   for name in next(iter(stats.values()))]
+    for label, lo, hi in table_rows:
+        lo_a, hi_a = np.asarray(lo), np.asarray(hi)
+        lines.append(f"| {label} | {lo_a.min():.3f}-{lo_a.max():.3f} | {np.median(hi_a):.3f} | "
+                     f"{int(np.sum(hi_a > lo_a.max()))} of {len(hi_a)} | {int(np.sum(hi_a > lo_a))} of {len(hi_a)} |")
+    return lines
+
+
 def table(rows: list[dict], models: list[str], contrasts: list[float]) -> list[str]:
     """Markdown: per model and K, healthy false volume and calls, stroke Dice, paired against K = 1."""
     contrasts = [round(k, 3) for k in contrasts]  # as truth.json records them
@@ -281,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="where the cases and rows.csv go (default: a temporary folder)")
     ap.add_argument("--workers", type=int, default=2, help="processes writing the cases")
     ap.add_argument("--picture", type=Path, help="also draw the healthy brain that changed most (PNG)")
+    ap.add_argument("--visibility", action="store_true",
+                    help="also tabulate run-time grey-white contrast statistics: could a check see the stretch?")
     args = ap.parse_args(argv)
     if args.healthy < 1 or args.strokes < 1:
         ap.error("--healthy and --strokes must be at least 1")
@@ -295,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
         print("\n".join(table(rows, args.models, args.contrast)))
+        if args.visibility:
+            print("\n".join(visibility(dirs, args.contrast)))
         if args.picture:
             print(f"picture: {picture(args.models, rows, out, args.contrast, args.picture)}")
     return 0
