@@ -239,9 +239,9 @@ def visibility(case_dirs: list[Path], contrasts: list[float]) -> list[str]:
     of the cases as drawn (the first K), and in how many the same case's statistic rose."""
     stats, truth = {}, {}
     for d in case_dirs:
-        k = json.loads((d / "truth.json").read_text())["domain"]["grey_contrast"]
-        stats[(d.parent.name, d.name, k)] = contrast_statistics(d)
-        truth[(d.parent.name, d.name, k)] = json.loads((d / "truth.json").read_text())["domain"]["gm_wm_ratio"]
+        domain = json.loads((d / "truth.json").read_text())["domain"]
+        key = (d.parent.name, d.name, domain["grey_contrast"])
+        stats[key], truth[key] = contrast_statistics(d), domain["gm_wm_ratio"]
     k0, k1 = round(contrasts[0], 3), round(contrasts[-1], 3)
     pairs = [(key, (key[0], key[1], k1)) for key in stats if key[2] == k0 and (key[0], key[1], k1) in stats]
     lines = [f"Run-time contrast statistics, the same {len(pairs)} case(s) at K = {k0:g} and {k1:g}:", "",
