@@ -58,24 +58,32 @@ def pick_seeds(n_healthy: int, n_strokes: int, base: int = SEED_BASE) -> dict[st
     return out
 
 
-def set_dir(out: Path, k: float, family: str) -> Path:
-    """One family's cases at one K: separate folders, since a seed's case id is the same in both."""
-    return out / f"k{k:.2f}" / family
+def stretched_in(k: float, sequences: str) -> str:
+    """The sequences a stretch by ``k`` reaches: none at K = 1, so those cases are shared by every choice."""
+    return "both" if round(k, 3) == 1 else sequences
 
 
-def _write_case(job: tuple[int, str, float, str]) -> str:
-    seed, family, k, out = job
+def set_dir(out: Path, k: float, family: str, sequences: str = "both") -> Path:
+    """One family's cases at one K (and stretched sequences): separate folders, since a seed's case id is
+    the same in each."""
+    seqs = stretched_in(k, sequences)
+    return out / (f"k{k:.2f}" if seqs == "both" else f"k{k:.2f}-{seqs}") / family
+
+
+def _write_case(job: tuple[int, str, float, str, str]) -> str:
+    seed, family, k, out, sequences = job
     from phantom.api import case_id_for, make_case, write_training_case
 
-    d = set_dir(Path(out), k, family)
+    d = set_dir(Path(out), k, family, sequences)
     if (d / case_id_for(seed) / "truth.json").is_file():
         return str(d / case_id_for(seed))
-    return str(write_training_case(make_case(seed, family=family, randomise=True, grey_contrast=k), d))
+    return str(write_training_case(make_case(seed, family=family, randomise=True, grey_contrast=k,
+                                             grey_contrast_in=stretched_in(k, sequences)), d))
 
 
-def write_sets(out: Path, seeds: list[int], contrasts: list[float], workers: int) -> list[Path]:
+def write_sets(out: Path, seeds: list[int], contrasts: list[float], workers: int, sequences: str = "both") -> list[Path]:
     """Each seed in each family at each K (kept: a second run reuses them). Returns the case folders."""
-    jobs = [(s, f, k, str(out)) for k in contrasts for f in FAMILIES for s in seeds]
+    jobs = [(s, f, k, str(out), sequences) for k in contrasts for f in FAMILIES for s in seeds]
     if workers <= 1:
         return [Path(p) for p in map(_write_case, jobs)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -135,6 +143,11 @@ def rows_file(out: Path, model: str) -> Path:
     return out / f"rows_{model.strip('/').replace('/', '_')}.json"
 
 
+def _row_key(row: dict) -> tuple:
+    """A scored case: its family, case id, K and stretched sequences (rows from before session 23: both)."""
+    return row["family_set"], row["case"], row["contrast"], row.get("contrast_in", "both")
+
+
 def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[dict]:
     """One row per case, as ``synthperf evaluate --no-core`` scores it, plus its K and drawn ratios.
 
@@ -143,22 +156,23 @@ def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[di
 
     cached = {}
     if out is not None and rows_file(out, model).is_file():
-        cached = {(r["family_set"], r["case"], r["contrast"]): r for r in json.loads(rows_file(out, model).read_text())}
+        cached = {_row_key(r): r for r in json.loads(rows_file(out, model).read_text())}
     from models.evaluate import evaluate_case
 
     loaded = None  # the weights are loaded only when a case is not read back
     rows = []
     for i, d in enumerate(case_dirs):
         dom = json.loads((d / "truth.json").read_text())["domain"]
-        if (d.parent.name, d.name, dom["grey_contrast"]) in cached:
-            rows.append(cached[(d.parent.name, d.name, dom["grey_contrast"])])
+        key = (d.parent.name, d.name, dom["grey_contrast"], dom.get("grey_contrast_in", "both"))
+        if key in cached:
+            rows.append(cached[key])
             continue
         if loaded is None:
             loaded = load_model(model)
         synth, reference = loaded
         row = evaluate_case(synth, d, None, None, 0, reference=reference)
         row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}  # JSON-safe
-        row.update(model=model, family_set=d.parent.name, contrast=dom["grey_contrast"],
+        row.update(model=model, family_set=d.parent.name, contrast=dom["grey_contrast"], contrast_in=key[3],
                    flair_gm_wm=dom["gm_wm_ratio"]["flair"], s0_gm_wm=dom["gm_wm_ratio"]["s0"])
         rows.append(row)
         what = "healthy" if row["no_stroke"] else f"stroke Dice {row['model_dice6']:.3f}"
@@ -166,7 +180,7 @@ def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[di
               f"{what}: Tmax>6 {row['model_tmax6_ml']:.1f} mL{', low confidence' if row['confidence_low'] else ''}",
               flush=True)
     if out is not None:  # keep what earlier runs scored on other K too
-        cached.update({(r["family_set"], r["case"], r["contrast"]): r for r in rows})
+        cached.update({_row_key(r): r for r in rows})
         rows_file(out, model).write_text(json.dumps(list(cached.values())))
     return rows
 
@@ -294,7 +308,8 @@ def table(rows: list[dict], models: list[str], contrasts: list[float]) -> list[s
     return lines
 
 
-def picture(models: list[str], rows: list[dict], out: Path, contrasts: list[float], png: Path) -> Path:
+def picture(models: list[str], rows: list[dict], out: Path, contrasts: list[float], png: Path,
+            sequences: str = "both") -> Path:
     """The healthy brain whose false Tmax>6 s grew most from the first K to the last under the first model:
     FLAIR and each model's Tmax at both K, on the slice with the most false Tmax>6 s at the last K."""
     import matplotlib
@@ -309,7 +324,7 @@ def picture(models: list[str], rows: list[dict], out: Path, contrasts: list[floa
              if r["model"] == models[0] and r["no_stroke"]}
     fam, case = max(((f, c) for f, c, k in first if k == k1 and (f, c, k0) in first),
                     key=lambda fc: first[(*fc, k1)] - first[(*fc, k0)])
-    cases = {k: load_case(set_dir(out, k, fam) / case) for k in (k0, k1)}
+    cases = {k: load_case(set_dir(out, k, fam, sequences) / case) for k in (k0, k1)}
     maps: dict[tuple[str, float], np.ndarray] = {}
     for m in models:
         synth, _ = load_model(m)
@@ -349,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--healthy", type=int, default=2, help="healthy brains per family")
     ap.add_argument("--strokes", type=int, default=1, help="strokes per family")
     ap.add_argument("--contrast", type=float, nargs="+", default=[1.0, 3.0], help="K values; the first is the reference")
+    ap.add_argument("--contrast-in", choices=("both", "dwi", "flair"), default="both",
+                    help="stretch both sequences (default), or the DWI (its b0) or FLAIR alone: which one does a model read?")
     ap.add_argument("--seed-base", type=int, default=SEED_BASE)
     ap.add_argument("--out", type=Path, help="where the cases and rows.csv go (default: a temporary folder)")
     ap.add_argument("--workers", type=int, default=2, help="processes writing the cases")
@@ -361,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         seeds = pick_seeds(args.healthy, args.strokes, args.seed_base)
-        print(f"seeds: healthy {seeds['healthy']}, strokes {seeds['stroke']}; K {args.contrast}; -> {out}", flush=True)
-        dirs = write_sets(out, seeds["healthy"] + seeds["stroke"], args.contrast, args.workers)
+        print(f"seeds: healthy {seeds['healthy']}, strokes {seeds['stroke']}; K {args.contrast} in {args.contrast_in}; "
+              f"-> {out}", flush=True)
+        dirs = write_sets(out, seeds["healthy"] + seeds["stroke"], args.contrast, args.workers, args.contrast_in)
         rows = [r for m in args.models for r in score(m, dirs, args.out)]
         with open(out / "rows.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
@@ -372,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.visibility:
             print("\n".join(visibility(dirs, args.contrast)))
         if args.picture:
-            print(f"picture: {picture(args.models, rows, out, args.contrast, args.picture)}")
+            print(f"picture: {picture(args.models, rows, out, args.contrast, args.picture, args.contrast_in)}")
     return 0
 
 

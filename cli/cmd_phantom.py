@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --randomise: multiply the grey-minus-white signal of b0 (so DWI) and FLAIR by K "
                         "in every case (1 = as drawn). A stress set: the drawn FLAIR grey/white ratio has median "
                         "1.33 and maximum 1.92, and K = 3 takes the median case to 1.99 (bench.contrast_stress)")
+    p.add_argument("--grey-contrast-in", choices=("both", "dwi", "flair"), default="both",
+                   help="with --grey-contrast: stretch both sequences (default), or the DWI (its b0) or FLAIR alone")
     p.add_argument("--with-dsc", action="store_true", help="also simulate a DSC-PWI series")
     p.add_argument("--preview", action="store_true", help="write a montage PNG per case")
     p.add_argument("--training-only", action="store_true",
@@ -56,7 +58,7 @@ def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
     t0 = time.perf_counter()
     case = make_case(seed, matrix=opts["matrix"], with_dsc=opts["with_dsc"], family=opts["family"],
                      randomise=opts["randomise"], penumbral_scale=opts["penumbral_cue"],
-                     grey_contrast=opts["grey_contrast"])
+                     grey_contrast=opts["grey_contrast"], grey_contrast_in=opts["grey_contrast_in"])
     if opts["vendor"] != "mixed":
         case.vendor = opts["vendor"]
         case.truth["vendor"] = opts["vendor"]
@@ -90,11 +92,14 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {option}: {e}", file=sys.stderr)
             return 2
+    if args.grey_contrast_in != "both" and args.grey_contrast is None:
+        print("error: --grey-contrast-in: needs --grey-contrast", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     opts = {"matrix": args.matrix, "with_dsc": args.with_dsc, "vendor": args.vendor, "out": str(args.out),
             "training_only": args.training_only, "preview": args.preview, "family": args.family,
             "randomise": args.randomise, "penumbral_cue": args.penumbral_cue,
-            "grey_contrast": args.grey_contrast}
+            "grey_contrast": args.grey_contrast, "grey_contrast_in": args.grey_contrast_in}
     jobs = [(args.seed + i, opts) for i in range(args.cases)]
     workers = args.workers or min(os.cpu_count() or 1, args.cases)
     t0 = time.perf_counter()

@@ -193,7 +193,8 @@ def check_pins(randomise: bool, penumbral_scale: float | None = None, grey_contr
 def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
               scenario: dict[str, Any] | None = None, family: str = "geometric",
               randomise: bool = False, dsc_acquisition: Any = None,
-              penumbral_scale: float | None = None, grey_contrast: float | None = None) -> PhantomCase:
+              penumbral_scale: float | None = None, grey_contrast: float | None = None,
+              grey_contrast_in: str = "both") -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
@@ -212,11 +213,17 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     of the case stays as it was, so a set made with 0 tests what a model takes from that cue alone.
     ``grey_contrast`` (with ``randomise`` only) scales the grey-minus-white signal of b0 and FLAIR over the
     drawn one (``DomainParams.stretch_grey_contrast``): at K = 3 a median case's FLAIR grey/white ratio
-    (1.33 as drawn) is beyond the largest the draws give (1.92).
+    (1.33 as drawn) is beyond the largest the draws give (1.92). ``grey_contrast_in`` ("both", "dwi" or
+    "flair") stretches one sequence alone.
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     check_pins(randomise, penumbral_scale, grey_contrast)
+    from phantom.randomise import GREY_CONTRAST_IN
+
+    if grey_contrast_in not in GREY_CONTRAST_IN or (grey_contrast_in != "both" and grey_contrast is None):
+        raise ValueError(f"grey_contrast_in: needs grey_contrast and one of {sorted(GREY_CONTRAST_IN)}, "
+                         f"got {grey_contrast_in!r}")
     if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
         raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
     streams = np.random.SeedSequence(int(seed)).spawn(10)
@@ -232,7 +239,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         if penumbral_scale is not None:
             dr.penumbral_scale = float(penumbral_scale)
         if grey_contrast is not None:
-            dr.stretch_grey_contrast(float(grey_contrast))
+            dr.stretch_grey_contrast(float(grey_contrast), grey_contrast_in)
         mix = case_scenario(int(seed))
         scenario = mix if scenario is None else {"case_type": "pinned", **scenario}
     if fam == "template":

@@ -79,6 +79,9 @@ def penumbral_scale_draw(seed: int) -> float:
     return {"full": float(rng.uniform(0.7, 1.4)), "weak": float(rng.uniform(0.15, 0.6)), "absent": 0.0}[kind]
 
 
+#: the tables ``DomainParams.stretch_grey_contrast`` scales for each choice of sequences
+GREY_CONTRAST_IN: dict[str, tuple[str, ...]] = {"both": ("s0", "flair"), "dwi": ("s0",), "flair": ("flair",)}
+
 @dataclass
 class DomainParams:
     """Every randomised property of one case (see ``to_dict`` for the names recorded in truth.json)."""
@@ -104,6 +107,7 @@ class DomainParams:
     # grey-white contrast of DWI's b0 and FLAIR over the drawn one (1: as drawn); only pinned by
     # stretch_grey_contrast, never drawn: a stress test, not part of the training distribution
     grey_contrast: float = 1.0
+    grey_contrast_in: str = "both"  # which sequences the stretch reached: both, dwi (b0) or flair
 
     @classmethod
     def sample(cls, seed: int) -> DomainParams:
@@ -136,19 +140,24 @@ class DomainParams:
             acq=acq, penumbral_scale=penumbral_scale_draw(seed),
         )
 
-    def stretch_grey_contrast(self, k: float) -> None:
+    def stretch_grey_contrast(self, k: float, sequences: str = "both") -> None:
         """Scale the grey-minus-white signal of cortex and deep grey in b0 (so DWI) and FLAIR by ``k``.
 
         Why: a cortex more contrasted than training ever drew was read as hypoperfusion on healthy brains
         (issue 15: the independent generator's frontal ribbon; 2 of 39 healthy brains of A-F at the top of
         the drawn range). Pinning ``k`` measures that failure on purpose: the drawn FLAIR ratio has median
         1.33 and maximum 1.92 over 3 000 draws, and k = 3 takes the median case to 1.99. ADC is physical and stays as drawn.
+        ``sequences`` ("both", "dwi" or "flair") stretches one of them alone, to tell which one the model
+        reads: a brighter cortex in the DWI looks like the penumbral DWI rise, in the FLAIR it does not.
         """
-        for name in ("s0", "flair"):
+        if sequences not in GREY_CONTRAST_IN:
+            raise ValueError(f"sequences must be one of {sorted(GREY_CONTRAST_IN)}, got {sequences!r}")
+        for name in GREY_CONTRAST_IN[sequences]:
             tb = self.tables[name]
             for cls in (GM, DEEP_GM):
                 tb[cls] = tb[WM] + k * (tb[cls] - tb[WM])
         self.grey_contrast = float(k)
+        self.grey_contrast_in = sequences
 
     def apply_anatomy(self, anat) -> None:
         """Overwrite the anatomy's size, pose, shells, atrophy and confounders with wider draws."""
@@ -210,6 +219,7 @@ class DomainParams:
             "fvh": "absent" if self.fvh_gain <= 0 else ("weak" if self.fvh_gain < 0.7 else "strong"),
             "flow_artefact": round(self.flow_artefact, 3), "bright_sulci": round(self.bright_sulci, 3),
             "penumbral_scale": round(self.penumbral_scale, 3), "grey_contrast": round(self.grey_contrast, 3),
+            "grey_contrast_in": self.grey_contrast_in,
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.acq.items()},
         }
 

@@ -87,3 +87,12 @@ def test_contrast_statistics_see_a_stretched_cortex_in_the_dwi_of_the_same_case(
     lines = visibility(dirs, [1.0, 3.0])
     assert lines[0].startswith("Run-time contrast statistics, the same 1 case(s)")
     assert any(ln.startswith("| dwi_p90_over_p50 |") and ln.endswith("| 1 of 1 | 1 of 1 |") for ln in lines)
+
+
+def test_set_dir_shares_the_unstretched_cases_between_sequence_choices(tmp_path):
+    from bench.contrast_stress import set_dir, stretched_in
+
+    assert set_dir(tmp_path, 1.0, "template", "dwi") == set_dir(tmp_path, 1.0, "template") == tmp_path / "k1.00" / "template"
+    assert set_dir(tmp_path, 3.0, "template", "dwi") == tmp_path / "k3.00-dwi" / "template"
+    assert set_dir(tmp_path, 3.0, "template") == tmp_path / "k3.00" / "template"
+    assert (stretched_in(1.0, "flair"), stretched_in(3.0, "flair")) == ("both", "flair")

@@ -200,3 +200,23 @@ def test_grey_contrast_pinned_stretches_cortex_in_dwi_and_flair_only():
         assert np.sign(change) == np.sign(expected) and abs(change) >= 0.4 * abs(expected), img
     with pytest.raises(ValueError, match="grey_contrast"):
         make_case(33, matrix=64, grey_contrast=1.5)  # only with randomise
+
+
+def test_grey_contrast_in_one_sequence_leaves_the_other_as_drawn():
+    """``grey_contrast_in`` (``--grey-contrast-in``) stretches the DWI (its b0) or the FLAIR alone, to tell
+    which one a model reads; the other sequence's images and recorded ratio stay as drawn."""
+    kw = {"matrix": 64, "randomise": True, "scenario": {"occlusion": "none"}}
+    base = make_case(33, **kw)
+    dwi_only, flair_only = (make_case(33, grey_contrast=2.0, grey_contrast_in=s, **kw) for s in ("dwi", "flair"))
+    gm = (base.tissue == GM) & base.brain
+    assert np.array_equal(dwi_only.flair_on_dwi, base.flair_on_dwi) and not np.array_equal(dwi_only.dwi, base.dwi)
+    assert np.array_equal(flair_only.dwi, base.dwi) and not np.array_equal(flair_only.flair_on_dwi, base.flair_on_dwi)
+    assert np.median(dwi_only.dwi[gm]) != pytest.approx(np.median(base.dwi[gm]), rel=0.02)
+    d0, dd, df = base.truth["domain"], dwi_only.truth["domain"], flair_only.truth["domain"]
+    assert (d0["grey_contrast_in"], dd["grey_contrast_in"], df["grey_contrast_in"]) == ("both", "dwi", "flair")
+    assert dd["gm_wm_ratio"]["flair"] == d0["gm_wm_ratio"]["flair"] != df["gm_wm_ratio"]["flair"]
+    assert df["gm_wm_ratio"]["s0"] == d0["gm_wm_ratio"]["s0"] != dd["gm_wm_ratio"]["s0"]
+    with pytest.raises(ValueError, match="grey_contrast_in"):
+        make_case(33, grey_contrast=2.0, grey_contrast_in="t1", **kw)
+    with pytest.raises(ValueError, match="grey_contrast_in"):
+        make_case(33, grey_contrast_in="dwi", **kw)  # nothing to stretch

@@ -142,6 +142,8 @@ def test_cli_family_and_randomise_on_the_fast_path(tmp_path, capsys):
     assert "--penumbral-cue" in capsys.readouterr().err
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--grey-contrast", "1.5"]) == 2
     assert "--grey-contrast" in capsys.readouterr().err
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--randomise", "--grey-contrast-in", "dwi"]) == 2
+    assert "--grey-contrast-in: needs --grey-contrast" in capsys.readouterr().err
 
 
 def test_penumbral_cue_is_drawn_apart_from_the_case_type():
