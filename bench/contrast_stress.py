@@ -14,7 +14,8 @@ withheld); on strokes the Tmax>6 s Dice (truth core, true brain, as ``synthperf 
 
 ``--visibility`` also asks whether the service could see the stretch: per run-time grey-white statistic
 (percentile ratios and an Otsu two-tissue ratio over normal-appearing brain), how many stretched cases
-leave the range of the cases as drawn.
+leave the range of the cases as drawn. ``--contrast-in dwi`` or ``flair`` stretches that sequence alone
+(the cases at K = 1 are shared, the rows kept apart), to tell which one a model reads.
 
 References, side by side in one run: K = 1 (the cases as drawn) for each model, and the first model
 for the others. In-family: these are our own phantom's families. Quality, not speed: no timing.
