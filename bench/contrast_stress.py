@@ -103,8 +103,7 @@ def standardising(synth, reference: dict) -> None:
     The landmarks are the input reference's medians (over the training cases) of the 5th, 25th, 75th
     and 95th percentiles of normal-appearing brain (the core grown by two voxels left out, as the
     confidence's input part takes them). Experimental, bench only: the service does not do it."""
-    from scipy import ndimage as ndi
-
+    from models.confidence import normal_appearing
     from models.tmax_ddpm.preprocess import standardise_landmarks
 
     feats = reference["features"]
@@ -113,10 +112,7 @@ def standardising(synth, reference: dict) -> None:
 
     def synthesize(dwi, flair, core, brain, **kw):
         brain_b = np.asarray(brain) > 0
-        normal = brain_b
-        if core is not None and (np.asarray(core) > 0.5).any():
-            grown = ndi.binary_dilation(np.asarray(core) > 0.5, ndi.generate_binary_structure(3, 1), iterations=2)
-            normal = brain_b & ~grown
+        normal = normal_appearing(brain_b, None if core is None else np.asarray(core) > 0.5)
         dwi = standardise_landmarks(dwi, brain_b, normal, targets["dwi"])
         flair = None if flair is None else standardise_landmarks(flair, brain_b, normal, targets["flair"])
         return sample(dwi, flair, core, brain, **kw)
@@ -164,7 +160,8 @@ def score(model: str, case_dirs: list[Path], out: Path | None = None) -> list[di
     rows = []
     for i, d in enumerate(case_dirs):
         dom = json.loads((d / "truth.json").read_text())["domain"]
-        key = (d.parent.name, d.name, dom["grey_contrast"], dom.get("grey_contrast_in", "both"))
+        key = _row_key({"family_set": d.parent.name, "case": d.name, "contrast": dom["grey_contrast"],
+                        "contrast_in": dom.get("grey_contrast_in", "both")})
         if key in cached:
             rows.append(cached[key])
             continue
@@ -229,15 +226,13 @@ def contrast_statistics(case_dir: Path) -> dict[str, float]:
     takes it), the image over its brain median: 75th over 25th percentile, their difference, 90th over
     50th, and the Otsu ratio of the voxels between 0.5 and 2.5 times the median (CSF and the brightest
     vessels left out). Session 23 asked whether any of them could flag a stretched cortex."""
-    from scipy import ndimage as ndi
-
+    from models.confidence import normal_appearing
     from models.tmax_ddpm.data import load_case
     from models.tmax_ddpm.preprocess import normalise_image
 
     c = load_case(case_dir)
     brain = c.brain
-    core = c.images["core"] > 0.5
-    normal = brain & ~ndi.binary_dilation(core, iterations=2) if core.any() else brain
+    normal = normal_appearing(brain, c.images["core"] > 0.5)
     out = {}
     for name in ("dwi", "flair"):
         v = normalise_image(c.images[name], brain, name)[normal] + 1.0

@@ -147,6 +147,17 @@ def _ramp_down(value: float, ok: float, bad: float) -> float:
 # ------------------------------------------------------------------------------------------ inputs
 
 
+def normal_appearing(brain: np.ndarray, lesion: np.ndarray | None) -> np.ndarray:
+    """The brain without ``lesion`` grown by two voxels (its own signal and its partial-volume rim left
+    out), or the whole brain when there is no lesion or nothing would be left."""
+    brain = np.asarray(brain, dtype=bool)
+    if lesion is None or not np.asarray(lesion).any():
+        return brain
+    grown = ndi.binary_dilation(np.asarray(lesion, dtype=bool), ndi.generate_binary_structure(3, 1), iterations=2)
+    normal = brain & ~grown
+    return normal if normal.any() else brain
+
+
 def input_features(
     dwi: np.ndarray, flair: np.ndarray | None, adc: np.ndarray | None, brain: np.ndarray,
     spacing_zyx: Sequence[float], lesion: np.ndarray | None = None,
@@ -162,10 +173,7 @@ def input_features(
     if brain.ndim != 3 or not brain.any():
         raise ValueError("brain: needs a non-empty 3-D mask")
     sp = [float(s) for s in spacing_zyx]
-    normal = brain
-    if lesion is not None and np.asarray(lesion).any():
-        grown = ndi.binary_dilation(np.asarray(lesion) > 0, ndi.generate_binary_structure(3, 1), iterations=2)
-        normal = brain & ~grown if (brain & ~grown).any() else brain
+    normal = normal_appearing(brain, None if lesion is None else np.asarray(lesion) > 0)
     f: dict[str, float] = {}
     for name, img in (("dwi", dwi), ("flair", flair)):
         if img is None:

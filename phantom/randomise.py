@@ -82,6 +82,7 @@ def penumbral_scale_draw(seed: int) -> float:
 #: the tables ``DomainParams.stretch_grey_contrast`` scales for each choice of sequences
 GREY_CONTRAST_IN: dict[str, tuple[str, ...]] = {"both": ("s0", "flair"), "dwi": ("s0",), "flair": ("flair",)}
 
+
 @dataclass
 class DomainParams:
     """Every randomised property of one case (see ``to_dict`` for the names recorded in truth.json)."""
@@ -148,7 +149,7 @@ class DomainParams:
         the drawn range). Pinning ``k`` measures that failure on purpose: the drawn FLAIR ratio has median
         1.33 and maximum 1.92 over 3 000 draws, and k = 3 takes the median case to 1.99. ADC is physical and stays as drawn.
         ``sequences`` ("both", "dwi" or "flair") stretches one of them alone, to tell which one the model
-        reads: a brighter cortex in the DWI looks like the penumbral DWI rise, in the FLAIR it does not.
+        reads: a brighter cortex in the DWI looks like the penumbral DWI rise (session 23 measured both).
         """
         if sequences not in GREY_CONTRAST_IN:
             raise ValueError(f"sequences must be one of {sorted(GREY_CONTRAST_IN)}, got {sequences!r}")
