@@ -86,15 +86,15 @@ def run(args: argparse.Namespace) -> int:
     from phantom.api import check_pins
 
     for option, pin in (("--penumbral-cue", {"penumbral_scale": args.penumbral_cue}),
-                        ("--grey-contrast", {"grey_contrast": args.grey_contrast})):
+                        ("--grey-contrast", {"grey_contrast": args.grey_contrast}),
+                        ("--grey-contrast-in", {"grey_contrast": args.grey_contrast,
+                                                "grey_contrast_in": args.grey_contrast_in})):
         try:
             check_pins(args.randomise, **pin)
         except ValueError as e:
-            print(f"error: {option}: {e}", file=sys.stderr)
+            print(f"error: {option}: needs --grey-contrast ({e})" if option == "--grey-contrast-in"
+                  else f"error: {option}: {e}", file=sys.stderr)
             return 2
-    if args.grey_contrast_in != "both" and args.grey_contrast is None:
-        print("error: --grey-contrast-in: needs --grey-contrast", file=sys.stderr)
-        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     opts = {"matrix": args.matrix, "with_dsc": args.with_dsc, "vendor": args.vendor, "out": str(args.out),
             "training_only": args.training_only, "preview": args.preview, "family": args.family,

@@ -179,15 +179,22 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
     }
 
 
-def check_pins(randomise: bool, penumbral_scale: float | None = None, grey_contrast: float | None = None) -> None:
+def check_pins(randomise: bool, penumbral_scale: float | None = None, grey_contrast: float | None = None,
+               grey_contrast_in: str = "both") -> None:
     """Raise ValueError naming the bad argument unless each pin is None, or within its range with randomise.
 
-    Both pin a property that randomisation draws (or that a stress test overrides), so both need it.
+    Both pin a property that randomisation draws (or that a stress test overrides), so both need it;
+    ``grey_contrast_in`` other than "both" needs ``grey_contrast``.
     """
     for name, value, lo, hi in (("penumbral_scale", penumbral_scale, 0.0, 3.0),
                                 ("grey_contrast", grey_contrast, 0.25, 4.0)):
         if value is not None and (not randomise or not lo <= float(value) <= hi):
             raise ValueError(f"{name}: needs randomise and a value in {lo:g}..{hi:g}, got {value!r}")
+    from phantom.randomise import GREY_CONTRAST_IN
+
+    if grey_contrast_in not in GREY_CONTRAST_IN or (grey_contrast_in != "both" and grey_contrast is None):
+        raise ValueError(f"grey_contrast_in: needs grey_contrast and one of {sorted(GREY_CONTRAST_IN)}, "
+                         f"got {grey_contrast_in!r}")
 
 
 def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
@@ -218,12 +225,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    check_pins(randomise, penumbral_scale, grey_contrast)
-    from phantom.randomise import GREY_CONTRAST_IN
-
-    if grey_contrast_in not in GREY_CONTRAST_IN or (grey_contrast_in != "both" and grey_contrast is None):
-        raise ValueError(f"grey_contrast_in: needs grey_contrast and one of {sorted(GREY_CONTRAST_IN)}, "
-                         f"got {grey_contrast_in!r}")
+    check_pins(randomise, penumbral_scale, grey_contrast, grey_contrast_in)
     if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
         raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
     streams = np.random.SeedSequence(int(seed)).spawn(10)
