@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from cli.viewer import ViewerFront, ohif_dist
+from common.ports import free_port
 
 log = logging.getLogger("synthperf.demo")
 
@@ -61,12 +62,6 @@ def missing() -> list[str]:
     if ohif_dist() is None:
         lack.append("OHIF's app")
     return lack
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _port_taken(host: str, port: int) -> bool:
@@ -117,8 +112,8 @@ class DemoPacs:
         from common.procs import die_with_parent
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.dicom_port = _free_port(self.host)
-        self.http_port = _free_port(self.host)
+        self.dicom_port = free_port(self.host)
+        self.http_port = free_port(self.host)
         config = self.folder / "orthanc.json"
         config.write_text(json.dumps({
             "Name": "synthperf-demo", "DicomAet": PACS_AE, "DicomPort": self.dicom_port,

@@ -11,7 +11,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from common.ports import free_port  # the tests and bench/receive.py import it from here
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: One inference-path measurement per machine for the whole test session and later ones (the cache is
@@ -38,12 +39,6 @@ def realdata() -> Path:
     if not REALDATA.is_dir():
         pytest.fail(f"real DICOM data not found at {REALDATA} (expected ../shared/realdata)")
     return REALDATA
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

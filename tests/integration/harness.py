@@ -69,11 +69,18 @@ class OrthancServer:
         self.folder = folder
         self.aet = aet
         self.verbose = verbose  # tests read the per-C-STORE log lines; the receive benchmark must not pay for them
+        self.fixed_dicom_port = dicom_port is not None
+        self.started_before = False
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self.config = folder / "orthanc.json"
+        self._write_config()
+        self.log = folder / "orthanc.log"
+
+    def _write_config(self) -> None:
+        folder, aet = self.folder, self.aet
         self.config.write_text(json.dumps({
             "Name": "synthperf-test", "DicomAet": aet, "DicomPort": self.dicom_port,
             "HttpPort": self.http_port, "HttpBindAddress": "127.0.0.1", "RemoteAccessAllowed": False,
@@ -83,7 +90,6 @@ class OrthancServer:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StorageCompression": False, "OverwriteInstances": False,
         }))
-        self.log = folder / "orthanc.log"
 
     @property
     def url(self) -> str:
@@ -96,7 +102,26 @@ class OrthancServer:
             require_tool("orthanc-dicomweb plugin")
         return f"{self.url}/dicom-web"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, port_retries: int = 3) -> None:
+        """Start Orthanc and wait for its REST API. A port another process took between our pick and
+        Orthanc's bind (nothing can reserve it) makes Orthanc exit at once: then new ports, again."""
+        for attempt in range(port_retries + 1):
+            log_start = self.log.stat().st_size if self.log.exists() else 0
+            try:
+                self._start_once(timeout)
+                self.started_before = True
+                return
+            except RuntimeError as exc:
+                own_log = self.log.read_text(errors="replace")[log_start:] if self.log.exists() else ""
+                if "already in use" not in own_log or attempt == port_retries:
+                    raise
+                print(f"Orthanc could not bind its ports ({exc}); retrying on new ports", file=sys.stderr)
+                self.http_port = free_port()
+                if not self.fixed_dicom_port and not self.started_before:
+                    self.dicom_port = free_port()  # after a first start, services point at the old one
+                self._write_config()
+
+    def _start_once(self, timeout: float) -> None:
         exe = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")
         env = {**os.environ, "TCP_NODELAY": "1"}
         # --verbose: Orthanc logs every C-STORE ("Incoming Store request") and duplicates ("Already stored")
