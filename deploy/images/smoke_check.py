@@ -39,13 +39,15 @@ def check_help() -> list[str]:
 
 
 def check_weights() -> dict[str, str]:
-    from models.registry import resolve
+    from models.registry import resolve_members
     from models.tmax_ddpm.checkpoint import SHA_FILE, load_weights, sha256_file
 
     name = os.environ.get("SYNTHPERF_MODEL_NAME", "demo")
-    folder = resolve(name)
-    load_weights(folder)  # raises CheckpointError on a sha256, config or tensor mismatch
-    return {"model": name, "folder": str(folder), "sha256": sha256_file(folder / "model.safetensors"),
+    folders = resolve_members(name)  # every network the name serves (an ensemble has several)
+    for folder in folders:
+        load_weights(folder)  # raises CheckpointError on a sha256, config or tensor mismatch
+    return {"model": name, "folder": str(folders[0]), "sha256": sha256_file(folders[0] / "model.safetensors"),
+            "members": [{"folder": str(f), "sha256": sha256_file(f / "model.safetensors")} for f in folders],
             "expected_from": SHA_FILE}
 
 

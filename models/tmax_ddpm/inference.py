@@ -1,14 +1,17 @@
 """The interface the pipeline calls: load verified weights, synthesise Tmax on the input grid.
 
-    synth = TmaxSynthesizer.load("demo")            # or a weights / run folder
+    synth = TmaxSynthesizer.load("demo")            # or a weights / run folder, or folders joined by +
     res = synth.synthesize(dwi, flair, core, brain, spacing_zyx=(5, 1.8, 1.8))
     res.mean, res.sd  # seconds, (z, y, x) on the input grid; SYNTHETIC, not for diagnostic use
+
+A synthesizer may hold several networks (an ensemble, models.registry): the samples of a study are
+split among them and pooled, so the mean and SD are over every network's samples at the cost of one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 
 from . import runtime as rt
 from .checkpoint import load_weights, read_info, sha256_file
-from .config import Config
+from .config import Config, model_config_hash
 from .diffusion import make_scheduler
 from .preprocess import from_grid, prepare_conditioning, stack_neighbours, tmax_from_model
 from .sampler import sample_volume
@@ -40,6 +43,37 @@ class SynthesisResult:
 
 
 
+@dataclass
+class Member:
+    """One network of a synthesizer, with how it runs here (chosen per network: each has its own id)."""
+
+    net: torch.nn.Module
+    source: str
+    runtime: rt.RuntimeChoice | None = None
+    denoise: rt.Denoise | None = None
+
+    @property
+    def model_id(self) -> str:
+        """sha256 of the weights file (from its .sha256 beside it when present)."""
+        src = Path(self.source) if self.source else None
+        if src is not None and (src / "model.safetensors.sha256").is_file():
+            return (src / "model.safetensors.sha256").read_text().split()[0]
+        if src is not None and (src / "model.safetensors").is_file():
+            return sha256_file(src / "model.safetensors")
+        return ""
+
+
+def split_samples(samples: int, members: int) -> list[int]:
+    """Samples per network: as even as possible, the earlier networks taking the remainder.
+
+    With fewer samples than networks the later networks draw none, so one sample is always the
+    primary network's own (the fast settings of tests and benches stay what they were)."""
+    if samples < 1 or members < 1:
+        raise ValueError(f"samples and members must be >= 1 (got samples={samples}, members={members})")
+    base, extra = divmod(samples, members)
+    return [base + (i < extra) for i in range(members)]
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,18 +86,18 @@ class TmaxSynthesizer:
     """A loaded model plus its sampling defaults. Thread-compatible for sequential use."""
 
     def __init__(self, net: torch.nn.Module, cfg: Config, device: str = "auto", source: str = "", info: dict | None = None,
-                 inference_path: str = "auto", runtime_dir: str | Path | None = None, try_compile: bool = False):
+                 inference_path: str = "auto", runtime_dir: str | Path | None = None, try_compile: bool = False,
+                 more: Sequence[tuple[torch.nn.Module, str]] = ()):
+        """``net`` from ``source`` is the primary network (its config samples); ``more``: further
+        (network, source) pairs of the same model config that share the samples (an ensemble)."""
         self.device = pick_device(device)
         self.cfg = cfg
-        self.net = net.to(self.device).eval()
+        self.members = [Member(n.to(self.device).eval(), str(src)) for n, src in [(net, source), *more]]
         self.sched = make_scheduler(cfg.model)
-        self.source = source
         self.info = info or {}
         # How the denoiser runs (precision, memory format, runtime) is chosen on the first synthesis in
         # this process by measuring on that study's slices, or read from runtime_dir's per-machine cache
-        # (models.tmax_ddpm.runtime). SampleConfig.bf16=False keeps bf16 out of the candidates.
-        self.runtime: rt.RuntimeChoice | None = None
-        self._denoise: rt.Denoise | None = None
+        # (models.tmax_ddpm.runtime), for each network apart. SampleConfig.bf16=False keeps bf16 out.
         self.configure_runtime(inference_path, runtime_dir, try_compile)
 
     def configure_runtime(self, inference_path: str = "auto", runtime_dir: str | Path | None = None,
@@ -78,22 +112,42 @@ class TmaxSynthesizer:
         new = (inference_path, Path(runtime_dir) if runtime_dir else None, bool(try_compile))
         if getattr(self, "_runtime_settings", None) != new:
             self._runtime_settings = new
-            self.runtime, self._denoise = None, None
+            for m in self.members:
+                m.runtime, m.denoise = None, None
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The primary network."""
+        return self.members[0].net
+
+    @property
+    def source(self) -> str:
+        """The primary network's weights folder (its input reference is the ensemble's)."""
+        return self.members[0].source
+
+    @property
+    def sources(self) -> list[str]:
+        return [m.source for m in self.members]
+
+    @property
+    def runtime(self) -> rt.RuntimeChoice | None:
+        """How the primary network runs here (each network's own: ``members[i].runtime``)."""
+        return self.members[0].runtime
 
     @property
     def model_id(self) -> str:
-        """sha256 of the weights file (from its .sha256 beside it when present)."""
-        src = Path(self.source) if self.source else None
-        if src is not None and (src / "model.safetensors.sha256").is_file():
-            return (src / "model.safetensors.sha256").read_text().split()[0]
-        if src is not None and (src / "model.safetensors").is_file():
-            return sha256_file(src / "model.safetensors")
-        return ""
+        """sha256 of the weights file, the members' joined by ``+`` for an ensemble."""
+        return "+".join(m.model_id for m in self.members)
 
     def ensure_runtime(self, stacks: torch.Tensor) -> rt.RuntimeChoice:
-        """Choose the inference path now if not yet chosen, probing with up to PROBE_BATCH of ``stacks``."""
-        if self.runtime is not None and self._denoise is not None:
-            return self.runtime
+        """Choose every network's inference path now if not yet chosen (probing with up to PROBE_BATCH
+        of ``stacks``); returns the primary network's."""
+        for m in self.members:
+            if m.runtime is None or m.denoise is None:
+                m.runtime, m.denoise = self._choose_runtime(m, stacks)
+        return self.members[0].runtime
+
+    def _choose_runtime(self, member: Member, stacks: torch.Tensor) -> tuple[rt.RuntimeChoice, rt.Denoise]:
         force, cache_dir, try_compile = self._runtime_settings
         n = stacks.shape[0]
         k = min(rt.PROBE_BATCH, n)
@@ -109,23 +163,32 @@ class TmaxSynthesizer:
                               rho=0.0, max_batch=rt.PROBE_BATCH, device=self.device)
             return tmax_from_model(x)[0]
 
-        self.runtime, self._denoise = rt.choose(
-            self.net, self.device, in_channels=self.cfg.model.in_channels, grid=self.cfg.model.grid, sample=sample,
-            brain=brain, probe_stacks=int(probe.shape[0]), steps=steps, model_id=self.model_id, cache_dir=cache_dir,
+        return rt.choose(
+            member.net, self.device, in_channels=self.cfg.model.in_channels, grid=self.cfg.model.grid, sample=sample,
+            brain=brain, probe_stacks=int(probe.shape[0]), steps=steps, model_id=member.model_id, cache_dir=cache_dir,
             force=force, allow_bf16=bool(self.cfg.sample.bf16), try_compile=try_compile,
         )
-        return self.runtime
 
     @classmethod
     def load(cls, name_or_dir: str = "demo", device: str = "auto", inference_path: str = "auto",
              runtime_dir: str | Path | None = None, try_compile: bool = False) -> TmaxSynthesizer:
-        """Resolve via the registry, verify sha256 and config, build the network."""
-        from models.registry import resolve  # models-internal import (registry sits beside the package)
+        """Resolve via the registry, verify sha256 and config, build the network(s)."""
+        # models-internal import (the registry sits beside the package)
+        from models.registry import resolve_members
 
-        d = resolve(name_or_dir)
-        net, cfg = load_weights(d)
-        return cls(net, cfg, device=device, source=str(Path(d)), info=read_info(d), inference_path=inference_path,
-                   runtime_dir=runtime_dir, try_compile=try_compile)
+        dirs = resolve_members(name_or_dir)
+        loaded = [load_weights(d) for d in dirs]
+        net, cfg = loaded[0]
+        for d, (_, other) in zip(dirs[1:], loaded[1:], strict=True):
+            if model_config_hash(other.model) != model_config_hash(cfg.model):
+                raise ValueError(f"{name_or_dir}: {d} has another model config than {dirs[0]}; an ensemble's "
+                                 "networks must share one")
+        info = read_info(dirs[0])
+        if len(dirs) > 1:
+            info = {**info, "members": [{"source": str(d), **read_info(d)} for d in dirs]}
+        return cls(net, cfg, device=device, source=str(Path(dirs[0])), info=info, inference_path=inference_path,
+                   runtime_dir=runtime_dir, try_compile=try_compile,
+                   more=[(n, str(Path(d))) for d, (n, _) in zip(dirs[1:], loaded[1:], strict=True)])
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -166,21 +229,26 @@ class TmaxSynthesizer:
         cond, geo = prepare_conditioning(images, brain_b, self.inputs, self.cfg.model.grid)
         stacks = stack_neighbours(cond, self.cfg.model.slices)
         self.ensure_runtime(stacks)
-        x = sample_volume(
-            self._denoise,
-            self.sched,
-            stacks,
-            steps=steps,
-            samples=samples,
-            seed=seed,
-            eta=self.cfg.sample.eta,
-            rho=self.cfg.sample.slice_noise_correlation,
-            max_batch=self.cfg.sample.max_batch,
-            ancestral=ancestral,
-            device=self.device,
-            progress=progress,
-        )
-        tmax = tmax_from_model(x)  # (samples, z, g, g) seconds
+        xs, done = [], 0
+        for i, (member, n) in enumerate(zip(self.members, split_samples(samples, len(self.members)), strict=True)):
+            if n == 0:
+                continue
+            xs.append(sample_volume(
+                member.denoise,
+                self.sched,
+                stacks,
+                steps=steps,
+                samples=n,
+                seed=seed + i,  # the primary network's draws are what a single network's were
+                eta=self.cfg.sample.eta,
+                rho=self.cfg.sample.slice_noise_correlation,
+                max_batch=self.cfg.sample.max_batch,
+                ancestral=ancestral,
+                device=self.device,
+                progress=None if progress is None else (lambda f, d=done, k=n: progress((d + f * k) / samples)),
+            ))
+            done += n
+        tmax = tmax_from_model(torch.cat(xs, 0))  # (samples, z, g, g) seconds, every network's pooled
         mean_g = tmax.mean(0)
         sd_g = tmax.std(0, unbiased=False) if samples > 1 else torch.zeros_like(mean_g)
         mean = np.clip(from_grid(mean_g, geo), 0, None) * brain_b
@@ -197,6 +265,6 @@ class TmaxSynthesizer:
             steps=1000 if ancestral else steps,
             samples=samples,
             seconds=time.perf_counter() - t0,
-            inference_path=self.runtime.path if self.runtime else "",
+            inference_path="+".join(dict.fromkeys(m.runtime.path for m in self.members if m.runtime)),
             sample_ml=sample_ml,
         )

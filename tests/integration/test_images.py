@@ -55,6 +55,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from models.registry import resolve_members
 from tests.conftest import REPO_ROOT, _missing, small_scale
 
 BUILD = REPO_ROOT / "deploy" / "images" / "build.sh"
@@ -215,14 +216,17 @@ def check_wheel(wheel: bytes, listed: str) -> None:
         names = set(whl.namelist())
         # the package data an installed synthperf needs: the demo weights with their digest file (the
         # defect the smoke check found) and the Alembic migrations, as in the source tree
-        for f in [*source_files(DEMO), *source_files(MIGRATIONS)]:
+        served = resolve_members("demo")  # every network of the served ensemble
+        assert served[0] == DEMO
+        for f in [*(f for d in served for f in source_files(d)), *source_files(MIGRATIONS)]:
             rel = f.relative_to(REPO_ROOT).as_posix()
             assert rel in names, f"{rel} is not in the wheel"
             assert whl.read(rel) == f.read_bytes(), f"{rel} in the wheel differs from the source tree"
-        demo = DEMO.relative_to(REPO_ROOT).as_posix()
-        assert f"{demo}/model.safetensors.sha256" in names
-        digest = whl.read(f"{demo}/model.safetensors.sha256").decode().split()[0]
-        assert hashlib.sha256(whl.read(f"{demo}/model.safetensors")).hexdigest() == digest
+        for d in served:
+            weights = d.relative_to(REPO_ROOT).as_posix()
+            assert f"{weights}/model.safetensors.sha256" in names
+            digest = whl.read(f"{weights}/model.safetensors.sha256").decode().split()[0]
+            assert hashlib.sha256(whl.read(f"{weights}/model.safetensors")).hexdigest() == digest
         assert any(n.startswith("common/jobstore/migrations/versions/") and n.endswith(".py") for n in names)
         # the wheel depends on exactly the list the runtime stages install before it (their `pip check`)
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))

@@ -58,14 +58,19 @@ def model_version(synth: Any) -> str:
             break
     else:
         base = ""
-    sha = ""
-    src = Path(getattr(synth, "source", "") or "")
+    shas = [sha for sha in (_weights_sha(Path(src or "")) for src in
+                            getattr(synth, "sources", None) or [getattr(synth, "source", "")]) if sha]
+    sha = "+".join(shas)  # an ensemble names every network's weights
+    return " ".join(p for p in (base, f"sha256:{sha}" if sha else "") if p) or "unknown"
+
+
+def _weights_sha(src: Path) -> str:
     sha_file = src / "model.safetensors.sha256"
     if sha_file.is_file():
-        sha = sha_file.read_text().split()[0][:12]
-    elif (src / "model.safetensors").is_file():
-        sha = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:12]
-    return " ".join(p for p in (base, f"sha256:{sha}" if sha else "") if p) or "unknown"
+        return sha_file.read_text().split()[0][:12]
+    if (src / "model.safetensors").is_file():
+        return hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return ""
 
 
 def synthesize_tmax(
