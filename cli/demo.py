@@ -130,9 +130,9 @@ def send_demo_study(settings: Any, port: int) -> Path | None:
              f"synthperf send DIR 127.0.0.1 {port}")
         return None
     try:
-        from models.registry import resolve
+        from models.registry import resolve_members
 
-        resolve(settings.model_name)
+        resolve_members(settings.model_name)  # every network it names
     except FileNotFoundError as exc:
         _say(f"WARNING: {exc}. The demo job will stop at the synthesize stage with this message.")
     _say(f"generating the phantom stroke study (seed {DEMO_SEED}, {DEMO_MATRIX}x{DEMO_MATRIX})...")
