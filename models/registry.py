@@ -7,7 +7,7 @@ Names map to folders under models/weights/. A path may also be given: an exporte
 A name may stand for several networks (an ensemble): the synthesizer splits its samples among them,
 so the cost of a study stays that of one network. Why: two networks trained apart disagree where the
 input is unlike what either learned, and their shared map drops the false hypoperfusion that one of
-them draws there (docs/model-card.md, "The served ensemble"). Paths joined by ``+`` ask for an
+them draws there (docs/benchmarks.md, "The served ensemble"). Paths joined by ``+`` ask for an
 ensemble of folders (``models/weights/demo+models/weights/scratch-8000``).
 """
 
