@@ -143,9 +143,13 @@ class TmaxSynthesizer:
         """Choose every network's inference path now if not yet chosen (probing with up to PROBE_BATCH
         of ``stacks``); returns the primary network's."""
         for m in self.members:
-            if m.runtime is None or m.denoise is None:
-                m.runtime, m.denoise = self._choose_runtime(m, stacks)
+            self._ensure_member_runtime(m, stacks)
         return self.members[0].runtime
+
+    def _ensure_member_runtime(self, member: Member, stacks: torch.Tensor) -> rt.Denoise:
+        if member.runtime is None or member.denoise is None:
+            member.runtime, member.denoise = self._choose_runtime(member, stacks)
+        return member.denoise
 
     def _choose_runtime(self, member: Member, stacks: torch.Tensor) -> tuple[rt.RuntimeChoice, rt.Denoise]:
         force, cache_dir, try_compile = self._runtime_settings
@@ -228,13 +232,12 @@ class TmaxSynthesizer:
         images = {"dwi": dwi, "flair": flair, "core": core, "adc": adc}
         cond, geo = prepare_conditioning(images, brain_b, self.inputs, self.cfg.model.grid)
         stacks = stack_neighbours(cond, self.cfg.model.slices)
-        self.ensure_runtime(stacks)
         xs, done = [], 0
         for i, (member, n) in enumerate(zip(self.members, split_samples(samples, len(self.members)), strict=True)):
             if n == 0:
-                continue
+                continue  # no draws, no inference-path probe either
             xs.append(sample_volume(
-                member.denoise,
+                self._ensure_member_runtime(member, stacks),
                 self.sched,
                 stacks,
                 steps=steps,

@@ -46,6 +46,8 @@ def test_ensemble_map_pools_each_networks_own_samples() -> None:
     assert len(ens.members) == 2 and ens.sources == [first.source, second.source]
     assert ens.model_id == f"{first.model_id}+{second.model_id}"
 
+    alone = ens.synthesize(*args, samples=1, seed=3, **kw)  # fewer samples than networks: the primary's
+    assert ens.members[1].runtime is None  # a network that draws nothing is not probed either
     pooled = ens.synthesize(*args, samples=2, seed=3, **kw)
     a = first.synthesize(*args, samples=1, seed=3, **kw)
     b = second.synthesize(*args, samples=1, seed=4, **kw)
@@ -55,8 +57,6 @@ def test_ensemble_map_pools_each_networks_own_samples() -> None:
     np.testing.assert_allclose(pooled.sd[inside], (np.abs(a.mean - b.mean) / 2)[inside], atol=2e-3)
     assert pooled.samples == 2 and pooled.inference_path == "fp32"
     assert not np.allclose(a.mean[inside], b.mean[inside], atol=0.05)  # two networks, not one twice
-
-    alone = ens.synthesize(*args, samples=1, seed=3, **kw)  # fewer samples than networks: the primary's
     np.testing.assert_allclose(alone.mean, a.mean, atol=1e-5)
 
 
