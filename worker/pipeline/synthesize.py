@@ -8,11 +8,9 @@ faked.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,19 +56,9 @@ def model_version(synth: Any) -> str:
             break
     else:
         base = ""
-    shas = [sha for sha in (_weights_sha(Path(src or "")) for src in
-                            getattr(synth, "sources", None) or [getattr(synth, "source", "")]) if sha]
-    sha = "+".join(shas)  # an ensemble names every network's weights
+    # the weights' sha256 (every network's, joined by "+", for an ensemble), 12 hex digits each
+    sha = "+".join(part[:12] for part in str(getattr(synth, "model_id", "") or "").split("+") if part)
     return " ".join(p for p in (base, f"sha256:{sha}" if sha else "") if p) or "unknown"
-
-
-def _weights_sha(src: Path) -> str:
-    sha_file = src / "model.safetensors.sha256"
-    if sha_file.is_file():
-        return sha_file.read_text().split()[0][:12]
-    if (src / "model.safetensors").is_file():
-        return hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:12]
-    return ""
 
 
 def synthesize_tmax(
