@@ -69,8 +69,8 @@ class OrthancServer:
         self.folder = folder
         self.aet = aet
         self.verbose = verbose  # tests read the per-C-STORE log lines; the receive benchmark must not pay for them
-        self.fixed_dicom_port = dicom_port is not None
-        self.started_before = False
+        # a DICOM port the caller chose, or one services already point at after a first start, stays
+        self.dicom_port_pinned = dicom_port is not None
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -109,7 +109,7 @@ class OrthancServer:
             log_start = self.log.stat().st_size if self.log.exists() else 0
             try:
                 self._start_once(timeout)
-                self.started_before = True
+                self.dicom_port_pinned = True
                 return
             except RuntimeError as exc:
                 own_log = self.log.read_text(errors="replace")[log_start:] if self.log.exists() else ""
@@ -117,8 +117,8 @@ class OrthancServer:
                     raise
                 print(f"Orthanc could not bind its ports ({exc}); retrying on new ports", file=sys.stderr)
                 self.http_port = free_port()
-                if not self.fixed_dicom_port and not self.started_before:
-                    self.dicom_port = free_port()  # after a first start, services point at the old one
+                if not self.dicom_port_pinned:
+                    self.dicom_port = free_port()
                 self._write_config()
 
     def _start_once(self, timeout: float) -> None:
