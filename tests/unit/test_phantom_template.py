@@ -13,12 +13,12 @@ from phantom.anatomy import CSF, GM, WM
 from phantom.api import family_for, make_case, write_training_case
 from phantom.randomise import CASE_TYPES, case_scenario
 
-SEEDS = range(500, 520)
+SEEDS = range(500, 512)  # 12 seeds: every property below varies over 10 already (checked)
 
 
 @pytest.fixture(scope="module")
 def batch():
-    """20 domain-randomised cases of both families on the fast path (64 x 64 keeps it small)."""
+    """12 domain-randomised cases of both families on the fast path (64 x 64 keeps it small)."""
     return [make_case(s, matrix=64, family="mixed", randomise=True) for s in SEEDS]
 
 
@@ -93,7 +93,7 @@ def test_every_randomised_property_varies_across_seeds(batch):
     for k, vals in table.items():
         print(f"  {k:24s} {len(set(vals)):2d} distinct: {vals[:8]}")
     for k, vals in table.items():
-        assert len(set(vals)) >= 2, f"{k} does not vary over 20 seeds: {vals}"
+        assert len(set(vals)) >= 2, f"{k} does not vary over {len(SEEDS)} seeds: {vals}"
     # wide, not cosmetic: intensity ratios and levels spread over a real range
     assert np.ptp(table["flair GM/WM (image)"]) > 0.15 and np.ptp(table["flair CSF/WM (image)"]) > 0.2
     assert max(table["b0 WM level"]) > 2 * min(table["b0 WM level"])
