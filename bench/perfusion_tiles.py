@@ -63,15 +63,19 @@ def read_tiles(rs: ReferenceSet, fwhm_mm: float, tile: int = TILE, margin: int =
     t = img.shape[0]
     if fwhm_mm > 0:
         img = smooth_in_plane(img, np.ones(img.shape[1:], bool), fwhm_mm, (1.0, pixel_mm, pixel_mm))
-    sig = img.reshape(t, -1)
-    conc = delta_r2s(sig)
+    # only the ROI voxels are deconvolved: each voxel's maps depend on its own (smoothed) curve alone,
+    # and the ROI is (TILE - 2 MARGIN)^2 / TILE^2 = 16 % of the image at the defaults
+    roi = slice(margin, tile - margin)
+    n_roi = (tile - 2 * margin) ** 2
+    flat = np.arange(rows * tile * cols * tile).reshape(rows, tile, cols, tile).transpose(0, 2, 1, 3)
+    roi_idx = flat[:, :, roi, roi].reshape(-1)  # tile-major, each tile's ROI voxels together
+    # the bolus is found on the mean of the whole image, as before (the ROI's mean is another curve)
+    conc = delta_r2s(img.reshape(t, -1))[:, roi_idx]
     maps = voxel_maps(conc, rs.aif_r2s, rs.tr)
     conds = rs.tmax.size // (tile * tile)
-    roi = slice(margin, tile - margin)
 
     def tile_means(v: np.ndarray) -> np.ndarray:
-        v = v.reshape(rows, tile, cols, tile).transpose(0, 2, 1, 3).reshape(rows * cols, tile, tile)
-        return np.nanmean(v[:, roi, roi].reshape(rows * cols, -1), axis=1)[:conds]
+        return np.nanmean(v.reshape(rows * cols, n_roi), axis=1)[:conds]
 
     first = np.arange(conds) * tile * tile  # one truth per condition
     return {"tmax": tile_means(maps["tmax"]), "cbf": tile_means(maps["cbf"]), "true_tmax": rs.tmax[first],
