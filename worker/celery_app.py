@@ -130,18 +130,33 @@ def pool_status(controller: Any) -> dict[str, object]:
     return {"pool_ready": up > 0, "pool_processes": len(procs), "pool_up": up}
 
 
-def _worker_info() -> dict[str, object]:
-    """What the dashboard's system page shows for this worker: queues, device, model, pool state."""
+def resolved_device(device: str) -> str:
+    """The device a pool process will use, asked from the main worker process without touching CUDA.
+
+    torch's default availability check initialises the CUDA driver in the calling process, and a
+    process forked after that cannot use the GPU ("poison fork", torch.cuda.is_available's docs).
+    Every pool process forked after this check (the replacement for one that died, issue 16) would
+    be such a child, so "auto" asks through NVML (``PYTORCH_NVML_BASED_CUDA_CHECK=1``) instead. An
+    explicit device needs no torch here at all: the main process then never imports it (2 s of CPU
+    and its libraries' memory per worker, measured in docs/benchmarks.md, "make test").
+    """
+    if device != "auto":
+        return device
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     import torch
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _worker_info() -> dict[str, object]:
+    """What the dashboard's system page shows for this worker: queues, device, model, pool state."""
+    from importlib.metadata import version
+
     return {
         "queues": sorted(_queues),
-        "device": device,
+        "device": resolved_device(settings.device),
         "model": settings.model_name,
-        "torch": torch.__version__,
+        "torch": version("torch"),
         "last_consumed_at": _last_consumed,
         **pool_status(_controller),
     }

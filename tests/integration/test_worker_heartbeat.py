@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from common.jobstore.db import session_scope
@@ -33,6 +34,8 @@ def test_worker_writes_heartbeat_with_device_and_queues(data_dir: Path) -> None:
             time.sleep(0.5)
             with session_scope(url) as s:
                 rows = [(h.component, dict(h.info or {})) for h in s.query(Heartbeat).all()]
+        # read while it runs, after it has reported: what the worker process has loaded
+        maps = Path(f"/proc/{proc.pid}/maps").read_text() if rows and proc.poll() is None else ""
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -46,3 +49,7 @@ def test_worker_writes_heartbeat_with_device_and_queues(data_dir: Path) -> None:
     assert info["device"] == "cpu"
     assert info["queues"] == ["cpu"]
     assert info["model"] == "demo"
+    # the version comes from the package metadata: a cpu worker that runs no model never loads torch
+    # (before, reporting the version imported it: 2 s of CPU per worker start)
+    assert info["torch"] == version("torch")
+    assert maps and "libtorch" not in maps, "the worker process loaded torch to report itself"
