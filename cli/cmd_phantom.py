@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "1.33 and maximum 1.92, and K = 3 takes the median case to 1.99 (bench.contrast_stress)")
     p.add_argument("--grey-contrast-in", choices=("both", "dwi", "flair"), default="both",
                    help="with --grey-contrast: stretch both sequences (default), or the DWI (its b0) or FLAIR alone")
+    p.add_argument("--pin-acq", action="append", metavar="KEY=VALUE", default=None,
+                   help="with --randomise: pin an acquisition draw in every case, e.g. dwi_bias=0.8 (repeatable; "
+                        "keys: phantom.randomise.ACQ_PINNABLE). A stress set beyond the drawn ranges (docs/phantom.md)")
     p.add_argument("--with-dsc", action="store_true", help="also simulate a DSC-PWI series")
     p.add_argument("--preview", action="store_true", help="write a montage PNG per case")
     p.add_argument("--training-only", action="store_true",
@@ -51,6 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def parse_acquisition_pins(items: list[str]) -> dict[str, float]:
+    """``["dwi_bias=0.8", ...]`` -> ``{"dwi_bias": 0.8}``; ValueError naming the item that is not KEY=NUMBER."""
+    pins: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            pins[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"{item!r} is not KEY=NUMBER")
+    return pins
+
+
 def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
     seed, opts = job
     from phantom.api import make_case, write_dicom_study, write_training_case
@@ -58,7 +75,8 @@ def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
     t0 = time.perf_counter()
     case = make_case(seed, matrix=opts["matrix"], with_dsc=opts["with_dsc"], family=opts["family"],
                      randomise=opts["randomise"], penumbral_scale=opts["penumbral_cue"],
-                     grey_contrast=opts["grey_contrast"], grey_contrast_in=opts["grey_contrast_in"])
+                     grey_contrast=opts["grey_contrast"], grey_contrast_in=opts["grey_contrast_in"],
+                     acquisition=opts["acquisition"])
     if opts["vendor"] != "mixed":
         case.vendor = opts["vendor"]
         case.truth["vendor"] = opts["vendor"]
@@ -95,11 +113,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {option}: needs --grey-contrast ({e})" if option == "--grey-contrast-in"
                   else f"error: {option}: {e}", file=sys.stderr)
             return 2
+    acquisition = None
+    if args.pin_acq:
+        try:
+            acquisition = parse_acquisition_pins(args.pin_acq)
+            check_pins(args.randomise, acquisition=acquisition)
+        except ValueError as e:
+            print(f"error: --pin-acq: {e}", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     opts = {"matrix": args.matrix, "with_dsc": args.with_dsc, "vendor": args.vendor, "out": str(args.out),
             "training_only": args.training_only, "preview": args.preview, "family": args.family,
             "randomise": args.randomise, "penumbral_cue": args.penumbral_cue,
-            "grey_contrast": args.grey_contrast, "grey_contrast_in": args.grey_contrast_in}
+            "grey_contrast": args.grey_contrast, "grey_contrast_in": args.grey_contrast_in,
+            "acquisition": acquisition}
     jobs = [(args.seed + i, opts) for i in range(args.cases)]
     workers = args.workers or min(os.cpu_count() or 1, args.cases)
     t0 = time.perf_counter()

@@ -180,12 +180,18 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
 
 
 def check_pins(randomise: bool, penumbral_scale: float | None = None, grey_contrast: float | None = None,
-               grey_contrast_in: str = "both") -> None:
+               grey_contrast_in: str = "both", acquisition: dict[str, float] | None = None) -> None:
     """Raise ValueError naming the bad argument unless each pin is None, or within its range with randomise.
 
-    Both pin a property that randomisation draws (or that a stress test overrides), so both need it;
+    Each pins a property that randomisation draws (or that a stress test overrides), so each needs it;
     ``grey_contrast_in`` other than "both" needs ``grey_contrast``.
     """
+    if acquisition is not None:
+        from phantom.randomise import check_acquisition_pins
+
+        if not randomise:
+            raise ValueError(f"acquisition: needs randomise, got {acquisition!r}")
+        check_acquisition_pins(acquisition)
     for name, value, lo, hi in (("penumbral_scale", penumbral_scale, 0.0, 3.0),
                                 ("grey_contrast", grey_contrast, 0.25, 4.0)):
         if value is not None and (not randomise or not lo <= float(value) <= hi):
@@ -201,7 +207,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
               scenario: dict[str, Any] | None = None, family: str = "geometric",
               randomise: bool = False, dsc_acquisition: Any = None,
               penumbral_scale: float | None = None, grey_contrast: float | None = None,
-              grey_contrast_in: str = "both") -> PhantomCase:
+              grey_contrast_in: str = "both", acquisition: dict[str, float] | None = None) -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
@@ -221,11 +227,12 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     ``grey_contrast`` (with ``randomise`` only) scales the grey-minus-white signal of b0 and FLAIR over the
     drawn one (``DomainParams.stretch_grey_contrast``): at K = 3 a median case's FLAIR grey/white ratio
     (1.33 as drawn) is beyond the largest the draws give (1.92). ``grey_contrast_in`` ("both", "dwi" or
-    "flair") stretches one sequence alone.
+    "flair") stretches one sequence alone. ``acquisition`` (with ``randomise`` only) pins acquisition
+    draws, e.g. ``{"dwi_bias": 0.8}`` (``phantom.randomise.ACQ_PINNABLE``), the rest of the case as drawn.
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    check_pins(randomise, penumbral_scale, grey_contrast, grey_contrast_in)
+    check_pins(randomise, penumbral_scale, grey_contrast, grey_contrast_in, acquisition)
     if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
         raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
     streams = np.random.SeedSequence(int(seed)).spawn(10)
@@ -242,6 +249,8 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
             dr.penumbral_scale = float(penumbral_scale)
         if grey_contrast is not None:
             dr.stretch_grey_contrast(float(grey_contrast), grey_contrast_in)
+        if acquisition is not None:
+            dr.pin_acquisition(acquisition)
         mix = case_scenario(int(seed))
         scenario = mix if scenario is None else {"case_type": "pinned", **scenario}
     if fam == "template":

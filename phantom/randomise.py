@@ -81,6 +81,24 @@ def penumbral_scale_draw(seed: int) -> float:
 
 #: the tables ``DomainParams.stretch_grey_contrast`` scales for each choice of sequences
 GREY_CONTRAST_IN: dict[str, tuple[str, ...]] = {"both": ("s0", "flair"), "dwi": ("s0",), "flair": ("flair",)}
+#: acquisition draws a stress set may pin (``DomainParams.pin_acquisition``), with the values accepted
+ACQ_PINNABLE: dict[str, tuple[float, float]] = {
+    "dwi_snr": (2.0, 500.0), "flair_snr": (2.0, 500.0), "dwi_bias": (0.0, 1.5), "flair_bias": (0.0, 1.5),
+    "dwi_psf": (0.0, 4.0), "flair_psf": (0.0, 4.0), "flair_gamma": (0.3, 3.0),
+    "slice_thickness_mm": (1.0, 12.0), "slice_gap_mm": (0.0, 6.0),
+}
+
+
+def check_acquisition_pins(pins: dict[str, float]) -> None:
+    """Raise ValueError naming the bad key or value unless every pin is a known key within its range."""
+    if not isinstance(pins, dict) or not pins:
+        raise ValueError(f"acquisition: needs a non-empty dict of {sorted(ACQ_PINNABLE)}, got {pins!r}")
+    for key, value in pins.items():
+        if key not in ACQ_PINNABLE:
+            raise ValueError(f"acquisition: unknown key {key!r}; one of {sorted(ACQ_PINNABLE)}")
+        lo, hi = ACQ_PINNABLE[key]
+        if not isinstance(value, int | float) or not lo <= float(value) <= hi:
+            raise ValueError(f"acquisition: {key} must be a number in {lo:g}..{hi:g}, got {value!r}")
 
 
 @dataclass
@@ -109,6 +127,7 @@ class DomainParams:
     # stretch_grey_contrast, never drawn: a stress test, not part of the training distribution
     grey_contrast: float = 1.0
     grey_contrast_in: str = "both"  # which sequences the stretch reached: both, dwi (b0) or flair
+    acq_pinned: tuple[str, ...] = ()  # acquisition draws overridden by pin_acquisition (a stress set)
 
     @classmethod
     def sample(cls, seed: int) -> DomainParams:
@@ -140,6 +159,17 @@ class DomainParams:
             bright_sulci=float(rng.uniform(0.1, 0.5)) if rng.random() < 0.4 else 0.0,
             acq=acq, penumbral_scale=penumbral_scale_draw(seed),
         )
+
+    def pin_acquisition(self, pins: dict[str, float]) -> None:
+        """Override acquisition draws (keys of ``ACQ_PINNABLE``) with fixed values, the rest as drawn.
+
+        Why: a stress set beyond the drawn ranges (a bias field twice the strongest drawn, half the lowest
+        SNR) asks which acquisition a model breaks on, the way ``stretch_grey_contrast`` asks it of the
+        cortex. Scanners differ in exactly these ways, and the drawn ranges are our guess of theirs."""
+        check_acquisition_pins(pins)
+        for key, value in pins.items():
+            self.acq[key] = float(value)
+        self.acq_pinned = tuple(sorted(set(self.acq_pinned) | set(pins)))
 
     def stretch_grey_contrast(self, k: float, sequences: str = "both") -> None:
         """Scale the grey-minus-white signal of cortex and deep grey in b0 (so DWI) and FLAIR by ``k``.
@@ -220,7 +250,7 @@ class DomainParams:
             "fvh": "absent" if self.fvh_gain <= 0 else ("weak" if self.fvh_gain < 0.7 else "strong"),
             "flow_artefact": round(self.flow_artefact, 3), "bright_sulci": round(self.bright_sulci, 3),
             "penumbral_scale": round(self.penumbral_scale, 3), "grey_contrast": round(self.grey_contrast, 3),
-            "grey_contrast_in": self.grey_contrast_in,
+            "grey_contrast_in": self.grey_contrast_in, "acq_pinned": list(self.acq_pinned),
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.acq.items()},
         }
 

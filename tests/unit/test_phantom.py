@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from phantom.anatomy import DEEP_GM, GM, WM
 from phantom.api import make_case, write_training_case
@@ -200,6 +201,47 @@ def test_grey_contrast_pinned_stretches_cortex_in_dwi_and_flair_only():
         assert np.sign(change) == np.sign(expected) and abs(change) >= 0.4 * abs(expected), img
     with pytest.raises(ValueError, match="grey_contrast"):
         make_case(33, matrix=64, grey_contrast=1.5)  # only with randomise
+
+
+def test_acquisition_pins_change_what_they_pin_and_nothing_else():
+    """``acquisition`` (``synthperf phantom --pin-acq KEY=VALUE``) overrides acquisition draws for a stress
+    set beyond the drawn ranges: the anatomy, the lesion and the other sequence stay as drawn."""
+    kw = {"matrix": 64, "randomise": True, "scenario": {"occlusion": "none"}}
+    base = make_case(33, **kw)
+    biased = make_case(33, acquisition={"dwi_bias": 0.6}, **kw)  # drawn here: 0.12
+    noisy = make_case(33, acquisition={"dwi_snr": 7.0, "flair_snr": 6.0}, **kw)  # drawn: 57.6 and more
+    for name in ("tissue", "tmax", "core", "brain"):
+        assert np.array_equal(getattr(base, name), getattr(biased, name)), name
+    assert np.array_equal(base.flair_on_dwi, biased.flair_on_dwi) and not np.array_equal(base.dwi, biased.dwi)
+    # the same field pattern, stronger: measured 0.77-1.05 (5th-95th percentile) of the drawn DWI in the brain
+    ratio = biased.dwi[base.brain] / np.maximum(base.dwi[base.brain], 1e-3)
+    assert np.percentile(ratio, 95) - np.percentile(ratio, 5) > 0.15
+    assert biased.truth["domain"]["dwi_bias"] == 0.6 and biased.truth["domain"]["acq_pinned"] == ["dwi_bias"]
+    assert base.truth["domain"]["acq_pinned"] == [] and base.truth["domain"]["dwi_bias"] != 0.6
+    wm = (base.tissue == WM) & base.brain
+    for img in ("dwi", "flair_on_dwi"):  # measured 6.6x (DWI) and 6.0x (FLAIR) the drawn noise
+        a, b = getattr(base, img), getattr(noisy, img)
+        noise = [np.std((x - ndimage.median_filter(x, size=(1, 3, 3)))[wm]) for x in (a, b)]
+        assert noise[1] > 3 * noise[0], img
+    assert (noisy.truth["acquisition"]["dwi"]["snr_b0_wm"], noisy.truth["acquisition"]["flair"]["snr_wm"]) == (7.0, 6.0)
+    for bad in ({"dwi_bais": 0.6}, {"dwi_bias": 2.0}, {"dwi_snr": "low"}, {}):
+        with pytest.raises(ValueError, match="acquisition"):
+            make_case(33, acquisition=bad, **kw)
+    with pytest.raises(ValueError, match="acquisition: needs randomise"):
+        make_case(33, matrix=64, acquisition={"dwi_bias": 0.6})
+
+
+def test_pin_acq_option_parses_and_names_bad_input(tmp_path, capsys):
+    from cli.cmd_phantom import parse_acquisition_pins
+    from cli.main import main
+
+    assert parse_acquisition_pins(["dwi_bias=0.6", "flair_snr = 6"]) == {"dwi_bias": 0.6, "flair_snr": 6.0}
+    for item, words in (("dwi_bias", "not KEY=NUMBER"), ("dwi_bias=x", "not KEY=NUMBER"), ("tilt=3", "unknown key")):
+        assert main(["phantom", "--out", str(tmp_path), "--randomise", "--pin-acq", item]) == 2
+        assert "--pin-acq" in (err := capsys.readouterr().err) and words in err, err
+    assert main(["phantom", "--out", str(tmp_path), "--pin-acq", "dwi_bias=0.6"]) == 2
+    assert "needs randomise" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before a case is written
 
 
 def test_grey_contrast_in_one_sequence_leaves_the_other_as_drawn():
