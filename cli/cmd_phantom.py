@@ -60,11 +60,12 @@ def parse_acquisition_pins(items: list[str]) -> dict[str, float]:
     for item in items:
         key, sep, value = item.partition("=")
         try:
-            pins[key.strip()] = float(value)
+            number = float(value) if sep else None
         except ValueError:
-            sep = ""
-        if not sep:
+            number = None
+        if number is None:
             raise ValueError(f"{item!r} is not KEY=NUMBER")
+        pins[key.strip()] = number
     return pins
 
 
