@@ -12,6 +12,7 @@ import pytest
 
 from models.confidence import (
     ConfidenceParams,
+    adc_noise_part,
     anchor_part,
     assess,
     auroc,
@@ -157,6 +158,30 @@ def test_demo_model_in_family_stroke_gets_high_confidence() -> None:
     assert case.core.any() and t6_ml > 30
     assert not conf.low, conf
     assert conf.parts["inputs"] > 0.9 and conf.parts["support"] == 1.0 and conf.parts["symmetry"] == 1.0
+
+
+def test_noisy_adc_makes_a_noise_core_and_low_confidence() -> None:
+    """Seed 710025 (geometric, randomised, no stroke) at DWI b0 SNR 14, the lowest the phantom draws: the
+    service's ADC < 620 rule finds a core of noise (measured 7.9 mL through `synthperf evaluate
+    --condition-on rule`; the demo model then called 115 mL of Tmax > 6 s and a DEFUSE-3 "yes" with
+    confidence 1.0 before the adc_noise part). As drawn (SNR 28) the ADC noise is 34 and the rule finds
+    nothing; at SNR 14 it is 160, above ``adc_noise_bad``."""
+    from phantom.api import make_case
+    from worker.pipeline.core import CoreParams, segment_core_rule
+
+    kw = {"matrix": 128, "randomise": True, "family": "geometric"}
+    drawn, noisy = make_case(710025, **kw), make_case(710025, acquisition={"dwi_snr": 14.0, "flair_snr": 12.0}, **kw)
+    spacing = tuple(float(v) for v in drawn.grid.spacing)
+    voxel_ml = drawn.grid.voxel_volume_mm3 / 1000
+    found = {}
+    for name, c in (("drawn", drawn), ("noisy", noisy)):
+        assert not c.core.any()
+        mask, _ = segment_core_rule(c.adc, c.dwi, c.brain, spacing, CoreParams())
+        found[name] = (float(mask.sum() * voxel_ml), *adc_noise_part(c.adc, c.brain, mask))
+    assert found["drawn"][0] == 0.0 and found["drawn"][1] == 1.0 and not found["drawn"][2]
+    assert found["noisy"][0] >= 3.0, found  # the premise: a core of noise
+    assert found["noisy"][1] == 0.0 and "ADC noise SD" in found["noisy"][2][0], found
+    assert found["noisy"][3]["adc_noise"] > ConfidenceParams().adc_noise_bad > 117  # 117: the noisiest of 40 as drawn
 
 
 def test_input_features_name_resolution_and_coverage() -> None:

@@ -42,7 +42,7 @@ def study_confidence(
     out = conf.to_dict()
     out["score"] = round(float(out["score"]), 4)
     keep = ("tmax6_ml", "far_from_core_ml", "unsupported_ml", "fvh_sign", "symmetric_share", "sd_at_call_s",
-            "core_covered_share", "input_distance")
+            "core_covered_share", "input_distance", "adc_noise")
     out["details"] = {k: out["details"][k] for k in keep if k in out["details"]}
     return out
 
