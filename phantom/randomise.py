@@ -163,7 +163,7 @@ class DomainParams:
     def pin_acquisition(self, pins: dict[str, float]) -> None:
         """Override acquisition draws (keys of ``ACQ_PINNABLE``) with fixed values, the rest as drawn.
 
-        Why: a stress set beyond the drawn ranges (a bias field twice the strongest drawn, half the lowest
+        Why: a stress set beyond the drawn ranges (a bias field stronger than any drawn, half the lowest
         SNR) asks which acquisition a model breaks on, the way ``stretch_grey_contrast`` asks it of the
         cortex. Scanners differ in exactly these ways, and the drawn ranges are our guess of theirs."""
         check_acquisition_pins(pins)
