@@ -84,6 +84,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from models.robust import robust_sd
 from models.tmax_ddpm.preprocess import normalise_image
 
 REFERENCE_FILE = "input_reference.json"
@@ -408,7 +409,7 @@ def adc_noise(adc: np.ndarray, brain: np.ndarray, lesion: np.ndarray | None = No
         return float("nan")
     adc = np.asarray(adc, dtype=np.float32)
     res = (adc - ndi.median_filter(adc, size=(1, 3, 3)))[region]
-    return float(1.4826 * np.median(np.abs(res - np.median(res))))
+    return robust_sd(res)
 
 
 def adc_noise_part(adc: np.ndarray, brain: np.ndarray, core: np.ndarray | None,

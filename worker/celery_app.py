@@ -137,8 +137,8 @@ def resolved_device(device: str) -> str:
     process forked after that cannot use the GPU ("poison fork", torch.cuda.is_available's docs).
     Every pool process forked after this check (the replacement for one that died, issue 16) would
     be such a child, so "auto" asks through NVML (``PYTORCH_NVML_BASED_CUDA_CHECK=1``) instead. An
-    explicit device needs no torch here at all: the main process then never imports it (2 s of CPU
-    and its libraries' memory per worker, measured in docs/benchmarks.md, "make test").
+    explicit device needs no torch here at all: the main process then never imports it (1.6 s of CPU
+    and 214 MB per worker, measured in docs/benchmarks.md, "make test").
     """
     if device != "auto":
         return device

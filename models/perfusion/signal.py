@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.robust import robust_sd
+
 SKIP_FRAMES = 2
 # a voxel's own bolus starts where its signal falls this many robust baseline SDs below its baseline
 BASELINE_DROP_SD = 4.0
@@ -115,7 +117,7 @@ def voxel_baseline_end(signal: np.ndarray, bolus: Bolus, k_sd: float = BASELINE_
     short = a - b0 < 4
     base = sig[b0:a]
     med = np.median(base, axis=0)
-    rsd = 1.4826 * np.median(np.abs(base - med), axis=0)
+    rsd = robust_sd(base, axis=0)
     if short:
         # 3 frames give each voxel a median but no spread of its own: use the image's noise (the median
         # voxel's; magnitude noise is about the same in every voxel)

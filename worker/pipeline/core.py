@@ -48,6 +48,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from common.errors import InvalidInputError, ModelError
+from models.robust import robust_sd
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +278,6 @@ def _drop_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     return keep[lab]
 
 
-def _robust_sigma(values: np.ndarray) -> float:
-    med = float(np.median(values))
-    return 1.4826 * float(np.median(np.abs(values - med)))
-
-
 def _hysteresis(grow: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """Components of ``grow`` that contain at least one seed voxel."""
     if not seeds.any():
@@ -341,7 +337,7 @@ def _rule(
     ref = _local_reference(dwi, normal, spacing, params.reference_sigma_mm)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(ref > 0, dwi / ref, 0.0)
-    sigma = _robust_sigma(ratio[normal]) if normal.any() else 0.1
+    sigma = robust_sd(ratio[normal]) if normal.any() else 0.1
     grow_level = float(np.clip(1 + params.grow_sigmas * sigma, params.dwi_ratio_min, params.dwi_ratio_grow_cap))
     seed_level = float(np.clip(1 + params.seed_sigmas * sigma, params.dwi_ratio_seed, params.dwi_ratio_seed_cap))
     seed_level = max(seed_level, grow_level)

@@ -458,16 +458,17 @@ def stage_measure(ctx: Context, rec: Any) -> StageOutput:
     from worker.pipeline.confidence import apply_confidence, study_confidence
 
     tmax_all = _load_npz(ctx.work / "tmax.npz")
+    load_meta = _load_json(ctx.work / "load.json")
     adc = vols.get("adc")
     if adc is not None:  # in 1e-6 mm^2/s as the core rule reads it: the confidence's ADC statistics assume so
         from worker.pipeline.core import detect_adc_units
 
-        scale, *_ = detect_adc_units(adc, vols["brain"].astype(bool), _load_json(ctx.work / "load.json").get("adc_units"))
+        scale, *_ = detect_adc_units(adc, vols["brain"].astype(bool), load_meta.get("adc_units"))
         adc = adc * np.float32(scale)
     confidence = study_confidence(
         tmax, tmax_all["sd"], core, vols["brain"].astype(bool), _spacing_zyx(geo), dwi=vols["dwi"],
         flair=vols["flair"], adc=adc, model_source=_load_json(ctx.work / "model.json").get("model_source"),
-        registration=_load_json(ctx.work / "load.json").get("registration"), direction=geo.direction)
+        registration=load_meta.get("registration"), direction=geo.direction)
     measures = apply_confidence(measures, confidence)
     _save_json(ctx.work / "measures.json", measures)
     rec.update_result(measures=measures)
