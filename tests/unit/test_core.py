@@ -184,13 +184,21 @@ def test_settings_drive_threshold_and_min_volume(synth: Synth) -> None:
     assert segment_core(synth.adc, synth.dwi, synth.brain, SPACING, big).mask.sum() == 0
 
 
-def test_small_speckle_dropped_by_minimum_volume() -> None:
+def test_single_low_voxel_dropped_by_minimum_volume_and_by_noise_support() -> None:
+    """One bright low-ADC voxel is what noise makes: either screen alone removes it."""
     s = make_synth(5, lesion=False)
     z, y, x = 12, 40, 20  # deep white matter, away from ventricles and edge
     s.adc[z, y, x], s.dwi[z, y, x] = 400.0, 250.0  # one bright low-ADC voxel (0.016 mL)
-    assert segment_core(s.adc, s.dwi, s.brain, SPACING, CoreParams(adc_median_px=1)).mask.sum() == 0
-    r = segment_core(s.adc, s.dwi, s.brain, SPACING, CoreParams(min_component_ml=0.0, adc_median_px=1))
-    assert r.mask[z, y, x]
+
+    def found(**kw: float) -> np.ndarray:
+        return segment_core(s.adc, s.dwi, s.brain, SPACING, CoreParams(adc_median_px=1, **kw)).mask
+
+    assert found().sum() == 0
+    assert found(min_component_ml=0.0, low_support=0)[z, y, x]
+    assert found(min_component_ml=0.0).sum() == 0  # no low neighbour: no support
+    assert found(low_support=0).sum() == 0  # 0.016 mL < min_component_ml
+    with pytest.raises(ValueError, match="low_support"):
+        CoreParams(low_support=9)
 
 
 def test_world_axis_reads_the_direction() -> None:
