@@ -3,7 +3,7 @@
 Issue 15: on inputs unlike its training data the demo model calls large false hypoperfusion (about
 100 mL on healthy brains of another generator) with no sign of doubt in its output. The score below is
 built only from what the service sees at run time, so a study where the map should not be trusted is
-flagged before anyone reads a DEFUSE-3 call from it. Seven parts, each in [0, 1] (1 = nothing wrong):
+flagged before anyone reads a DEFUSE-3 call from it. Eight parts, each in [0, 1] (1 = nothing wrong):
 
 ``inputs``
     The study's input statistics after the model's own normalisation (percentiles of DWI and FLAIR
@@ -57,6 +57,15 @@ flagged before anyone reads a DEFUSE-3 call from it. Seven parts, each in [0, 1]
     voxel-to-voxel noise over normal-appearing brain (eroded by two voxels, away from CSF): the MAD of
     its residual from a 3 x 3 in-plane median, as an SD. 1 up to ``adc_noise_ok``, 0 from
     ``adc_noise_bad``; those two cases measured 148 and 160, the 40 randomised cases as drawn at most 117.
+``diffusion``
+    The ADC < 620 convention is an isotropic ADC at b = 1000 s/mm^2: the b-value the DEFUSE-3 core was
+    defined at and the only one the phantom makes. At a higher b the normal brain's ADC is lower (the
+    signal is not mono-exponential): a real healthy volunteer's scanner ADC from b = 2500 (Siemens XA30
+    in ../shared/realdata) got 371 mL of core from the rule. An ADC computed from one or two diffusion
+    directions is not isotropic either: white-matter tracts across the gradient fall below 620 (107 mL
+    on a real Philips single-direction b = 1000 scan). From the load stage's record: 1 while |b - 1000| is
+    at most ``b_off_ok``, 0 from ``b_off_bad``, linear in between; and 0 when the ADC was computed from
+    1 or 2 directions (a scanner ADC or trace is isotropic).
 ``symmetry``
     A stroke is one-sided. The share of the Tmax > 6 s region whose mirror image across the brain's
     midline is also Tmax > 6 s; on at least ``symmetry_min_ml`` of hypoperfusion, 1 up to a share of
@@ -117,13 +126,15 @@ class ConfidenceParams:
     hypo_s: float = 6.0
     adc_noise_ok: float = 120.0  # ADC noise SD (10^-6 mm^2/s) up to which the ADC < 620 core is trusted
     adc_noise_bad: float = 150.0  # ... and from which it is not
+    b_off_ok: float = 250.0  # |b - 1000| (s/mm^2) up to which the ADC < 620 convention holds
+    b_off_bad: float = 500.0  # ... and from which it does not
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
         for lo, hi in (("sd_ok_s", "sd_bad_s"), ("unsupported_ok_ml", "unsupported_bad_ml"),
                        ("symmetric_ok", "symmetric_bad"), ("covered_bad", "covered_ok"),
-                       ("adc_noise_ok", "adc_noise_bad")):
+                       ("adc_noise_ok", "adc_noise_bad"), ("b_off_ok", "b_off_bad")):
             if not 0 <= getattr(self, lo) < getattr(self, hi):
                 raise ValueError(f"{lo} ({getattr(self, lo)}) must be >= 0 and below {hi} ({getattr(self, hi)})")
         if not 0 <= self.anchor_floor < self.threshold:
@@ -425,6 +436,27 @@ def adc_noise_part(adc: np.ndarray, brain: np.ndarray, core: np.ndarray | None,
     return s, reasons, {"adc_noise": round(sigma, 1)}
 
 
+def diffusion_part(diffusion: Mapping[str, Any], p: ConfidenceParams | None = None) -> tuple[float, list[str]]:
+    """Whether the ADC is one the ADC < 620 core convention applies to (module docstring).
+
+    ``diffusion``: ``b_high`` (s/mm^2), ``directions`` (combined into the DWI; 0 = trace or unknown) and
+    ``adc_computed`` (the ADC came from the DWI, not from a scanner ADC series)."""
+    p = p or ConfidenceParams()
+    b = float(diffusion.get("b_high") or 0.0)
+    s, reasons = 1.0, []
+    if b > 0:
+        s = _ramp_down(abs(b - 1000.0), p.b_off_ok, p.b_off_bad)
+        if s < 1:
+            reasons.append(f"DWI b = {b:g} s/mm2: the ADC < 620 core convention holds at b = 1000; at this b "
+                           "the core volume is not comparable")
+    n = int(diffusion.get("directions") or 0)
+    if diffusion.get("adc_computed") and 1 <= n <= 2:
+        s = 0.0
+        reasons.append(f"ADC computed from {n} diffusion direction{'s' if n > 1 else ''}, not a trace: white "
+                       "matter across the gradient reads as core")
+    return s, reasons
+
+
 def uncertainty_part(tmax: np.ndarray, sd: np.ndarray, brain: np.ndarray,
                      p: ConfidenceParams | None = None) -> tuple[float, list[str], dict[str, float]]:
     """Mean sample SD (s) where the Tmax > 6 s call is decided (the call and a 3-voxel ring)."""
@@ -461,7 +493,7 @@ def assess(
     tmax: np.ndarray, sd: np.ndarray, core: np.ndarray, brain: np.ndarray, spacing_zyx: Sequence[float], *,
     dwi: np.ndarray, flair: np.ndarray | None = None, adc: np.ndarray | None = None,
     reference: Mapping[str, Any] | None = None, registration: Mapping[str, Any] | None = None,
-    lr_axis: int = 2, params: ConfidenceParams | None = None,
+    diffusion: Mapping[str, Any] | None = None, lr_axis: int = 2, params: ConfidenceParams | None = None,
 ) -> Confidence:
     """The per-study confidence (module docstring). Reasons come weakest part first."""
     p = params or ConfidenceParams()
@@ -497,6 +529,11 @@ def assess(
         parts["adc_noise"], r, d = adc_noise_part(adc, brain, core, p)
         why.append((parts["adc_noise"], r))
         details.update(d)
+    if diffusion is None:
+        missing.append("diffusion (no b-value record)")
+    else:
+        parts["diffusion"], r = diffusion_part(diffusion, p)
+        why.append((parts["diffusion"], r))
     score = float(np.prod(list(parts.values()))) if parts else 0.0
     reasons = [t for _, texts in sorted(why, key=lambda w: w[0]) for t in texts]
     return Confidence(score=score, low=score < p.threshold, threshold=p.threshold,

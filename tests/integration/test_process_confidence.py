@@ -29,6 +29,7 @@ def test_low_confidence_study_gets_maps_and_no_trial_call(tmp_path: Path) -> Non
     result = json.loads((out / "result.json").read_text())
     conf = result["confidence"]
     assert conf["low"] and conf["score"] < conf["threshold"] and conf["reasons"]
+    assert conf["parts"]["diffusion"] == 1.0  # the load stage's record reached it: trace DWI at b = 1000
     assert result["defuse3"] is None and result["extend"] is None
     assert result["measures"]["calls_withheld"] == "withheld (low confidence)"
     assert result["tmax6_ml"] > 15  # the false hypoperfusion is still reported as measured

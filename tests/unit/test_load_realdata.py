@@ -134,3 +134,35 @@ def test_brain_mask_on_real_heads(realdata: Path, folders):
 
     assert ndimage.label(m)[1] == 1
     assert np.median(b0[m]) > 5 * np.median(b0[~m])
+
+
+@pytest.mark.parametrize(
+    ("folders", "b_high", "directions", "adc_computed", "why"),
+    [(("dcm_qa_xa30/10_DWI_b0_b2500", "dcm_qa_xa30/11_DWI_ADC"), 2500.0, 1, False, "b = 2500"),
+     (("dcm_qa_philips_dwi/701_DTI_b0_b1000_b0.001",), 1000.0, 1, True, "1 diffusion direction")],
+    ids=["siemens-b2500-scanner-adc", "philips-one-direction"],
+)
+def test_adc_the_core_convention_does_not_fit_is_named(realdata: Path, folders, b_high, directions, adc_computed,
+                                                         why):
+    """Two real volunteers' brains with no visible lesion: the scanner's ADC from b = 2500 and an ADC
+    computed from one b = 1000 direction. The ADC < 620 rule calls over 50 mL of core on each (the
+    premise: normal ADC is lower at high b, and white matter across a single gradient is dark), and
+    the confidence's diffusion part is 0 and says why, so such a study gets no DEFUSE-3 call."""
+    from models.confidence import diffusion_part
+    from worker.pipeline.core import segment_core
+
+    sel, st = _load(realdata, *folders, FLAIR)
+    assert (st.b_high, st.dwi_directions, st.adc_computed) == (b_high, directions, adc_computed)
+    arr = {k: sitk.GetArrayFromImage(getattr(st, k)) for k in ("adc", "dwi", "brain")}
+    spacing = tuple(float(v) for v in st.dwi.GetSpacing()[::-1])
+    core = segment_core(arr["adc"], arr["dwi"], arr["brain"] > 0, spacing).mask
+    assert core.sum() * np.prod(spacing) / 1000 > 50
+    part, reasons = diffusion_part({"b_high": st.b_high, "directions": st.dwi_directions,
+                                    "adc_computed": st.adc_computed})
+    assert part == 0.0 and why in reasons[0]
+
+
+def test_six_direction_tensor_counts_six_directions(realdata: Path):
+    """GE DTI, 6 directions at b = 1000: their geometric mean is a trace, so the ADC is isotropic."""
+    sel, st = _load(realdata, "dcm_qa_ge/01_Ax_DWI_TENSOR_R2", FLAIR)
+    assert not sel.dwi.is_trace and st.dwi_directions == 6 and st.b_high == 1000

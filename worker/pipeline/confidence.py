@@ -27,7 +27,7 @@ WITHHELD = "withheld (low confidence)"
 def study_confidence(
     tmax: np.ndarray, sd: np.ndarray, core: np.ndarray, brain: np.ndarray, spacing_zyx: tuple[float, float, float], *,
     dwi: np.ndarray, flair: np.ndarray | None, adc: np.ndarray | None, model_source: str | None,
-    registration: Mapping[str, Any] | None, direction: Any | None,
+    registration: Mapping[str, Any] | None, direction: Any | None, diffusion: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The confidence record of one study (JSON-ready): score, low, threshold, parts, reasons, missing."""
     from models.confidence import assess, load_reference
@@ -38,7 +38,7 @@ def study_confidence(
         raise ModelError(f"the model's input reference could not be read: {exc}") from exc
     lr_axis, _ = world_axis(direction, 0)
     conf = assess(tmax, sd, core, brain, spacing_zyx, dwi=dwi, flair=flair, adc=adc, reference=reference,
-                  registration=registration, lr_axis=lr_axis)
+                  registration=registration, diffusion=diffusion, lr_axis=lr_axis)
     out = conf.to_dict()
     out["score"] = round(float(out["score"]), 4)
     keep = ("tmax6_ml", "far_from_core_ml", "unsupported_ml", "fvh_sign", "symmetric_share", "sd_at_call_s",

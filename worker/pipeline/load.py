@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,7 @@ class LoadedStudy:
     b_high: float
     adc_computed: bool
     b0_computed: bool = False
+    dwi_directions: int = 0  # diffusion directions combined into ``dwi``; 0 = the scanner's trace
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -326,6 +328,30 @@ def register_rigid(
 
 
 # ------------------------------------------------------------------------------------- the stage
+def diffusion_directions(slices: Sequence[SliceRef], trace: bool) -> int:
+    """How many diffusion directions the high-b DWI combines; 0 for a trace or when no frame says.
+
+    Counted on the middle slice's frames as distinct gradient directions (g and -g are one direction).
+    Frames without a gradient are most often a trace the classifier did not recognise, so they count as
+    0, not 1. The ADC < 620 core convention needs an isotropic ADC: from one or two directions,
+    white-matter tracts across the gradient fall below 620 on a healthy brain (measured on the Philips
+    DTI in ../shared/realdata, docs/benchmarks.md).
+    """
+    if trace or not slices:
+        return 0
+    dirs: set[tuple[float, ...]] = set()
+    for f in slices[len(slices) // 2].contributors:
+        g = np.asarray(f.gradient if f.gradient is not None else (0.0, 0.0, 0.0), float)
+        n = float(np.linalg.norm(g))
+        if n < 1e-6:
+            continue
+        g = g / n
+        if g[np.flatnonzero(np.abs(g) > 1e-6)[0]] < 0:
+            g = -g
+        dirs.add(tuple(float(v) for v in np.round(g, 2)))
+    return len(dirs)
+
+
 def _vol(frames, what: str, combine, cache: PixelCache) -> Volume:
     if not frames:
         raise InvalidInputError(f"{what}: no images selected")
@@ -436,5 +462,6 @@ def load_study(selection: Selection, *, register: bool = True, seed: int = 0,
     return LoadedStudy(
         dwi=dwi, b0=b0, adc=adc, flair=flair, brain=brain, registration=reg, warnings=warnings,
         sources=sources, b_high=b, adc_computed=adc_computed, b0_computed=b0_computed,
+        dwi_directions=diffusion_directions(dwi_v.slices, selection.dwi.is_trace),
         timings_s={k: round(v, 3) for k, v in timings.items()},
     )

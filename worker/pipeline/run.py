@@ -377,6 +377,7 @@ def stage_load(ctx: Context, rec: Any) -> StageOutput:
         "adc_units": "1e-6 mm2/s",  # load.py always returns ADC in 1e-6 mm^2/s
         "adc_computed": bool(getattr(loaded, "adc_computed", False)),
         "b_high": float(getattr(loaded, "b_high", 0.0) or 0.0),
+        "dwi_directions": int(getattr(loaded, "dwi_directions", 0) or 0),
         # FLAIR registration record: the confidence score reads its overlap and motion (issue 15)
         "registration": getattr(loaded, "registration", None) or {},
     }
@@ -468,7 +469,9 @@ def stage_measure(ctx: Context, rec: Any) -> StageOutput:
     confidence = study_confidence(
         tmax, tmax_all["sd"], core, vols["brain"].astype(bool), _spacing_zyx(geo), dwi=vols["dwi"],
         flair=vols["flair"], adc=adc, model_source=_load_json(ctx.work / "model.json").get("model_source"),
-        registration=load_meta.get("registration"), direction=geo.direction)
+        registration=load_meta.get("registration"), direction=geo.direction,
+        diffusion=({"b_high": load_meta["b_high"], "directions": load_meta.get("dwi_directions", 0),
+                    "adc_computed": load_meta.get("adc_computed", False)} if "b_high" in load_meta else None))
     measures = apply_confidence(measures, confidence)
     _save_json(ctx.work / "measures.json", measures)
     rec.update_result(measures=measures)
