@@ -1,4 +1,5 @@
-"""The core rule's smallest-lesion floor (``CoreParams.min_component_ml``) on phantom sets and ISLES'22.
+"""The core rule's smallest-lesion floor (``CoreParams.min_component_ml``) and noise support
+(``CoreParams.low_support``) on phantom sets and ISLES'22.
 
 Why: issue 15 item 5 asks for core Dice per family, and what holds the randomised means below 0.85 are
 the sub-millilitre cores (lacunes), some of them under the rule's 0.1 mL floor. A lower floor finds
@@ -8,9 +9,13 @@ the sub-1-mL cores (mean Dice, how many found nothing), false cores on the cases
 brains and strokes without a core apart), and the number and volume of components on the real
 ISLES'22 case (no truth mask there: more components are not known to be more lesions).
 
-Reference: the shipped floor, ``CoreParams().min_component_ml``. Quality, not speed: no timing.
+The noise support (session 28) asks each low-ADC voxel for low neighbours; ``--supports 2 0`` scores the
+rule with and without it at every floor, so the price on small lesions and the gain on noise sit side by
+side on the same cases.
 
-    python -m bench.core_floor --data runs/data/af12 [--data ...] [--floors 0.1 0.05 0.03 0] [--workers 2]
+Reference: the shipped rule, ``CoreParams()``'s floor and support. Quality, not speed: no timing.
+
+    python -m bench.core_floor --data runs/data/af12 [--data ...] [--floors 0.1 0.05 0.03 0] [--supports 2 0]
 
 Without ``--data`` (as ``make bench`` runs it) it scores the first 8 cases of each family of set A
 (randomised, template seeds 200000.., geometric seeds 210000..), written to a temporary folder.
@@ -37,8 +42,19 @@ SUB_ML = 1.0  # a core under this is "sub-millilitre"
 CASE_FILES = ("dwi", "adc", "core", "tmax", "brain")  # what a case needs to be scored
 
 
-def score_case(case_dir: Path, floors: tuple[float, ...]) -> dict:
-    """Truth core volume, family, whether the study has hypoperfusion, and each floor's core volume and Dice."""
+Variant = tuple[float, int]  # (min_component_ml, low_support)
+
+
+def _params(v: Variant) -> CoreParams:
+    return CoreParams(min_component_ml=v[0], low_support=v[1])
+
+
+def _name(v: Variant) -> str:
+    return f"floor {v[0]:g} support {v[1]}"
+
+
+def score_case(case_dir: Path, floors: tuple[Variant, ...]) -> dict:
+    """Truth core volume, family, whether the study has hypoperfusion, and each variant's core volume and Dice."""
     case = load_case(case_dir, CASE_FILES)
     im, spacing = case.images, case.spacing_zyx
     ml = float(np.prod(spacing)) / 1000.0
@@ -47,14 +63,13 @@ def score_case(case_dir: Path, floors: tuple[float, ...]) -> dict:
                  "hypo": bool((im["tmax"] > 6.0).any())}
     direction = lps_direction(case_dir / "dwi.nii.gz")
     for f in floors:
-        mask = segment_core(im["adc"], im["dwi"], case.brain, spacing, CoreParams(min_component_ml=f),
-                            direction=direction).mask
+        mask = segment_core(im["adc"], im["dwi"], case.brain, spacing, _params(f), direction=direction).mask
         row[f] = (volume_ml(mask, ml), dice(mask, truth))  # Dice is read only where there is a truth core
     return row
 
 
-def summarise(rows: list[dict], floor: float) -> dict[str, float]:
-    """One floor's figures over the scored cases (see the module docstring)."""
+def summarise(rows: list[dict], floor: Variant) -> dict[str, float]:
+    """One variant's figures over the scored cases (see the module docstring)."""
     with_core = [r for r in rows if r["core_ml"] > 0]
     out: dict[str, float] = {"all": float(np.mean([r[floor][1] for r in with_core]))}
     by_family: dict[str, list[float]] = defaultdict(list)
@@ -81,8 +96,8 @@ def write_set_a(out: Path, per_family: int = 8) -> Path:
     return out
 
 
-def isles_components(floors: tuple[float, ...]) -> dict[float, tuple[float, int]] | None:
-    """Core volume (mL) and number of components on the real ISLES'22 case, per floor; None without it."""
+def isles_components(floors: tuple[Variant, ...]) -> dict[Variant, tuple[float, int]] | None:
+    """Core volume (mL) and number of components on the real ISLES'22 case, per variant; None without it."""
     if not (REALDATA / "isles22").is_dir():
         return None
     from tests.unit.test_core_isles import load_isles
@@ -91,8 +106,7 @@ def isles_components(floors: tuple[float, ...]) -> dict[float, tuple[float, int]
     ml = float(np.prod(d["spacing"])) / 1000.0
     out = {}
     for f in floors:
-        mask = segment_core(d["adc"], d["dwi"], d["brain"], d["spacing"], CoreParams(min_component_ml=f),
-                            direction=d["direction"]).mask
+        mask = segment_core(d["adc"], d["dwi"], d["brain"], d["spacing"], _params(f), direction=d["direction"]).mask
         out[f] = (volume_ml(mask, ml), int(ndi.label(mask, np.ones((3, 3, 3), bool))[1]))
     return out
 
@@ -102,37 +116,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", action="append", help="phantom NIfTI set with adc.nii.gz (repeatable; default: "
                    "the first 8 cases of each family of set A, made here)")
     p.add_argument("--floors", type=float, nargs="+", default=[0.1, 0.05, 0.03, 0.0])
+    p.add_argument("--supports", type=int, nargs="+", default=[CoreParams().low_support],
+                   help="noise supports to score at every floor (low in-plane neighbours a low voxel needs)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    ref = CoreParams().min_component_ml
-    floors = tuple(dict.fromkeys([ref, *args.floors]))
+    shipped = CoreParams()
+    ref = (shipped.min_component_ml, shipped.low_support)
+    floors = tuple(dict.fromkeys([ref, *((f, k) for k in args.supports for f in args.floors)]))
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or [str(write_set_a(Path(tmp)))]
         return report(data, floors, ref, args.workers)
 
 
-def report(data: list[str], floors: tuple[float, ...], ref: float, workers: int) -> int:
-    """Score every floor on the cases under ``data`` and print the table against the reference floor."""
+def report(data: list[str], floors: tuple[Variant, ...], ref: Variant, workers: int) -> int:
+    """Score every variant on the cases under ``data`` and print the table against the reference."""
     cases = [c for d in data for c in list_cases(d, CASE_FILES)]
     with ProcessPoolExecutor(max(1, workers)) as pool:
         rows = list(pool.map(score_case, cases, [floors] * len(cases)))
     n_core = sum(r["core_ml"] > 0 for r in rows)
     n_sub = sum(0 < r["core_ml"] < SUB_ML for r in rows)
     print(f"{len(rows)} cases from {', '.join(data)}: {n_core} with a core ({n_sub} under {SUB_ML:g} mL); "
-          f"reference: the shipped floor {ref:g} mL")
+          f"reference: the shipped rule, {_name(ref)}")
     sums = {f: summarise(rows, f) for f in floors}
     keys = list(sums[ref])
-    print("floor mL  " + "  ".join(f"{k:>14s}" for k in keys))
+    print(f"{'variant':24s}" + "  ".join(f"{k:>14s}" for k in keys))
     for f in floors:
-        print(f"{f:<8g}  " + "  ".join(f"{sums[f][k]:14.3f}" for k in keys))
+        print(f"{_name(f):24s}" + "  ".join(f"{sums[f][k]:14.3f}" for k in keys))
     for f in floors:
         if f != ref:
-            print(f"floor {f:g} - reference: " + ", ".join(
+            print(f"{_name(f)} - reference: " + ", ".join(
                 f"{k} {sums[f][k] - sums[ref][k]:+.3f}" for k in keys if not k.endswith("_max_ml")))
     isles = isles_components(floors)
     if isles is not None:
         print("ISLES'22 sub-strokecase0001 (real, no truth mask): "
-              + "; ".join(f"floor {f:g}: {v:.2f} mL in {n} components" for f, (v, n) in isles.items()))
+              + "; ".join(f"{_name(f)}: {v:.2f} mL in {n} components" for f, (v, n) in isles.items()))
     return 0
 
 

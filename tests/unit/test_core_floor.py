@@ -1,4 +1,4 @@
-"""bench.core_floor: each size floor of the core rule scored side by side on phantom cases."""
+"""bench.core_floor: each size floor (and noise support) of the core rule scored side by side on phantom cases."""
 
 from __future__ import annotations
 
@@ -35,14 +35,15 @@ def test_a_floor_between_two_sizes_decides_whether_a_small_focus_is_core(tmp_pat
     assert lps_direction(healthy / "dwi.nii.gz") == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     assert 0.03 < speck_ml < 0.1, speck_ml
 
-    floors = (0.1, 0.03)
+    coarse_v, fine_v = (0.1, 2), (0.03, 2)  # (floor mL, noise support): a 2 x 2 focus has 3 low neighbours a voxel
+    floors = (coarse_v, fine_v)
     rows = [score_case(healthy, floors), score_case(stroke, floors)]
     assert rows[0]["core_ml"] == 0 and not rows[0]["hypo"]
     assert rows[1]["core_ml"] > 1 and rows[1]["hypo"]
     # the 0.1 mL floor drops the focus; 0.03 mL keeps it, and on a healthy brain it is a false core
-    assert rows[0][0.1][0] == 0.0
-    assert rows[0][0.03][0] >= speck_ml - 1e-6
-    coarse, fine = summarise(rows, 0.1), summarise(rows, 0.03)
+    assert rows[0][coarse_v][0] == 0.0
+    assert rows[0][fine_v][0] >= speck_ml - 1e-6
+    coarse, fine = summarise(rows, coarse_v), summarise(rows, fine_v)
     assert (coarse["false_healthy"], fine["false_healthy"]) == (0.0, 1.0)
     assert fine["false_healthy_max_ml"] >= speck_ml - 1e-6
     # the stroke's own core is found either way, and scored per family

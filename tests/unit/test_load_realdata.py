@@ -153,6 +153,7 @@ def test_adc_the_core_convention_does_not_fit_is_named(realdata: Path, folders, 
 
     sel, st = _load(realdata, *folders, FLAIR)
     assert (st.b_high, st.dwi_directions, st.adc_computed) == (b_high, directions, adc_computed)
+    assert any("the confidence is lowered" in w for w in st.warnings), st.warnings
     arr = {k: sitk.GetArrayFromImage(getattr(st, k)) for k in ("adc", "dwi", "brain")}
     spacing = tuple(float(v) for v in st.dwi.GetSpacing()[::-1])
     core = segment_core(arr["adc"], arr["dwi"], arr["brain"] > 0, spacing).mask
