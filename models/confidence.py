@@ -57,6 +57,10 @@ flagged before anyone reads a DEFUSE-3 call from it. Eight parts, each in [0, 1]
     voxel-to-voxel noise over normal-appearing brain (eroded by two voxels, away from CSF): the MAD of
     its residual from a 3 x 3 in-plane median, as an SD. 1 up to ``adc_noise_ok``, 0 from
     ``adc_noise_bad``; those two cases measured 148 and 160, the 40 randomised cases as drawn at most 117.
+    Since the rule's noise support (session 28) those cores are gone at SNR 14 and the ramp moved from
+    120-150 to 150-200: on the same cases at SNR 14 it served 23 calls (22 right) instead of 8, and at
+    DWI b0 SNR 10, where noise cores of up to 64 mL remain, no healthy brain is served a "yes"
+    (docs/benchmarks.md, "Noise support in the core rule").
 ``diffusion``
     The ADC < 620 convention is an isotropic ADC at b = 1000 s/mm^2: the b-value the DEFUSE-3 core was
     defined at and the only one the phantom makes. At a higher b the normal brain's ADC is lower (the
@@ -124,8 +128,8 @@ class ConfidenceParams:
     symmetric_ok: float = 0.25
     symmetric_bad: float = 0.6
     hypo_s: float = 6.0
-    adc_noise_ok: float = 120.0  # ADC noise SD (10^-6 mm^2/s) up to which the ADC < 620 core is trusted
-    adc_noise_bad: float = 150.0  # ... and from which it is not
+    adc_noise_ok: float = 150.0  # ADC noise SD (10^-6 mm^2/s) up to which the ADC < 620 core is trusted
+    adc_noise_bad: float = 200.0  # ... and from which it is not (120 and 150 before the rule's noise support)
     b_off_ok: float = 250.0  # |b - 1000| (s/mm^2) up to which the ADC < 620 convention holds
     b_off_bad: float = 500.0  # ... and from which it does not
 
