@@ -167,3 +167,22 @@ def test_six_direction_tensor_counts_six_directions(realdata: Path):
     """GE DTI, 6 directions at b = 1000: their geometric mean is a trace, so the ADC is isotropic."""
     sel, st = _load(realdata, "dcm_qa_ge/01_Ax_DWI_TENSOR_R2", FLAIR)
     assert not sel.dwi.is_trace and st.dwi_directions == 6 and st.b_high == 1000
+
+
+def test_directions_ignore_the_gradient_sign_and_frames_without_one() -> None:
+    """g and -g are one diffusion direction; frames that carry no gradient (an unrecognised trace) add none."""
+    from common.dicomio.frames import FrameInfo
+    from common.dicomio.volume import SliceRef
+    from worker.pipeline.load import diffusion_directions
+
+    def slice_of(*gradients) -> SliceRef:
+        frames = tuple(FrameInfo(path=Path("x.dcm"), frame=None, sop_instance_uid=f"1.2.{i}", position=(0, 0, 0),
+                                 orientation=None, pixel_spacing=None, slice_thickness=None, rows=4, columns=4,
+                                 b_value=1000.0, gradient=g) for i, g in enumerate(gradients))
+        return SliceRef(path=Path("x.dcm"), frame=None, sop_instance_uid="1.2", position=(0, 0, 0), contributors=frames)
+
+    x, y, z = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+    assert diffusion_directions([slice_of(x, (-1.0, 0.0, 0.0))], trace=False) == 1
+    assert diffusion_directions([slice_of(x, y, z, (0.0, -1.0, 0.0))], trace=False) == 3
+    assert diffusion_directions([slice_of(None, None, None)], trace=False) == 0
+    assert diffusion_directions([slice_of(x)], trace=True) == 0
