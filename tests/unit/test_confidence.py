@@ -164,15 +164,16 @@ def test_demo_model_in_family_stroke_gets_high_confidence() -> None:
 def test_noisy_adc_makes_a_noise_core_and_low_confidence() -> None:
     """Seed 710025 (geometric, randomised, no stroke) below the SNRs the phantom draws. At DWI b0 SNR 14
     (the lowest drawn) the service's ADC < 620 rule once found a 7.9 mL core of noise here, and the demo
-    model called 115 mL of Tmax > 6 s and a DEFUSE-3 "yes" with confidence 1.0 (session 27); the rule's
-    noise support now removes that core, so the premise is made at SNR 10 (28 mL of noise core in
-    session 28). As drawn (SNR 28) the ADC noise is 34 and the rule finds nothing; at SNR 10 it is 226,
-    above ``adc_noise_bad``."""
+    model called 115 mL of Tmax > 6 s and a DEFUSE-3 "yes" with confidence 1.0 (session 27). The rule's
+    noise support, which rises with the ADC's noise, now removes that core at SNR 14 and at SNR 10
+    (session 28), so the premise is made at SNR 7, half the lowest drawn (5.9 mL of noise core). As
+    drawn (SNR 28) the ADC noise is 34 and the rule finds nothing; at SNR 7 it is 329, above
+    ``adc_noise_bad``."""
     from phantom.api import make_case
     from worker.pipeline.core import CoreParams, segment_core_rule
 
     kw = {"matrix": 128, "randomise": True, "family": "geometric"}
-    drawn, noisy = make_case(710025, **kw), make_case(710025, acquisition={"dwi_snr": 10.0, "flair_snr": 9.0}, **kw)
+    drawn, noisy = make_case(710025, **kw), make_case(710025, acquisition={"dwi_snr": 7.0, "flair_snr": 6.0}, **kw)
     spacing = tuple(float(v) for v in drawn.grid.spacing)
     voxel_ml = drawn.grid.voxel_volume_mm3 / 1000
     found = {}

@@ -122,3 +122,23 @@ def test_noise_support_removes_a_core_of_noise_and_keeps_the_lesion() -> None:
     assert noise_on <= 0.3 * noise_off, (noise_off, noise_on)
     d_off, d_on = _dice(rule(stroke, off), stroke.core), _dice(rule(stroke, params), stroke.core)
     assert d_on >= 0.8 and d_on >= d_off - 0.01, (d_off, d_on)
+
+
+def test_noise_support_rises_with_the_adc_noise() -> None:
+    """Seed 710038 (mixed -> geometric, randomised, a stroke without a core) at DWI b0 SNR 10, below the
+    drawn range: ADC noise SD 216. With the support held at 2 neighbours the rule called 41.5 mL of
+    noise core (session 28); raised to 4 by the noise, about 1 mL, and the job is told why."""
+    from dataclasses import replace
+
+    from phantom.api import make_case
+    from worker.pipeline.core import CoreParams, segment_core_rule
+
+    c = make_case(710038, family="mixed", randomise=True, acquisition={"dwi_snr": 10.0, "flair_snr": 9.0})
+    ml = float(np.prod(c.spacing_zyx)) / 1000.0
+    assert not c.core.any()
+    held, _ = segment_core_rule(c.adc, c.dwi, c.brain, c.spacing_zyx, replace(CoreParams(), noisy_support_above=()),
+                                direction=c.direction)
+    raised, warnings = segment_core_rule(c.adc, c.dwi, c.brain, c.spacing_zyx, CoreParams(), direction=c.direction)
+    assert held.sum() * ml >= 20.0, held.sum() * ml  # the premise: a large core of noise at the fixed support
+    assert raised.sum() * ml <= 0.1 * held.sum() * ml
+    assert any("needs 4 of its 8" in w for w in warnings), warnings

@@ -48,6 +48,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from common.errors import InvalidInputError, ModelError
+from models.confidence import adc_noise
 from models.robust import robust_sd
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,12 @@ class CoreParams:
     # low_support of its 8 in-plane neighbours are below it too; 0 turns it off. Noise makes isolated
     # low voxels that 26-connectivity chains into clusters (at DWI b0 SNR 14 a healthy phantom brain
     # got an 8 mL core of noise); an infarct, even a punctate one, is low in neighbouring voxels.
+    # The noisier the ADC, the more often normal tissue crosses the threshold, so the support rises
+    # with the ADC's measured noise (models.confidence.adc_noise, 1e-6 mm^2/s): one more neighbour
+    # above each level of noisy_support_above. Below the first level (every case the phantom draws
+    # but a few, and the real ISLES'22 scan at 120) the support stays at low_support.
     low_support: int = 2
+    noisy_support_above: tuple[float, ...] = (150.0, 200.0)
     ventricle_depth_mm: float = 15.0  # CSF deeper than this below the brain surface = ventricles
     rim_fraction_max: float = 0.6  # components mostly touching ventricular CSF are rims, dropped
     skull_base_fraction: float = 0.3  # inferior part of the brain where edge artefacts are screened
@@ -124,8 +130,12 @@ class CoreParams:
             raise ValueError("dwi_ratio_grow_cap / dwi_ratio_seed_cap must be >= their floors")
         if self.csf_adc <= self.adc_threshold:
             raise ValueError(f"csf_adc ({self.csf_adc}) must exceed adc_threshold ({self.adc_threshold})")
-        if not 0 <= self.low_support <= 8:
-            raise ValueError(f"low_support must lie in 0..8 (of the 8 in-plane neighbours), got {self.low_support}")
+        if not 0 <= self.low_support <= 8 - len(self.noisy_support_above):
+            raise ValueError(f"low_support must lie in 0..8 (of the 8 in-plane neighbours) with room for one more "
+                             f"per noisy_support_above level, got {self.low_support}")
+        levels = list(self.noisy_support_above)
+        if any(v <= 0 for v in levels) or levels != sorted(set(levels)):
+            raise ValueError(f"noisy_support_above must be positive and rising, got {self.noisy_support_above}")
         if self.adc_median_px < 1:
             raise ValueError(f"adc_median_px must be >= 1, got {self.adc_median_px}")
         if not 0 <= self.pv_iterations <= 5:
@@ -346,7 +356,15 @@ def _rule(
         filled = np.where(valid, adc_u, params.csf_adc * 2).astype(np.float32)
         adc_f = ndi.median_filter(filled, size=(1, k, k))
     csf = valid & (adc_u > params.csf_adc)
-    low = _supported(valid & (adc_f < params.adc_threshold), params.low_support)
+    support = params.low_support
+    if params.low_support > 0 and params.noisy_support_above:
+        noise = adc_noise(adc_u, brain)
+        support += sum(noise > level for level in params.noisy_support_above)
+        if support > params.low_support:
+            warnings.append(f"ADC noise SD {noise:.0f} x 10^-6 mm2/s: a low-ADC voxel needs {support} of its 8 "
+                            "in-plane neighbours low too (noise support raised); lesions a voxel or two wide "
+                            "may be missed")
+    low = _supported(valid & (adc_f < params.adc_threshold), support)
     normal = valid & ~csf & ~low
     if normal.sum() < 100:
         warnings.append("too little normal-appearing brain to reference DWI brightness; result unreliable")
