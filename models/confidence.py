@@ -3,7 +3,7 @@
 Issue 15: on inputs unlike its training data the demo model calls large false hypoperfusion (about
 100 mL on healthy brains of another generator) with no sign of doubt in its output. The score below is
 built only from what the service sees at run time, so a study where the map should not be trusted is
-flagged before anyone reads a DEFUSE-3 call from it. Eight parts, each in [0, 1] (1 = nothing wrong):
+flagged before anyone reads a DEFUSE-3 call from it. Nine parts, each in [0, 1] (1 = nothing wrong):
 
 ``inputs``
     The study's input statistics after the model's own normalisation (percentiles of DWI and FLAIR
@@ -445,8 +445,9 @@ def adc_noise_part(adc: np.ndarray, brain: np.ndarray, core: np.ndarray | None,
 def diffusion_part(diffusion: Mapping[str, Any], p: ConfidenceParams | None = None) -> tuple[float, list[str]]:
     """Whether the ADC is one the ADC < 620 core convention applies to (module docstring).
 
-    ``diffusion``: ``b_high`` (s/mm^2), ``directions`` (combined into the DWI; 0 = trace or unknown) and
-    ``adc_computed`` (the ADC came from the DWI, not from a scanner ADC series)."""
+    ``diffusion``: the load stage's record (load.json): ``b_high`` (s/mm^2), ``dwi_directions`` (combined
+    into the DWI; 0 = trace or unknown) and ``adc_computed`` (the ADC came from the DWI, not from a
+    scanner ADC series). The load stage's job warnings are these reasons too."""
     p = p or ConfidenceParams()
     b = float(diffusion.get("b_high") or 0.0)
     s, reasons = 1.0, []
@@ -455,7 +456,7 @@ def diffusion_part(diffusion: Mapping[str, Any], p: ConfidenceParams | None = No
         if s < 1:
             reasons.append(f"DWI b = {b:g} s/mm2: the ADC < 620 core convention holds at b = 1000; at this b "
                            "the core volume is not comparable")
-    n = int(diffusion.get("directions") or 0)
+    n = int(diffusion.get("dwi_directions") or 0)
     if diffusion.get("adc_computed") and 1 <= n <= 2:
         s = 0.0
         reasons.append(f"ADC computed from {n} diffusion direction{'s' if n > 1 else ''}, not a trace: white "

@@ -319,17 +319,17 @@ def test_reference_cli_writes_a_reference_the_score_reads(tmp_path) -> None:
 
 def test_diffusion_part_needs_b_1000_and_an_isotropic_adc() -> None:
     def part(**kw: object) -> tuple[float, list[str]]:
-        return diffusion_part({"b_high": 1000.0, "directions": 0, "adc_computed": True} | kw)
+        return diffusion_part({"b_high": 1000.0, "dwi_directions": 0, "adc_computed": True} | kw)
 
     assert part() == (1.0, [])
     assert part(b_high=1250.0)[0] == 1.0 and part(b_high=750.0)[0] == 1.0
     assert part(b_high=1375.0)[0] == pytest.approx(0.5)
     s, why = part(b_high=2500.0)
     assert s == 0.0 and "b = 2500" in why[0]
-    s, why = part(directions=1)
+    s, why = part(dwi_directions=1)
     assert s == 0.0 and "1 diffusion direction," in why[0]
-    assert part(directions=2)[0] == 0.0 and part(directions=3)[0] == 1.0
-    assert part(directions=1, adc_computed=False)[0] == 1.0  # the scanner's ADC series is isotropic
+    assert part(dwi_directions=2)[0] == 0.0 and part(dwi_directions=3)[0] == 1.0
+    assert part(dwi_directions=1, adc_computed=False)[0] == 1.0  # the scanner's ADC series is isotropic
     brain = _brain()
     tmax = np.zeros(brain.shape, np.float32)
     args = (tmax, tmax, np.zeros_like(brain), brain, (5.0, 2.0, 2.0))

@@ -158,7 +158,7 @@ def test_adc_the_core_convention_does_not_fit_is_named(realdata: Path, folders, 
     spacing = tuple(float(v) for v in st.dwi.GetSpacing()[::-1])
     core = segment_core(arr["adc"], arr["dwi"], arr["brain"] > 0, spacing).mask
     assert core.sum() * np.prod(spacing) / 1000 > 50
-    part, reasons = diffusion_part({"b_high": st.b_high, "directions": st.dwi_directions,
+    part, reasons = diffusion_part({"b_high": st.b_high, "dwi_directions": st.dwi_directions,
                                     "adc_computed": st.adc_computed})
     assert part == 0.0 and why in reasons[0]
 

@@ -26,7 +26,7 @@ from scipy import ndimage
 from common.dicomio.pixels import PixelCache
 from common.dicomio.volume import SliceRef, Volume, build_volume
 from common.errors import InvalidInputError
-from models.confidence import ConfidenceParams
+from models.confidence import diffusion_part
 from worker.pipeline.classify import Selection
 
 ADC_MAX = 5000.0  # 1e-6 mm^2/s; free water at 37 C is ~3000
@@ -418,12 +418,8 @@ def load_study(selection: Selection, *, register: bool = True, seed: int = 0,
         adc = adc_to_micro(adc, brain, warnings)
         adc_computed = False
     directions = diffusion_directions(dwi_v.slices, selection.dwi.is_trace)
-    if abs(b - 1000.0) > ConfidenceParams().b_off_ok:
-        warnings.append(f"DWI b={b:g}: the ADC < 620 core threshold is defined at b=1000, so the core and the "
-                        "DEFUSE-3/EXTEND calls are not comparable (the confidence is lowered)")
-    if adc_computed and 1 <= directions <= 2:
-        warnings.append(f"ADC computed from {directions} diffusion direction(s), not a trace: white matter "
-                        "across the gradient reads as core (the confidence is lowered)")
+    _, unfit = diffusion_part({"b_high": b, "dwi_directions": directions, "adc_computed": adc_computed})
+    warnings += [f"{reason} (the confidence is lowered)" for reason in unfit]
     fl_v = _vol(selection.flair.frames, "FLAIR", "mean", cache)
     warnings += fl_v.warnings
     sources["flair"] = fl_v.slices

@@ -459,19 +459,12 @@ def stage_measure(ctx: Context, rec: Any) -> StageOutput:
     from worker.pipeline.confidence import apply_confidence, study_confidence
 
     tmax_all = _load_npz(ctx.work / "tmax.npz")
-    load_meta = _load_json(ctx.work / "load.json")
-    adc = vols.get("adc")
-    if adc is not None:  # in 1e-6 mm^2/s as the core rule reads it: the confidence's ADC statistics assume so
-        from worker.pipeline.core import detect_adc_units
-
-        scale, *_ = detect_adc_units(adc, vols["brain"].astype(bool), load_meta.get("adc_units"))
-        adc = adc * np.float32(scale)
+    load_meta = _load_json(ctx.work / "load.json")  # its ADC is in 1e-6 mm^2/s, as the confidence reads it
     confidence = study_confidence(
         tmax, tmax_all["sd"], core, vols["brain"].astype(bool), _spacing_zyx(geo), dwi=vols["dwi"],
-        flair=vols["flair"], adc=adc, model_source=_load_json(ctx.work / "model.json").get("model_source"),
+        flair=vols["flair"], adc=vols.get("adc"), model_source=_load_json(ctx.work / "model.json").get("model_source"),
         registration=load_meta.get("registration"), direction=geo.direction,
-        diffusion=({"b_high": load_meta["b_high"], "directions": load_meta.get("dwi_directions", 0),
-                    "adc_computed": load_meta.get("adc_computed", False)} if "b_high" in load_meta else None))
+        diffusion=load_meta if "b_high" in load_meta else None)
     measures = apply_confidence(measures, confidence)
     _save_json(ctx.work / "measures.json", measures)
     rec.update_result(measures=measures)
