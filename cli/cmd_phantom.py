@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "1.33 and maximum 1.92, and K = 3 takes the median case to 1.99 (bench.contrast_stress)")
     p.add_argument("--grey-contrast-in", choices=("both", "dwi", "flair"), default="both",
                    help="with --grey-contrast: stretch both sequences (default), or the DWI (its b0) or FLAIR alone")
+    p.add_argument("--texture", type=float, default=None, metavar="PCT",
+                   help="with --randomise: give the brain voxel-scale texture of about PCT %% of the signal in b0 "
+                        "(so DWI), ADC and FLAIR (as a 3 x 3 median residual reads it near noise-free). A stress "
+                        "set, never drawn: the phantom reads 0.1-0.4 %%, a real EPI 4.2 %% (bench.noise_texture)")
     p.add_argument("--pin-acq", action="append", metavar="KEY=VALUE", default=None,
                    help="with --randomise: pin an acquisition draw in every case, e.g. dwi_bias=0.8 (repeatable; "
                         "keys: phantom.randomise.ACQ_PINNABLE). A stress set beyond the drawn ranges (docs/phantom.md)")
@@ -77,7 +81,7 @@ def _one(job: tuple[int, dict]) -> tuple[int, str, float, dict]:
     case = make_case(seed, matrix=opts["matrix"], with_dsc=opts["with_dsc"], family=opts["family"],
                      randomise=opts["randomise"], penumbral_scale=opts["penumbral_cue"],
                      grey_contrast=opts["grey_contrast"], grey_contrast_in=opts["grey_contrast_in"],
-                     acquisition=opts["acquisition"])
+                     acquisition=opts["acquisition"], texture=opts["texture"])
     if opts["vendor"] != "mixed":
         case.vendor = opts["vendor"]
         case.truth["vendor"] = opts["vendor"]
@@ -106,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     for option, pin in (("--penumbral-cue", {"penumbral_scale": args.penumbral_cue}),
                         ("--grey-contrast", {"grey_contrast": args.grey_contrast}),
+                        ("--texture", {"texture": args.texture}),
                         ("--grey-contrast-in", {"grey_contrast": args.grey_contrast,
                                                 "grey_contrast_in": args.grey_contrast_in})):
         try:
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             "training_only": args.training_only, "preview": args.preview, "family": args.family,
             "randomise": args.randomise, "penumbral_cue": args.penumbral_cue,
             "grey_contrast": args.grey_contrast, "grey_contrast_in": args.grey_contrast_in,
-            "acquisition": acquisition}
+            "acquisition": acquisition, "texture": args.texture}
     jobs = [(args.seed + i, opts) for i in range(args.cases)]
     workers = args.workers or min(os.cpu_count() or 1, args.cases)
     t0 = time.perf_counter()

@@ -180,7 +180,8 @@ def _volumes(tmax: np.ndarray, core: np.ndarray, brain: np.ndarray, grid: Grid) 
 
 
 def check_pins(randomise: bool, penumbral_scale: float | None = None, grey_contrast: float | None = None,
-               grey_contrast_in: str = "both", acquisition: dict[str, float] | None = None) -> None:
+               grey_contrast_in: str = "both", acquisition: dict[str, float] | None = None,
+               texture: float | None = None) -> None:
     """Raise ValueError naming the bad argument unless each pin is None, or within its range with randomise.
 
     Each pins a property that randomisation draws (or that a stress test overrides), so each needs it;
@@ -192,11 +193,12 @@ def check_pins(randomise: bool, penumbral_scale: float | None = None, grey_contr
         if not randomise:
             raise ValueError(f"acquisition: needs randomise, got {acquisition!r}")
         check_acquisition_pins(acquisition)
+    from phantom.randomise import GREY_CONTRAST_IN, TEXTURE_MAX_PCT
+
     for name, value, lo, hi in (("penumbral_scale", penumbral_scale, 0.0, 3.0),
-                                ("grey_contrast", grey_contrast, 0.25, 4.0)):
+                                ("grey_contrast", grey_contrast, 0.25, 4.0), ("texture", texture, 0.0, TEXTURE_MAX_PCT)):
         if value is not None and (not randomise or not lo <= float(value) <= hi):
             raise ValueError(f"{name}: needs randomise and a value in {lo:g}..{hi:g}, got {value!r}")
-    from phantom.randomise import GREY_CONTRAST_IN
 
     if grey_contrast_in not in GREY_CONTRAST_IN or (grey_contrast_in != "both" and grey_contrast is None):
         raise ValueError(f"grey_contrast_in: needs grey_contrast and one of {sorted(GREY_CONTRAST_IN)}, "
@@ -207,7 +209,8 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
               scenario: dict[str, Any] | None = None, family: str = "geometric",
               randomise: bool = False, dsc_acquisition: Any = None,
               penumbral_scale: float | None = None, grey_contrast: float | None = None,
-              grey_contrast_in: str = "both", acquisition: dict[str, float] | None = None) -> PhantomCase:
+              grey_contrast_in: str = "both", acquisition: dict[str, float] | None = None,
+              texture: float | None = None) -> PhantomCase:
     """Generate one phantom case deterministically from ``seed``.
 
     ``matrix`` is the DWI in-plane matrix (128 or 256 typical; 32..512 accepted). With ``with_dsc``
@@ -232,7 +235,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    check_pins(randomise, penumbral_scale, grey_contrast, grey_contrast_in, acquisition)
+    check_pins(randomise, penumbral_scale, grey_contrast, grey_contrast_in, acquisition, texture)
     if not isinstance(matrix, int | np.integer) or not 32 <= matrix <= 512:
         raise ValueError(f"matrix must be an int in 32..512 (128 or 256 typical), got {matrix!r}")
     streams = np.random.SeedSequence(int(seed)).spawn(10)
@@ -251,6 +254,8 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
             dr.stretch_grey_contrast(float(grey_contrast), grey_contrast_in)
         if acquisition is not None:
             dr.pin_acquisition(acquisition)
+        if texture is not None:
+            dr.add_texture(float(texture))
         mix = case_scenario(int(seed))
         scenario = mix if scenario is None else {"case_type": "pinned", **scenario}
     if fam == "template":
@@ -302,6 +307,7 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         dwi_snr, flair_snr = a["dwi_snr"], a["flair_snr"]
         m = render_partial_volume(head, grid, pose, a["partial_volume_samples"], dwi_acq["slice_thickness_mm"])
         psf = a["dwi_psf"] * (128.0 / matrix) ** 0.5
+        m = dr.textured(dr.textured(m, 0, ("s0", "adc"), psf), 1, ("flair",), a["flair_psf"] * (128.0 / matrix) ** 0.5)
         d = signal.acquire_dwi(r_dwi, m["s0"], m["adc"], dwi_snr, signal.bias_field(r_dwi, grid.shape, a["dwi_bias"]),
                                psf, a["dwi_scale"], noise=dr.noise)
         flair_on_dwi = signal.acquire(r_flair, m["flair"] ** a["flair_gamma"], flair_snr,
@@ -357,8 +363,9 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
             from phantom.randomise import render_partial_volume
 
             a = dr.acq
-            mf = render_partial_volume(head, flair_grid, flair_pose, a["partial_volume_samples"],
-                                       flair_acq["slice_thickness_mm"])
+            mf = dr.textured(render_partial_volume(head, flair_grid, flair_pose, a["partial_volume_samples"],
+                                                   flair_acq["slice_thickness_mm"]), 2, ("flair",),
+                             a["flair_psf"] * (256.0 / flair_grid.shape[2]) ** 0.5)
             out = signal.acquire(rng, mf["flair"] ** a["flair_gamma"], flair_snr,
                                  signal.bias_field(rng, flair_grid.shape, a["flair_bias"]),
                                  a["flair_psf"] * (256.0 / flair_grid.shape[2]) ** 0.5, a["flair_scale"], 0.42,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from phantom import signal
 from phantom.anatomy import CSF, DEEP_GM, GM, MARROW, SCALP, SKULL, WM
@@ -128,6 +129,9 @@ class DomainParams:
     grey_contrast: float = 1.0
     grey_contrast_in: str = "both"  # which sequences the stretch reached: both, dwi (b0) or flair
     acq_pinned: tuple[str, ...] = ()  # acquisition draws overridden by pin_acquisition (a stress set)
+    # voxel-scale anatomical texture (% of the signal, as a 3 x 3 median residual reads it); only pinned by
+    # add_texture, never drawn: both families are smooth within a tissue class (0.1-0.4 %), a real EPI reads 4.2 %
+    texture_pct: float = 0.0
 
     @classmethod
     def sample(cls, seed: int) -> DomainParams:
@@ -170,6 +174,36 @@ class DomainParams:
         for key, value in pins.items():
             self.acq[key] = float(value)
         self.acq_pinned = tuple(sorted(set(self.acq_pinned) | set(pins)))
+
+    def add_texture(self, pct: float) -> None:
+        """Give the brain voxel-scale texture of about ``pct`` % of the signal in b0 (so DWI), ADC and FLAIR.
+
+        Why: on a near noise-free image the residual of a 3 x 3 median holds 0.1-0.4 % of the phantom's b0
+        signal and 4.2 % of a real EPI's (``bench.noise_texture``): what varies between neighbouring voxels
+        of a phantom study is its drawn noise, of a patient's also anatomy (vessels, perivascular spaces,
+        partial volume). Pinning it asks what the core rule, the ADC noise estimate and the network make of
+        anatomy they never saw; it is not part of the training distribution."""
+        if not 0.0 <= float(pct) <= TEXTURE_MAX_PCT:
+            raise ValueError(f"texture_pct must be in [0, {TEXTURE_MAX_PCT:g}], got {pct!r}")
+        self.texture_pct = float(pct)
+
+    def textured(self, rendered: dict[str, np.ndarray], stream: int, keys: tuple[str, ...],
+                 psf_px: float) -> dict[str, np.ndarray]:
+        """``rendered`` with ``keys`` multiplied inside the brain by 1 + a f, f a unit-SD field of this case's
+        own stream (``[seed, 8300, stream]``: one per grid and sequence group, other draws untouched). b0
+        and ADC share one field (partial volume with CSF raises both); FLAIR takes another. The amplitude a
+        is chosen so that, after the sequence's own blur (``psf_px``), a 3 x 3 median residual reads
+        ``texture_pct`` % of the signal, as ``bench.noise_texture`` reads a real scan, up to
+        ``TEXTURE_MAX_AMPLITUDE``: a strongly blurred draw (sigma above about 0.8 px) would need anatomy
+        varying by half its signal from voxel to voxel, so it reads less, as a blurred real scan would."""
+        if self.texture_pct <= 0:
+            return rendered
+        brain = np.asarray(rendered["brain"]) > 0
+        field = texture_field(self.rng_seed, brain.shape, stream)
+        amplitude = min(self.texture_pct / 100.0 / median_residual_sd(signal.blur_inplane(field, psf_px), brain),
+                        TEXTURE_MAX_AMPLITUDE)
+        gain = np.where(brain, np.clip(1.0 + amplitude * field, 0.5, 1.5), 1.0).astype(np.float32)
+        return {**rendered, **{k: (rendered[k] * gain).astype(np.float32) for k in keys}}
 
     def stretch_grey_contrast(self, k: float, sequences: str = "both") -> None:
         """Scale the grey-minus-white signal of cortex and deep grey in b0 (so DWI) and FLAIR by ``k``.
@@ -251,8 +285,31 @@ class DomainParams:
             "flow_artefact": round(self.flow_artefact, 3), "bright_sulci": round(self.bright_sulci, 3),
             "penumbral_scale": round(self.penumbral_scale, 3), "grey_contrast": round(self.grey_contrast, 3),
             "grey_contrast_in": self.grey_contrast_in, "acq_pinned": list(self.acq_pinned),
+            **({"texture_pct": round(self.texture_pct, 3)} if self.texture_pct > 0 else {}),
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.acq.items()},
         }
+
+
+TEXTURE_MAX_PCT = 10.0
+TEXTURE_SIGMA_PX = 0.6  # in-plane smoothing of the texture's white noise, DWI/FLAIR voxels
+TEXTURE_MAX_AMPLITUDE = 0.25  # SD of the texture's gain at most (a quarter of the signal)
+
+
+def median_residual_sd(image: np.ndarray, brain: np.ndarray) -> float:
+    """Robust SD (MAD x 1.4826) of ``image`` minus its 3 x 3 in-plane median over the brain eroded by two
+    voxels: what ``models.confidence.adc_noise`` reads, written here because the phantom imports no model."""
+    region = ndi.binary_erosion(brain, iterations=2)
+    res = (image - ndi.median_filter(image, size=(1, 3, 3)))[region if region.any() else brain]
+    return float(1.4826 * np.median(np.abs(res - np.median(res))))
+
+
+def texture_field(seed: int, shape: tuple[int, ...], stream: int) -> np.ndarray:
+    """A unit-SD field that changes from voxel to voxel in-plane (white noise smoothed by
+    ``TEXTURE_SIGMA_PX``), independent between slices, from the case's own stream."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 8300, int(stream)]))
+    f = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=(0.0, TEXTURE_SIGMA_PX,
+                                                                                  TEXTURE_SIGMA_PX))
+    return (f / max(float(f.std()), 1e-9)).astype(np.float32)
 
 
 def render_partial_volume(head, grid, pose, samples: int, thickness_mm: float) -> dict[str, np.ndarray]:
