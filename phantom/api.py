@@ -306,14 +306,13 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
         a = dr.acq
         dwi_snr, flair_snr = a["dwi_snr"], a["flair_snr"]
         m = render_partial_volume(head, grid, pose, a["partial_volume_samples"], dwi_acq["slice_thickness_mm"])
-        psf = a["dwi_psf"] * (128.0 / matrix) ** 0.5
-        m = dr.textured(dr.textured(m, 0, ("s0", "adc"), psf), 1, ("flair",), a["flair_psf"] * (128.0 / matrix) ** 0.5)
+        psf, flair_psf = a["dwi_psf"] * (128.0 / matrix) ** 0.5, a["flair_psf"] * (128.0 / matrix) ** 0.5
+        m = dr.textured(dr.textured(m, 0, ("s0", "adc"), psf), 1, ("flair",), flair_psf)
         d = signal.acquire_dwi(r_dwi, m["s0"], m["adc"], dwi_snr, signal.bias_field(r_dwi, grid.shape, a["dwi_bias"]),
                                psf, a["dwi_scale"], noise=dr.noise)
         flair_on_dwi = signal.acquire(r_flair, m["flair"] ** a["flair_gamma"], flair_snr,
                                       signal.bias_field(r_flair, grid.shape, a["flair_bias"]),
-                                      a["flair_psf"] * (128.0 / matrix) ** 0.5, a["flair_scale"], 0.42,
-                                      noise=dr.noise)
+                                      flair_psf, a["flair_scale"], 0.42, noise=dr.noise)
 
     s = head.stroke
     truth: dict[str, Any] = {
@@ -363,13 +362,12 @@ def make_case(seed: int, matrix: int = 128, with_dsc: bool = False, *,
             from phantom.randomise import render_partial_volume
 
             a = dr.acq
+            psf_f = a["flair_psf"] * (256.0 / flair_grid.shape[2]) ** 0.5
             mf = dr.textured(render_partial_volume(head, flair_grid, flair_pose, a["partial_volume_samples"],
-                                                   flair_acq["slice_thickness_mm"]), 2, ("flair",),
-                             a["flair_psf"] * (256.0 / flair_grid.shape[2]) ** 0.5)
+                                                   flair_acq["slice_thickness_mm"]), 2, ("flair",), psf_f)
             out = signal.acquire(rng, mf["flair"] ** a["flair_gamma"], flair_snr,
                                  signal.bias_field(rng, flair_grid.shape, a["flair_bias"]),
-                                 a["flair_psf"] * (256.0 / flair_grid.shape[2]) ** 0.5, a["flair_scale"], 0.42,
-                                 noise=dr.noise)
+                                 psf_f, a["flair_scale"], 0.42, noise=dr.noise)
         case._lazy["flair_truth"] = {"tmax": mf["tmax"], "core": mf["core"], "fvh": mf["fvh"]}
         return out
 
