@@ -38,11 +38,11 @@ def texture_against_pair(first: np.ndarray, second: np.ndarray, brain: np.ndarra
     over the eroded brain the estimator itself uses."""
     region = ndi.binary_erosion(brain, iterations=2)
     noise = float(robust_sd((first - second)[region])) / np.sqrt(2.0)
-    read = [adc_noise(v, brain) for v in (first, second)]
+    read = float(np.mean([adc_noise(v, brain) for v in (first, second)]))
     signal = float(np.median(0.5 * (first + second)[region]))
-    texture = float(np.sqrt(max(np.mean(read) ** 2 - noise ** 2, 0.0)))
-    return {"estimator": float(np.mean(read)), "pair_noise": noise, "ratio": float(np.mean(read)) / noise,
-            "snr": signal / noise, "texture_pct": 100.0 * texture / signal}
+    texture = float(np.sqrt(max(read ** 2 - noise ** 2, 0.0)))
+    return {"estimator": read, "pair_noise": noise, "ratio": read / noise, "snr": signal / noise,
+            "texture_pct": 100.0 * texture / signal}
 
 
 def bold_pair(folder: Path = BOLD_PAIR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
